@@ -1,0 +1,401 @@
+//! The one specification of a perturbation direction.
+//!
+//! Thesis eq. (7) and Algorithm 1, line 6: `v ~ N(0, I)`, `v_hat = v / ||v||`. Host, simulator
+//! and device firmware all call this module, so the same [`DirectionSeed`] gives the same f32
+//! vector, bit for bit, on every target. Everything here is specified down to the bit:
+//!
+//! 1. **Seed.** A [`DirectionKey`] (run seed, epoch, batch, layer, parameter group, chunk,
+//!    direction index) is folded into one `u64` by [`DirectionKey::seed`]: starting from
+//!    `mix(run_seed ^ DOMAIN)`, each further field `f` is absorbed as `h = mix(h + GAMMA ^ f)`,
+//!    where `mix` is the SplitMix64 finaliser. Directions travel over the wire as this seed.
+//! 2. **Uniforms.** A SplitMix64 stream starts at `state = seed`; each step adds `GAMMA` and
+//!    returns `mix(state)`. One `u64` gives two 24-bit uniforms: `u1 = (bits 40..64 + 1) / 2^24`
+//!    in (0, 1] and `u2 = (bits 8..32) / 2^24` in [0, 1).
+//! 3. **Gaussians.** Box-Muller in f32 with the pure-Rust `libm`: `r = sqrtf(-2 logf(u1))`,
+//!    `(s, c) = sincosf(TAU * u2)`, giving `r * c` then `r * s`. An odd length drops the last
+//!    `r * s`.
+//! 4. **Normalisation.** `sum` of `z_i^2` accumulated in f64, in index order; `inv = (1 / sqrt(sum))`
+//!    rounded to f32; `v_i = z_i * inv`. (If every `z_i` is zero, which needs `u1 = 1` for every
+//!    pair, `v` is the first unit vector.)
+//!
+//! The update of Algorithm 1, lines 10 and 12, is specified here too ([`apply_update`]), so that
+//! a device and the host's shadow of its weights apply the very same arithmetic.
+
+/// SplitMix64 increment (the golden ratio, 2^64 / phi).
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Separates direction seeds from any other use of the run seed.
+const DOMAIN: u64 = 0x706E_6E2D_6469_7231; // "pnn-dir1"
+const TWO_POW_NEG_24: f32 = 1.0 / 16_777_216.0;
+
+/// The SplitMix64 output function (Steele, Lea and Flood, 2014): a bijection on `u64`.
+#[inline]
+pub const fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[inline]
+const fn absorb(h: u64, field: u64) -> u64 {
+    mix(h.wrapping_add(GAMMA) ^ field)
+}
+
+/// Which parameters of a layer a direction perturbs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ParamGroup {
+    /// The layer's own parameters `W_l` (weights then bias; conv blocks add BatchNorm).
+    Weights = 0,
+    /// The host-side projection `M_l`.
+    Projection = 1,
+}
+
+/// Everything that identifies one direction of one training step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DirectionKey {
+    pub run_seed: u64,
+    pub epoch: u32,
+    pub batch: u32,
+    pub layer: u32,
+    pub group: ParamGroup,
+    pub chunk: u32,
+    pub index: u32,
+}
+
+impl DirectionKey {
+    /// Folds the key into the seed that names the direction (step 1 of the module docs).
+    pub const fn seed(&self) -> DirectionSeed {
+        let mut h = mix(self.run_seed ^ DOMAIN);
+        h = absorb(h, self.epoch as u64);
+        h = absorb(h, self.batch as u64);
+        h = absorb(h, self.layer as u64);
+        h = absorb(h, self.group as u64);
+        h = absorb(h, self.chunk as u64);
+        h = absorb(h, self.index as u64);
+        DirectionSeed(h)
+    }
+}
+
+/// A direction as it travels: 8 bytes, whatever the chunk length.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct DirectionSeed(pub u64);
+
+/// The stream of standard normal f32 values a seed names (steps 2 and 3), before normalisation.
+#[derive(Clone, Copy, Debug)]
+pub struct GaussianStream {
+    state: u64,
+    spare: Option<f32>,
+}
+
+impl GaussianStream {
+    pub const fn new(seed: DirectionSeed) -> Self {
+        Self {
+            state: seed.0,
+            spare: None,
+        }
+    }
+
+    /// The next Box-Muller pair.
+    #[inline]
+    pub fn next_pair(&mut self) -> (f32, f32) {
+        self.state = self.state.wrapping_add(GAMMA);
+        let bits = mix(self.state);
+        let u1 = (((bits >> 40) as u32) + 1) as f32 * TWO_POW_NEG_24;
+        let u2 = (((bits >> 8) as u32) & 0x00FF_FFFF) as f32 * TWO_POW_NEG_24;
+        let r = libm::sqrtf(-2.0 * libm::logf(u1));
+        let (s, c) = libm::sincosf(core::f32::consts::TAU * u2);
+        (r * c, r * s)
+    }
+
+    /// Fills `out` with the next `out.len()` values; only valid on a fresh stream, since an odd
+    /// length drops the second value of the last pair (step 3).
+    fn fill_fresh(&mut self, out: &mut [f32]) {
+        let mut pairs = out.chunks_exact_mut(2);
+        for pair in &mut pairs {
+            let (a, b) = self.next_pair();
+            pair[0] = a;
+            pair[1] = b;
+        }
+        if let [last] = pairs.into_remainder() {
+            *last = self.next_pair().0;
+        }
+    }
+}
+
+impl Iterator for GaussianStream {
+    type Item = f32;
+
+    #[inline]
+    fn next(&mut self) -> Option<f32> {
+        if let Some(s) = self.spare.take() {
+            return Some(s);
+        }
+        let (a, b) = self.next_pair();
+        self.spare = Some(b);
+        Some(a)
+    }
+}
+
+/// The f32 factor `1 / ||z||` of step 4, given the raw values.
+fn inverse_norm(z: impl Iterator<Item = f32>) -> Option<f32> {
+    let sum: f64 = z.map(|x| (x as f64) * (x as f64)).sum();
+    (sum > 0.0).then(|| (1.0 / libm::sqrt(sum)) as f32)
+}
+
+/// Writes the normalised direction `v_hat` of length `out.len()` named by `seed` into `out`.
+pub fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
+    GaussianStream::new(seed).fill_fresh(out);
+    match inverse_norm(out.iter().copied()) {
+        Some(inv) => out.iter_mut().for_each(|x| *x *= inv),
+        None => {
+            out.iter_mut().for_each(|x| *x = 0.0);
+            if let Some(first) = out.first_mut() {
+                *first = 1.0;
+            }
+        }
+    }
+}
+
+/// One seeded term of an update: the direction and its directional derivative
+/// `dd_p = (L+ - L-) / (2 eps)` (thesis eq. 13).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateTerm {
+    pub seed: DirectionSeed,
+    pub derivative: f32,
+}
+
+/// Algorithm 1, lines 10 and 12, for directions already in memory: `g = sum_p dd_p * v_p`
+/// (f32, starting from 0, terms in order), then `w_i -= scale * g_i`, with
+/// `scale = lr * n_chunk / P`. `g` is scratch of `params.len()` values.
+pub fn step_with_vectors<'a>(
+    params: &mut [f32],
+    scale: f32,
+    terms: impl IntoIterator<Item = (f32, &'a [f32])>,
+    g: &mut [f32],
+) {
+    let g = &mut g[..params.len()];
+    g.iter_mut().for_each(|x| *x = 0.0);
+    for (derivative, v) in terms {
+        assert_eq!(v.len(), g.len(), "direction length differs from the chunk");
+        for (gi, vi) in g.iter_mut().zip(v) {
+            *gi += derivative * vi;
+        }
+    }
+    for (w, gi) in params.iter_mut().zip(g.iter()) {
+        *w -= scale * gi;
+    }
+}
+
+/// The seeded update of Algorithm 1, lines 10 and 12: the directions are regenerated from their
+/// seeds into `v` and applied by [`step_with_vectors`]. `v` and `g` are scratch of
+/// `params.len()` values each. Equals [`apply_update_streaming`] bit for bit.
+pub fn apply_update(
+    params: &mut [f32],
+    scale: f32,
+    terms: &[UpdateTerm],
+    v: &mut [f32],
+    g: &mut [f32],
+) {
+    let n = params.len();
+    let g = &mut g[..n];
+    g.iter_mut().for_each(|x| *x = 0.0);
+    for t in terms {
+        fill_direction(t.seed, &mut v[..n]);
+        for (gi, vi) in g.iter_mut().zip(&v[..n]) {
+            *gi += t.derivative * vi;
+        }
+    }
+    for (w, gi) in params.iter_mut().zip(g.iter()) {
+        *w -= scale * gi;
+    }
+}
+
+/// Most directions one update may carry.
+pub const MAX_UPDATE_TERMS: usize = 64;
+
+/// The same update as [`apply_update`], in constant memory: each direction is generated twice
+/// (once for its norm, once while applying) and the P streams advance in lockstep. Suits firmware
+/// with little RAM. Panics with more than [`MAX_UPDATE_TERMS`] terms.
+pub fn apply_update_streaming(params: &mut [f32], scale: f32, terms: &[UpdateTerm]) {
+    assert!(
+        terms.len() <= MAX_UPDATE_TERMS,
+        "at most {MAX_UPDATE_TERMS} directions per update"
+    );
+    let n = params.len();
+    // None: the degenerate all-zero draw, whose direction is the first unit vector (step 4).
+    let mut inv = [None; MAX_UPDATE_TERMS];
+    let mut streams = [const { GaussianStream::new(DirectionSeed(0)) }; MAX_UPDATE_TERMS];
+    for (p, t) in terms.iter().enumerate() {
+        inv[p] = inverse_norm(direction_values(t.seed, n));
+        streams[p] = GaussianStream::new(t.seed);
+    }
+    for (i, w) in params.iter_mut().enumerate() {
+        let mut g = 0.0f32;
+        for (p, t) in terms.iter().enumerate() {
+            let z = streams[p].next().unwrap_or(0.0);
+            let v = match inv[p] {
+                Some(inv) => z * inv,
+                None if i == 0 => 1.0,
+                None => 0.0,
+            };
+            g += t.derivative * v;
+        }
+        *w -= scale * g;
+    }
+}
+
+/// The raw values of the direction `seed` names, for a chunk of length `n` (steps 2 and 3).
+pub fn direction_values(seed: DirectionSeed, n: usize) -> impl Iterator<Item = f32> {
+    GaussianStream::new(seed).take(n)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    fn key(index: u32) -> DirectionKey {
+        DirectionKey {
+            run_seed: 0,
+            epoch: 0,
+            batch: 0,
+            layer: 0,
+            group: ParamGroup::Weights,
+            chunk: 0,
+            index,
+        }
+    }
+
+    #[test]
+    fn every_field_of_the_key_changes_the_seed() {
+        let base = key(0);
+        let variants = [
+            DirectionKey {
+                run_seed: 1,
+                ..base
+            },
+            DirectionKey { epoch: 1, ..base },
+            DirectionKey { batch: 1, ..base },
+            DirectionKey { layer: 1, ..base },
+            DirectionKey {
+                group: ParamGroup::Projection,
+                ..base
+            },
+            DirectionKey { chunk: 1, ..base },
+            DirectionKey { index: 1, ..base },
+        ];
+        let mut seeds: Vec<u64> = variants.iter().map(|k| k.seed().0).collect();
+        seeds.push(base.seed().0);
+        seeds.sort();
+        seeds.dedup();
+        assert_eq!(seeds.len(), 8);
+    }
+
+    #[test]
+    fn the_specification_is_pinned() {
+        // Pins the bit-level specification of the module docs: firmware built from another copy
+        // of this crate must reproduce these values. Changing them breaks every device.
+        assert_eq!(
+            key(0).seed().0,
+            0xcaba_2e92_b6c2_ed73,
+            "{:#x}",
+            key(0).seed().0
+        );
+        let mut v = [0f32; 5];
+        fill_direction(DirectionSeed(42), &mut v);
+        let bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(
+            bits,
+            vec![0x3df2999c, 0x3e919bf6, 0xbe7fe2b1, 0xbf38824e, 0x3f11888c]
+        );
+    }
+
+    #[test]
+    fn directions_are_unit_norm_and_gaussian() {
+        let n = 100_000;
+        let mut v = vec![0f32; n];
+        fill_direction(key(3).seed(), &mut v);
+        let norm: f64 = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-6, "norm {norm}");
+        // Rescaled by sqrt(n) the entries are ~N(0, 1): check mean, variance and kurtosis.
+        let z: Vec<f64> = v.iter().map(|x| *x as f64 * (n as f64).sqrt()).collect();
+        let mean = z.iter().sum::<f64>() / n as f64;
+        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        let kurt = z.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / n as f64 / var.powi(2);
+        assert!(mean.abs() < 0.02, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.02, "var {var}");
+        assert!((kurt - 3.0).abs() < 0.1, "kurtosis {kurt}");
+        let beyond_2 = z.iter().filter(|x| x.abs() > 2.0).count() as f64 / n as f64;
+        assert!((beyond_2 - 0.0455).abs() < 0.005, "P(|z|>2) = {beyond_2}");
+    }
+
+    #[test]
+    fn fill_and_stream_agree_for_odd_and_even_lengths() {
+        for n in [1usize, 2, 7, 64, 1001] {
+            let mut v = vec![0f32; n];
+            fill_direction(DirectionSeed(n as u64), &mut v);
+            let raw: Vec<f32> = direction_values(DirectionSeed(n as u64), n).collect();
+            let inv = inverse_norm(raw.iter().copied()).unwrap();
+            let streamed: Vec<f32> = raw.iter().map(|z| z * inv).collect();
+            assert_eq!(v, streamed, "length {n}");
+        }
+    }
+
+    #[test]
+    fn streaming_update_equals_buffered_update_bit_for_bit() {
+        let terms = [
+            UpdateTerm {
+                seed: DirectionSeed(5),
+                derivative: 0.75,
+            },
+            UpdateTerm {
+                seed: DirectionSeed(6),
+                derivative: -2.5,
+            },
+            UpdateTerm {
+                seed: DirectionSeed(7),
+                derivative: 1e-3,
+            },
+        ];
+        for n in [1usize, 9, 500] {
+            let init: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let (mut a, mut b) = (init.clone(), init.clone());
+            let (mut v, mut g) = (vec![0.0; n], vec![0.0; n]);
+            apply_update(&mut a, 0.01, &terms, &mut v, &mut g);
+            apply_update_streaming(&mut b, 0.01, &terms);
+            assert_eq!(a, b);
+            assert_ne!(a, init);
+        }
+    }
+
+    #[test]
+    fn update_follows_algorithm_1() {
+        // w -= scale * sum_p dd_p v_p, checked against an explicit computation in f64.
+        let n = 33;
+        let terms = [
+            UpdateTerm {
+                seed: DirectionSeed(8),
+                derivative: 0.5,
+            },
+            UpdateTerm {
+                seed: DirectionSeed(9),
+                derivative: -1.5,
+            },
+        ];
+        let mut w = vec![0.25f32; n];
+        let (mut v, mut g) = (vec![0.0; n], vec![0.0; n]);
+        apply_update(&mut w, 0.2, &terms, &mut v, &mut g);
+        let mut v8 = vec![0f32; n];
+        let mut v9 = vec![0f32; n];
+        fill_direction(DirectionSeed(8), &mut v8);
+        fill_direction(DirectionSeed(9), &mut v9);
+        for i in 0..n {
+            let expect = 0.25 - 0.2 * (0.5 * v8[i] as f64 - 1.5 * v9[i] as f64);
+            assert!((w[i] as f64 - expect).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The simulated physical neural network: layers that execute in process what a physical device
+//! executes in hardware, with the same seeded perturbation and update arithmetic as firmware
+//! (`firmware_protocol::direction`).
+
+pub mod dense;
+pub mod direction_cache;
+pub mod matmul;
+
+pub use dense::DenseLayer;
