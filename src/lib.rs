@@ -1,1 +1,17 @@
-pub fn x() {}
+//! `pnn`: train neural networks with physical hardware in the loop.
+//!
+//! The algorithm is MF+DD (Mono-Forward with directional derivatives, `shared/reference`): every
+//! layer learns alone from its local loss, and gradients are estimated from forward evaluations
+//! only, so a layer may be a physical device that can run a forward pass and nothing else.
+//! [`oracle::ForwardOracle`] is that boundary; [`trainer::Trainer`] drives it.
+
+pub mod backend;
+pub mod chunking;
+pub mod data;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod oracle;
+pub mod projection;
+pub mod run;
+pub mod trainer;

@@ -8,15 +8,18 @@
 //!    direction index) is folded into one `u64` by [`DirectionKey::seed`]: starting from
 //!    `mix(run_seed ^ DOMAIN)`, each further field `f` is absorbed as `h = mix(h + GAMMA ^ f)`,
 //!    where `mix` is the SplitMix64 finaliser. Directions travel over the wire as this seed.
-//! 2. **Uniforms.** A SplitMix64 stream starts at `state = seed`; each step adds `GAMMA` and
-//!    returns `mix(state)`. One `u64` gives two 24-bit uniforms: `u1 = (bits 40..64 + 1) / 2^24`
-//!    in (0, 1] and `u2 = (bits 8..32) / 2^24` in [0, 1).
-//! 3. **Gaussians.** Box-Muller in f32 with the pure-Rust `libm`: `r = sqrtf(-2 logf(u1))`,
-//!    `(s, c) = sincosf(TAU * u2)`, giving `r * c` then `r * s`. An odd length drops the last
-//!    `r * s`.
-//! 4. **Normalisation.** `sum` of `z_i^2` accumulated in f64, in index order; `inv = (1 / sqrt(sum))`
-//!    rounded to f32; `v_i = z_i * inv`. (If every `z_i` is zero, which needs `u1 = 1` for every
-//!    pair, `v` is the first unit vector.)
+//! 2. **Uniforms.** Pair `i` (from 0) comes from `bits = mix(seed + (i + 1) * GAMMA)` (wrapping),
+//!    the SplitMix64 stream, which is counter-based: pairs are independent and computed in any
+//!    order or in SIMD lanes. `k1 = bits >> 40` and `k2 = (bits >> 8) & 0xFF_FFFF` (24 bits each)
+//!    give `u1 = (k1 + 1) / 2^24` in (0, 1] and `u2 = k2 / 2^24` in [0, 1).
+//! 3. **Gaussians.** Box-Muller, `r = sqrt(-2 ln u1)`, `z = (r cos 2 pi u2, r sin 2 pi u2)`, with
+//!    `ln` and `sin`/`cos` evaluated by the fixed f32 polynomials of [`ln_u1`] and [`sincos_turn`]
+//!    (every operation an IEEE f32 add, mul, div or sqrt in a fixed order, no fused multiply-add,
+//!    so every target and every SIMD width rounds identically). Pair `i` gives values `2i` and
+//!    `2i + 1`; an odd length drops the last `r sin`.
+//! 4. **Normalisation.** `sum` of `z_j^2` in f64 over eight interleaved partial sums
+//!    (`j mod 8`), added lane 0 to 7; `inv = 1 / sqrt(sum)` rounded to f32; `v_j = z_j * inv`.
+//!    (If every `z_j` is zero, which needs `u1 = 1` for every pair, `v` is the first unit vector.)
 //!
 //! The update of Algorithm 1, lines 10 and 12, is specified here too ([`apply_update`]), so that
 //! a device and the host's shadow of its weights apply the very same arithmetic.
@@ -25,7 +28,6 @@
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Separates direction seeds from any other use of the run seed.
 const DOMAIN: u64 = 0x706E_6E2D_6469_7231; // "pnn-dir1"
-const TWO_POW_NEG_24: f32 = 1.0 / 16_777_216.0;
 
 /// The SplitMix64 output function (Steele, Lea and Flood, 2014): a bijection on `u64`.
 #[inline]
@@ -101,27 +103,119 @@ impl GaussianStream {
     #[inline]
     pub fn next_pair(&mut self) -> (f32, f32) {
         self.state = self.state.wrapping_add(GAMMA);
-        let bits = mix(self.state);
-        let u1 = (((bits >> 40) as u32) + 1) as f32 * TWO_POW_NEG_24;
-        let u2 = (((bits >> 8) as u32) & 0x00FF_FFFF) as f32 * TWO_POW_NEG_24;
-        let r = libm::sqrtf(-2.0 * libm::logf(u1));
-        let (s, c) = libm::sincosf(core::f32::consts::TAU * u2);
-        (r * c, r * s)
+        gaussian_pair(mix(self.state))
     }
 
     /// Fills `out` with the next `out.len()` values; only valid on a fresh stream, since an odd
-    /// length drops the second value of the last pair (step 3).
+    /// length drops the second value of the last pair (step 3). Pairs are computed in blocks
+    /// that the compiler vectorises; the values equal those of [`GaussianStream::next_pair`].
     fn fill_fresh(&mut self, out: &mut [f32]) {
-        let mut pairs = out.chunks_exact_mut(2);
-        for pair in &mut pairs {
-            let (a, b) = self.next_pair();
-            pair[0] = a;
-            pair[1] = b;
+        const BLOCK: usize = 16;
+        let base = self.state;
+        let mut pairs = out.chunks_exact_mut(2 * BLOCK);
+        let mut i = 0u64;
+        for block in &mut pairs {
+            let mut r = [0f32; BLOCK];
+            let mut c = [0f32; BLOCK];
+            let mut s = [0f32; BLOCK];
+            for lane in 0..BLOCK {
+                let bits = mix(base.wrapping_add((i + lane as u64 + 1).wrapping_mul(GAMMA)));
+                let (k1, k2) = split_bits(bits);
+                r[lane] = radius(k1);
+                (c[lane], s[lane]) = sincos_turn(k2);
+            }
+            for lane in 0..BLOCK {
+                block[2 * lane] = r[lane] * c[lane];
+                block[2 * lane + 1] = r[lane] * s[lane];
+            }
+            i += BLOCK as u64;
         }
-        if let [last] = pairs.into_remainder() {
+        self.state = base.wrapping_add(i.wrapping_mul(GAMMA));
+        let rest = pairs.into_remainder();
+        let mut tail = rest.chunks_exact_mut(2);
+        for pair in &mut tail {
+            (pair[0], pair[1]) = self.next_pair();
+        }
+        if let [last] = tail.into_remainder() {
             *last = self.next_pair().0;
         }
     }
+}
+
+#[inline(always)]
+fn split_bits(bits: u64) -> (u32, u32) {
+    ((bits >> 40) as u32, ((bits >> 8) as u32) & 0x00FF_FFFF)
+}
+
+#[inline(always)]
+fn gaussian_pair(bits: u64) -> (f32, f32) {
+    let (k1, k2) = split_bits(bits);
+    let r = radius(k1);
+    let (c, s) = sincos_turn(k2);
+    (r * c, r * s)
+}
+
+#[inline(always)]
+fn radius(k1: u32) -> f32 {
+    sqrtf(-2.0 * ln_u1(k1))
+}
+
+#[inline(always)]
+fn sqrtf(x: f32) -> f32 {
+    // Both are IEEE correctly rounded; std's lowers to the SIMD instruction.
+    #[cfg(feature = "std")]
+    {
+        x.sqrt()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        libm::sqrtf(x)
+    }
+}
+
+/// `ln u1` for `u1 = (k1 + 1) / 2^24`, `k1 < 2^24` (step 3). `x = k1 + 1` is exact in f32 and is
+/// split as `x = 2^e m` with `m` in [sqrt(1/2), sqrt(2)); then `ln u1 = (e - 24) ln 2 + ln m`,
+/// `ln m = 2 t (1 + t^2/3 + t^4/5 + t^6/7 + t^8/9)`, `t = (m - 1) / (m + 1)`, |t| < 0.172
+/// (truncation error below 4e-10).
+#[inline(always)]
+pub fn ln_u1(k1: u32) -> f32 {
+    let x = (k1 + 1) as f32;
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) as i32) - 127;
+    let mut m = f32::from_bits((bits & 0x007F_FFFF) | 0x3F80_0000);
+    let big = m > core::f32::consts::SQRT_2;
+    m = if big { m * 0.5 } else { m };
+    e += big as i32;
+    let t = (m - 1.0) / (m + 1.0);
+    let t2 = t * t;
+    let series = 1.0 + t2 * (1.0 / 3.0 + t2 * (1.0 / 5.0 + t2 * (1.0 / 7.0 + t2 * (1.0 / 9.0))));
+    (e - 24) as f32 * core::f32::consts::LN_2 + 2.0 * t * series
+}
+
+/// `(cos 2 pi u2, sin 2 pi u2)` for `u2 = k2 / 2^24`, `k2 < 2^24` (step 3). The quadrant is
+/// `q = k2 >> 22`; `theta = (k2 mod 2^22) / 2^22 * pi/2` in [0, pi/2) is evaluated by Taylor
+/// polynomials (sin to theta^11, cos to theta^12, Horner in theta^2; error below 6e-8) and
+/// rotated by `q` quarter turns.
+#[inline(always)]
+pub fn sincos_turn(k2: u32) -> (f32, f32) {
+    let q = k2 >> 22;
+    let theta = (k2 & 0x003F_FFFF) as f32 * (core::f32::consts::FRAC_PI_2 / 4_194_304.0);
+    let t2 = theta * theta;
+    let sin = theta
+        * (1.0
+            - t2 / 6.0
+                * (1.0 - t2 / 20.0 * (1.0 - t2 / 42.0 * (1.0 - t2 / 72.0 * (1.0 - t2 / 110.0)))));
+    let cos = 1.0
+        - t2 / 2.0
+            * (1.0
+                - t2 / 12.0
+                    * (1.0
+                        - t2 / 30.0 * (1.0 - t2 / 56.0 * (1.0 - t2 / 90.0 * (1.0 - t2 / 132.0)))));
+    let swap = q & 1 == 1;
+    let (x, y) = if swap { (sin, cos) } else { (cos, sin) };
+    let neg_cos = q == 1 || q == 2;
+    let neg_sin = q >= 2;
+    (if neg_cos { -x } else { x }, if neg_sin { -y } else { y })
 }
 
 impl Iterator for GaussianStream {
@@ -140,14 +234,37 @@ impl Iterator for GaussianStream {
 
 /// The f32 factor `1 / ||z||` of step 4, given the raw values.
 fn inverse_norm(z: impl Iterator<Item = f32>) -> Option<f32> {
-    let sum: f64 = z.map(|x| (x as f64) * (x as f64)).sum();
+    let mut lanes = [0f64; 8];
+    for (j, x) in z.enumerate() {
+        lanes[j % 8] += (x as f64) * (x as f64);
+    }
+    finish_norm(lanes)
+}
+
+fn finish_norm(lanes: [f64; 8]) -> Option<f32> {
+    let sum = lanes.iter().fold(0.0, |acc, l| acc + l);
     (sum > 0.0).then(|| (1.0 / libm::sqrt(sum)) as f32)
+}
+
+/// [`inverse_norm`] over a slice, in eight lanes the compiler can vectorise.
+fn inverse_norm_of(z: &[f32]) -> Option<f32> {
+    let mut lanes = [0f64; 8];
+    let mut blocks = z.chunks_exact(8);
+    for block in &mut blocks {
+        for (l, x) in lanes.iter_mut().zip(block) {
+            *l += (*x as f64) * (*x as f64);
+        }
+    }
+    for (l, x) in lanes.iter_mut().zip(blocks.remainder()) {
+        *l += (*x as f64) * (*x as f64);
+    }
+    finish_norm(lanes)
 }
 
 /// Writes the normalised direction `v_hat` of length `out.len()` named by `seed` into `out`.
 pub fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
     GaussianStream::new(seed).fill_fresh(out);
-    match inverse_norm(out.iter().copied()) {
+    match inverse_norm_of(out) {
         Some(inv) => out.iter_mut().for_each(|x| *x *= inv),
         None => {
             out.iter_mut().for_each(|x| *x = 0.0);
@@ -310,8 +427,29 @@ mod tests {
         let bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
         assert_eq!(
             bits,
-            vec![0x3df2999c, 0x3e919bf6, 0xbe7fe2b1, 0xbf38824e, 0x3f11888c]
+            vec![1039309214, 1049730038, 3196052156, 3208151630, 1058113676]
         );
+    }
+
+    #[test]
+    fn the_polynomials_are_accurate_over_their_whole_domain() {
+        let mut worst_ln = 0f64;
+        let mut worst_trig = 0f64;
+        for k in (0..1u32 << 24)
+            .step_by(997)
+            .chain([0, (1 << 24) - 1, 1 << 22, 3 << 22])
+        {
+            let u1 = (k as f64 + 1.0) / 16_777_216.0;
+            worst_ln = worst_ln.max((ln_u1(k) as f64 - u1.ln()).abs() / u1.ln().abs().max(1.0));
+            let angle = core::f64::consts::TAU * k as f64 / 16_777_216.0;
+            let (c, s) = sincos_turn(k);
+            worst_trig = worst_trig
+                .max((c as f64 - angle.cos()).abs())
+                .max((s as f64 - angle.sin()).abs());
+        }
+        assert!(worst_ln < 3e-7, "ln error {worst_ln}");
+        assert!(worst_trig < 3e-7, "sin/cos error {worst_trig}");
+        assert_eq!(ln_u1((1 << 24) - 1), 0.0);
     }
 
     #[test]

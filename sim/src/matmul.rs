@@ -1,16 +1,76 @@
 //! The one place where the simulator multiplies matrices, so that the library behind it is
 //! chosen by measurement. Today: the `gemm` crate, single-threaded (these machines have two
-//! logical cores on one physical core; threads gave nothing).
+//! logical cores on one physical core; threads gave nothing). `gemm` picks its SIMD kernel at run
+//! time, so products (and everything trained from them) are bit-identical on one machine but may
+//! differ in the last bits between CPUs with and without FMA.
 //!
-//! All matrices are dense, row-major f32 slices.
+//! Matrices are dense, row-major f32 slices; `ld*` are row strides.
 
-/// `c (m x n) = [c +] a (m x k) · b (k x n)`.
-pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+/// A row-major matrix view: `rows x cols` with row stride `ld`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl<'a> View<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+
+    fn check(&self) {
+        assert!(
+            self.cols <= self.ld || self.rows <= 1,
+            "row stride shorter than a row"
+        );
+        if self.rows > 0 && self.cols > 0 {
+            assert!(
+                self.data.len() >= (self.rows - 1) * self.ld + self.cols,
+                "matmul: slice too short"
+            );
+        }
+    }
+}
+
+/// `c (m x n, row stride ldc) = [c +] a (m x k) · op(b)`, where `op(b)` is `b` (k x n) or, with
+/// `b_transposed`, the transpose of `b` stored (n x k): a dense layer's `x Wᵀ`.
+pub fn gemm_into(
+    a: View,
+    b: View,
+    b_transposed: bool,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    a.check();
+    b.check();
+    let (m, k) = (a.rows, a.cols);
+    let (kb, n) = if b_transposed {
+        (b.cols, b.rows)
+    } else {
+        (b.rows, b.cols)
+    };
+    assert_eq!(k, kb, "matmul: inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
     assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "matmul: slice too short"
+        n <= ldc && c.len() >= (m - 1) * ldc + n,
+        "matmul: output too short"
     );
-    // SAFETY: the assertion above keeps every index the strides reach inside the slices.
+    let (rhs_cs, rhs_rs) = if b_transposed {
+        (b.ld as isize, 1)
+    } else {
+        (1, b.ld as isize)
+    };
+    // SAFETY: the checks above keep every index the strides reach inside the slices.
     unsafe {
         gemm::gemm(
             m,
@@ -18,14 +78,14 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32],
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
-            a.as_ptr(),
+            a.data.as_ptr(),
             1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
+            a.ld as isize,
+            b.data.as_ptr(),
+            rhs_cs,
+            rhs_rs,
             1.0,
             1.0,
             false,
@@ -36,7 +96,19 @@ pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32],
     }
 }
 
-/// `c (m x n) = [c +] a (m x k) · bᵀ` where `b` is stored (n x k): a dense layer's `x Wᵀ`.
+/// `c (m x n) = [c +] a (m x k) · b (k x n)`, all contiguous.
+pub fn matmul(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    gemm_into(
+        View::new(a, m, k),
+        View::new(b, k, n),
+        false,
+        c,
+        n,
+        accumulate,
+    );
+}
+
+/// `c (m x n) = [c +] a (m x k) · bᵀ` where `b` is stored (n x k), all contiguous.
 pub fn matmul_a_bt(
     m: usize,
     n: usize,
@@ -46,34 +118,14 @@ pub fn matmul_a_bt(
     c: &mut [f32],
     accumulate: bool,
 ) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "matmul: slice too short"
+    gemm_into(
+        View::new(a, m, k),
+        View::new(b, n, k),
+        true,
+        c,
+        n,
+        accumulate,
     );
-    // SAFETY: as in `matmul`; bᵀ is read with row stride 1 and column stride k.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 #[cfg(test)]
@@ -91,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn both_layouts_agree_with_the_definition() {
+    fn every_layout_agrees_with_the_definition() {
         let (m, n, k) = (7, 5, 11);
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
@@ -105,7 +157,6 @@ mod tests {
         for (x, y) in c.iter().zip(&expect) {
             assert!((x - y).abs() < 1e-4, "{x} vs {y}");
         }
-        // bᵀ stored (n x k)
         let mut bt = vec![0.0; n * k];
         for l in 0..k {
             for j in 0..n {
@@ -116,6 +167,26 @@ mod tests {
         matmul_a_bt(m, n, k, &a, &bt, &mut c2, true);
         for (x, y) in c2.iter().zip(&expect) {
             assert!((x - (y + 1.0)).abs() < 1e-4, "{x} vs {}", y + 1.0);
+        }
+        // Columns 1..3 of the product written into a wider matrix, from rows 1..3 of bᵀ.
+        let mut wide = vec![0.0; m * 9];
+        gemm_into(
+            View::new(&a, m, k),
+            View {
+                data: &bt[k..],
+                rows: 2,
+                cols: k,
+                ld: k,
+            },
+            true,
+            &mut wide[4..],
+            9,
+            false,
+        );
+        for i in 0..m {
+            for j in 0..2 {
+                assert!((wide[i * 9 + 4 + j] - expect[i * n + 1 + j]).abs() < 1e-4);
+            }
         }
     }
 }

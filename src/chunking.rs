@@ -1,0 +1,84 @@
+//! Cutting parameters into the chunks of thesis section 4.4.
+
+use std::ops::Range;
+
+use crate::oracle::ChunkUnits;
+
+/// Chunks of `W_l`: consecutive ranges of at most `chunk_max` parameters over the flat layout
+/// (weights then bias); with [`ChunkUnits::Groups`], whole groups are accumulated until the next
+/// one would exceed `chunk_max` (a group larger than `chunk_max` is a chunk by itself).
+pub fn weight_chunks(
+    units: &ChunkUnits,
+    param_count: usize,
+    chunk_max: usize,
+) -> Vec<Range<usize>> {
+    assert!(chunk_max > 0, "chunk_max must be positive");
+    match units {
+        ChunkUnits::Flat => (0..param_count)
+            .step_by(chunk_max)
+            .map(|start| start..(start + chunk_max).min(param_count))
+            .collect(),
+        ChunkUnits::Groups(sizes) => {
+            assert_eq!(
+                sizes.iter().sum::<usize>(),
+                param_count,
+                "groups must cover the parameters"
+            );
+            let mut chunks = Vec::new();
+            let (mut start, mut end) = (0, 0);
+            for &size in sizes {
+                if end > start && end - start + size > chunk_max {
+                    chunks.push(start..end);
+                    start = end;
+                }
+                end += size;
+            }
+            if end > start {
+                chunks.push(start..end);
+            }
+            chunks
+        }
+    }
+}
+
+/// Chunks of `M_l` (rows x classes, row-major): whole rows, as many as fit in `chunk_max`
+/// parameters (at least one row per chunk). Returned as row ranges.
+pub fn projection_row_chunks(rows: usize, classes: usize, chunk_max: usize) -> Vec<Range<usize>> {
+    let per_chunk = (chunk_max / classes).max(1);
+    (0..rows)
+        .step_by(per_chunk)
+        .map(|start| start..(start + per_chunk).min(rows))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_chunks_cover_consecutively_and_respect_the_bound() {
+        let chunks = weight_chunks(&ChunkUnits::Flat, 120_300, 50_000);
+        assert_eq!(chunks, vec![0..50_000, 50_000..100_000, 100_000..120_300]);
+        // The MNIST MLP's first layer fits one chunk (section 4.5).
+        assert_eq!(
+            weight_chunks(&ChunkUnits::Flat, 39_250, 50_000),
+            vec![0..39_250]
+        );
+    }
+
+    #[test]
+    fn groups_are_never_split() {
+        let chunks = weight_chunks(&ChunkUnits::Groups(vec![10, 10, 10, 25, 5]), 60, 25);
+        assert_eq!(chunks, vec![0..20, 20..30, 30..55, 55..60]);
+    }
+
+    #[test]
+    fn projection_chunks_are_whole_rows() {
+        assert_eq!(projection_row_chunks(50, 10, 50_000), vec![0..50]);
+        assert_eq!(
+            projection_row_chunks(2048, 100, 50_000),
+            vec![0..500, 500..1000, 1000..1500, 1500..2000, 2000..2048]
+        );
+        assert_eq!(projection_row_chunks(3, 100, 10), vec![0..1, 1..2, 2..3]);
+    }
+}

@@ -1,0 +1,77 @@
+//! What a run reports: one record per epoch (the `--metrics` JSONL) and the closing summary.
+
+use crate::trainer::Evaluation;
+
+/// One line of the `--metrics` file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: u32,
+    pub train_seconds: f64,
+    pub eval_seconds: f64,
+    /// Mean over the epoch's batches of each layer's local loss (clean pass, before the M update).
+    pub train_local_loss: Vec<f64>,
+    pub test_accuracy_cumulative: f64,
+    pub test_accuracy_final_layer: f64,
+    pub test_loss_cumulative: f64,
+    pub test_loss_final_layer: f64,
+    pub test_accuracy_per_layer: Vec<f64>,
+    pub test_loss_per_layer: Vec<f64>,
+    /// Oracle forward evaluations for training, cumulative since the start of the run.
+    pub oracle_evaluations: u64,
+}
+
+impl EpochMetrics {
+    pub fn new(
+        epoch: u32,
+        train_seconds: f64,
+        eval_seconds: f64,
+        train_local_loss: Vec<f64>,
+        eval: &Evaluation,
+        oracle_evaluations: u64,
+    ) -> Self {
+        Self {
+            epoch,
+            train_seconds,
+            eval_seconds,
+            train_local_loss,
+            test_accuracy_cumulative: eval.accuracy_cumulative,
+            test_accuracy_final_layer: eval.accuracy_final_layer,
+            test_loss_cumulative: eval.loss_cumulative,
+            test_loss_final_layer: eval.loss_final_layer,
+            test_accuracy_per_layer: eval.accuracy_per_layer.clone(),
+            test_loss_per_layer: eval.loss_per_layer.clone(),
+            oracle_evaluations,
+        }
+    }
+}
+
+/// The JSON object `pnn-train` prints as its last line on stdout.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunSummary {
+    pub dataset: String,
+    pub backend: String,
+    pub arch: String,
+    pub hidden: Vec<usize>,
+    pub epochs: u32,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub eps: f32,
+    pub directions: usize,
+    pub chunk_max: usize,
+    pub seed: u64,
+    pub train_samples: usize,
+    pub test_samples: usize,
+    pub mf_parameters: usize,
+    pub test_accuracy_cumulative: f64,
+    pub test_accuracy_final_layer: f64,
+    pub test_loss_cumulative: f64,
+    pub test_loss_final_layer: f64,
+    pub test_accuracy_per_layer: Vec<f64>,
+    /// Seconds spent in training steps (evaluation excluded), all epochs.
+    pub train_seconds: f64,
+    pub seconds_per_epoch: f64,
+    pub oracle_evaluations: u64,
+    /// SHA-256 of all final parameters (see `Trainer::weights_sha256`).
+    pub weights_sha256: String,
+}

@@ -1,0 +1,154 @@
+//! The boundary between the host and whatever executes a layer: [`ForwardOracle`].
+//!
+//! One oracle is one layer of the model, on any backend (the in-process simulator, a device over a
+//! serial port). The trainer drives every backend through this trait and never touches weights
+//! directly: it hands over seeds and scalars, and gets activations back. No gradient is ever
+//! asked of an oracle.
+
+use std::ops::Range;
+
+pub use firmware_protocol::{DirectionSeed, UpdateTerm};
+
+/// What one layer is, as the trainer needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerSpec {
+    pub kind: LayerKind,
+    /// Values per sample of the layer's input.
+    pub input_width: usize,
+    /// Values per sample of the features the goodness `G_l = a_l M_l` is computed from.
+    pub feature_width: usize,
+    /// Values per sample passed to the next layer.
+    pub output_width: usize,
+    /// Parameters `W_l` in the device's flat layout.
+    pub param_count: usize,
+    /// Parameter groups that a chunk must not split (thesis section 4.4).
+    pub chunk_units: ChunkUnits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Linear + ReLU: weights (outputs x inputs, row-major) then bias.
+    Dense { inputs: usize, outputs: usize },
+}
+
+impl LayerSpec {
+    pub fn dense(inputs: usize, outputs: usize) -> Self {
+        Self {
+            kind: LayerKind::Dense { inputs, outputs },
+            input_width: inputs,
+            feature_width: outputs,
+            output_width: outputs,
+            param_count: outputs * inputs + outputs,
+            chunk_units: ChunkUnits::Flat,
+        }
+    }
+}
+
+/// How a layer's parameters may be cut into chunks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkUnits {
+    /// Any consecutive range (MLP layers).
+    Flat,
+    /// Consecutive groups of these sizes, kept whole (a conv block's output channels).
+    Groups(Vec<usize>),
+}
+
+/// Whether a clean forward pass is part of training (BatchNorm uses and commits batch
+/// statistics) or evaluation (running statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardMode {
+    Train,
+    Eval,
+}
+
+/// A batch of row vectors, row-major.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Activations {
+    pub rows: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+impl Activations {
+    pub fn new(rows: usize, width: usize, data: Vec<f32>) -> Self {
+        assert_eq!(
+            rows * width,
+            data.len(),
+            "activations: shape and data disagree"
+        );
+        Self { rows, width, data }
+    }
+}
+
+/// The result of a clean forward pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForwardOutput {
+    /// The features the goodness is computed from.
+    pub features: Activations,
+    /// The input of the next layer, where it differs from `features` (a conv block pools).
+    pub next: Option<Activations>,
+}
+
+impl ForwardOutput {
+    pub fn next_input(&self) -> &Activations {
+        self.next.as_ref().unwrap_or(&self.features)
+    }
+}
+
+/// `(a+, a-)` of one direction: the features under `W + eps v` and `W - eps v`.
+pub type PerturbedPair = (Activations, Activations);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OracleError {
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("the device refused the request: {0}")]
+    Refused(String),
+    #[error("the device link failed: {0}")]
+    Link(String),
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+}
+
+/// One layer's forward evaluation, wherever it executes (see the module docs).
+///
+/// Contract: `evaluate_perturbed` leaves no trace in the layer's state (parameters bit-identical
+/// afterwards, BatchNorm running statistics untouched); `apply_update` applies exactly
+/// `firmware_protocol::direction::apply_update`, so the host's shadow copy of the parameters,
+/// updated with the same call, stays bit-identical to the layer's.
+pub trait ForwardOracle {
+    fn spec(&self) -> &LayerSpec;
+
+    /// Programs all parameters `W_l` (flat, in the layout of [`LayerSpec::kind`]).
+    fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError>;
+
+    /// Reads the parameters back, where the backend can.
+    fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
+        Err(OracleError::Unsupported("parameter read-back"))
+    }
+
+    /// Caches a batch of inputs (rows x input_width) for the evaluations that follow.
+    fn load_input(&mut self, input: &Activations) -> Result<(), OracleError>;
+
+    /// A clean forward pass on the cached input.
+    fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError>;
+
+    /// For each seed, the features under `W + eps v` and `W - eps v` where `v` is the normalised
+    /// direction the seed names over `chunk` (Algorithm 1, lines 6-9); `out` is resized to
+    /// `seeds.len()` pairs.
+    fn evaluate_perturbed(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut Vec<PerturbedPair>,
+    ) -> Result<(), OracleError>;
+
+    /// `W[chunk] -= scale * sum_p dd_p v_p` (Algorithm 1, line 12).
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) -> Result<(), OracleError>;
+}

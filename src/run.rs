@@ -1,0 +1,151 @@
+//! A whole training run, as `pnn-train` performs it; usable from library code too.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::backend::BackendSpec;
+use crate::backend::sim::SimOracle;
+use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
+use crate::metrics::{EpochMetrics, RunSummary};
+use crate::model::{ModelSpec, initialise};
+use crate::oracle::{Activations, ForwardOracle, OracleError};
+use crate::trainer::{Hyper, Trainer, epoch_order};
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub dataset: DatasetKind,
+    pub data_dir: Option<PathBuf>,
+    /// Hidden widths; `None` takes Table 3's for the dataset.
+    pub hidden: Option<Vec<usize>>,
+    pub epochs: u32,
+    pub hyper: Hyper,
+    /// Train on the first N training samples only.
+    pub limit_train: Option<usize>,
+    pub backend: BackendSpec,
+}
+
+impl RunConfig {
+    pub fn new(dataset: DatasetKind) -> Self {
+        Self {
+            dataset,
+            data_dir: None,
+            hidden: None,
+            epochs: 200,
+            hyper: Hyper::default(),
+            limit_train: None,
+            backend: BackendSpec::Sim,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Oracle(#[from] OracleError),
+}
+
+/// Loads the data, builds the backend's oracles and trains; calls `on_epoch` after each epoch.
+pub fn run(
+    config: &RunConfig,
+    on_epoch: impl FnMut(&EpochMetrics),
+) -> Result<RunSummary, RunError> {
+    config.hyper.validate().map_err(RunError::Config)?;
+    let dir = resolve_data_dir(config.data_dir.as_deref())?;
+    let mut data = Dataset::load(config.dataset, &dir)?;
+    if let Some(n) = config.limit_train {
+        if n == 0 {
+            return Err(RunError::Config("--limit-train must be at least 1".into()));
+        }
+        data.train.truncate(n);
+    }
+    let model = ModelSpec::mlp(config.dataset, config.hidden.clone());
+    let specs = model.layer_specs();
+    let oracles = match config.backend {
+        BackendSpec::Sim => SimOracle::for_layers(&specs),
+    };
+    run_with(config, &data, &model, oracles, on_epoch)
+}
+
+/// The training loop over any backend's oracles.
+pub fn run_with<O: ForwardOracle>(
+    config: &RunConfig,
+    data: &Dataset,
+    model: &ModelSpec,
+    oracles: Vec<O>,
+    mut on_epoch: impl FnMut(&EpochMetrics),
+) -> Result<RunSummary, RunError> {
+    let hyper = config.hyper.clone();
+    let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
+    let mut trainer = Trainer::new(oracles, init, hyper.clone())?;
+    let mut train_seconds = 0.0;
+    let mut last = None;
+    let mut x = Vec::new();
+    for epoch in 0..config.epochs {
+        let start = Instant::now();
+        let order = epoch_order(hyper.seed, epoch, data.train.len());
+        let mut loss_sums = vec![0f64; model.hidden.len()];
+        let mut batches = 0u32;
+        for (b, batch) in order.chunks(hyper.batch_size).enumerate() {
+            data.normalizer.batch(&data.train, batch, &mut x);
+            let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
+            let input = Activations::new(batch.len(), data.input_width(), x.clone());
+            let losses = trainer.train_batch(epoch, b as u32, input, &labels)?;
+            loss_sums.iter_mut().zip(&losses).for_each(|(s, l)| *s += l);
+            batches += 1;
+        }
+        let train_time = start.elapsed().as_secs_f64();
+        train_seconds += train_time;
+        let eval_start = Instant::now();
+        let eval = trainer.evaluate(&data.test, &data.normalizer)?;
+        let metrics = EpochMetrics::new(
+            epoch + 1,
+            train_time,
+            eval_start.elapsed().as_secs_f64(),
+            loss_sums
+                .iter()
+                .map(|s| s / batches.max(1) as f64)
+                .collect(),
+            &eval,
+            trainer.oracle_evaluations(),
+        );
+        on_epoch(&metrics);
+        last = Some(eval);
+    }
+    let eval = match last {
+        Some(eval) => eval,
+        None => trainer.evaluate(&data.test, &data.normalizer)?,
+    };
+    Ok(RunSummary {
+        dataset: config.dataset.name().into(),
+        backend: config.backend.to_string(),
+        arch: "mlp".into(),
+        hidden: model.hidden.clone(),
+        epochs: config.epochs,
+        batch_size: hyper.batch_size,
+        lr: hyper.lr,
+        eps: hyper.eps,
+        directions: hyper.directions,
+        chunk_max: hyper.chunk_max,
+        seed: hyper.seed,
+        train_samples: data.train.len(),
+        test_samples: data.test.len(),
+        mf_parameters: model.mf_parameter_count(),
+        test_accuracy_cumulative: eval.accuracy_cumulative,
+        test_accuracy_final_layer: eval.accuracy_final_layer,
+        test_loss_cumulative: eval.loss_cumulative,
+        test_loss_final_layer: eval.loss_final_layer,
+        test_accuracy_per_layer: eval.accuracy_per_layer,
+        train_seconds,
+        seconds_per_epoch: if config.epochs > 0 {
+            train_seconds / config.epochs as f64
+        } else {
+            0.0
+        },
+        oracle_evaluations: trainer.oracle_evaluations(),
+        weights_sha256: trainer.weights_sha256(),
+    })
+}
