@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::backend::BackendSpec;
-use crate::backend::sim::SimOracle;
+use crate::backend::{self, BackendSpec};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
 use crate::metrics::{EpochMetrics, RunSummary};
 use crate::model::{ModelSpec, initialise};
@@ -64,9 +63,7 @@ pub fn run(
     }
     let model = ModelSpec::mlp(config.dataset, config.hidden.clone());
     let specs = model.layer_specs();
-    let oracles = match config.backend {
-        BackendSpec::Sim => SimOracle::for_layers(&specs),
-    };
+    let oracles = backend::open(&config.backend, &specs)?;
     run_with(config, &data, &model, oracles, on_epoch)
 }
 

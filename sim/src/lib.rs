@@ -5,5 +5,6 @@
 pub mod dense;
 pub mod direction_cache;
 pub mod matmul;
+pub mod profile;
 
 pub use dense::DenseLayer;

@@ -1,9 +1,17 @@
-//! Backends: where layers execute. Each provides one [`crate::oracle::ForwardOracle`] per layer.
+//! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
+//! is the one enum at the command-line boundary (the trainer itself is generic).
 
 pub mod sim;
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
+
+use crate::oracle::{
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
+    PerturbedPair, UpdateTerm,
+};
+use sim::SimOracle;
 
 /// A backend as named on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,5 +35,69 @@ impl fmt::Display for BackendSpec {
         match self {
             Self::Sim => f.write_str("sim"),
         }
+    }
+}
+
+/// Opens the backend and returns one oracle per layer of the model.
+pub fn open(spec: &BackendSpec, layers: &[LayerSpec]) -> Result<Vec<AnyOracle>, OracleError> {
+    match spec {
+        BackendSpec::Sim => Ok(SimOracle::for_layers(layers)
+            .into_iter()
+            .map(AnyOracle::Sim)
+            .collect()),
+    }
+}
+
+/// Any backend's oracle.
+pub enum AnyOracle {
+    Sim(SimOracle),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $o:ident => $e:expr) => {
+        match $self {
+            AnyOracle::Sim($o) => $e,
+        }
+    };
+}
+
+impl ForwardOracle for AnyOracle {
+    fn spec(&self) -> &LayerSpec {
+        dispatch!(self, o => o.spec())
+    }
+
+    fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {
+        dispatch!(self, o => o.write_parameters(params))
+    }
+
+    fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
+        dispatch!(self, o => o.read_parameters())
+    }
+
+    fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
+        dispatch!(self, o => o.load_input(input))
+    }
+
+    fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
+        dispatch!(self, o => o.forward(mode))
+    }
+
+    fn evaluate_perturbed(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut Vec<PerturbedPair>,
+    ) -> Result<(), OracleError> {
+        dispatch!(self, o => o.evaluate_perturbed(chunk, seeds, eps, out))
+    }
+
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) -> Result<(), OracleError> {
+        dispatch!(self, o => o.apply_update(chunk, scale, terms))
     }
 }

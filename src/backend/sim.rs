@@ -28,6 +28,11 @@ impl SimOracle {
         }
     }
 
+    /// Selects the fast path or the literal reference choreography of the simulated layer.
+    pub fn set_choreography(&mut self, choreography: pnn_sim::dense::Choreography) {
+        self.layer.set_choreography(choreography);
+    }
+
     /// One oracle per layer of a model.
     pub fn for_layers(specs: &[LayerSpec]) -> Vec<Self> {
         specs.iter().cloned().map(Self::new).collect()
