@@ -110,34 +110,60 @@ impl GaussianStream {
     /// length drops the second value of the last pair (step 3). Pairs are computed in blocks
     /// that the compiler vectorises; the values equal those of [`GaussianStream::next_pair`].
     fn fill_fresh(&mut self, out: &mut [f32]) {
-        const BLOCK: usize = 16;
-        let base = self.state;
-        let mut pairs = out.chunks_exact_mut(2 * BLOCK);
-        let mut i = 0u64;
-        for block in &mut pairs {
-            let mut r = [0f32; BLOCK];
-            let mut c = [0f32; BLOCK];
-            let mut s = [0f32; BLOCK];
-            for lane in 0..BLOCK {
-                let bits = mix(base.wrapping_add((i + lane as u64 + 1).wrapping_mul(GAMMA)));
-                let (k1, k2) = split_bits(bits);
-                r[lane] = radius(k1);
-                (c[lane], s[lane]) = sincos_turn(k2);
-            }
-            for lane in 0..BLOCK {
-                block[2 * lane] = r[lane] * c[lane];
-                block[2 * lane + 1] = r[lane] * s[lane];
-            }
-            i += BLOCK as u64;
-        }
-        self.state = base.wrapping_add(i.wrapping_mul(GAMMA));
-        let rest = pairs.into_remainder();
+        let whole = out.len() / (2 * BLOCK) * (2 * BLOCK);
+        let (blocks, rest) = out.split_at_mut(whole);
+        fill_blocks(self.state, blocks);
+        self.state = self
+            .state
+            .wrapping_add(((whole / 2) as u64).wrapping_mul(GAMMA));
         let mut tail = rest.chunks_exact_mut(2);
         for pair in &mut tail {
             (pair[0], pair[1]) = self.next_pair();
         }
         if let [last] = tail.into_remainder() {
             *last = self.next_pair().0;
+        }
+    }
+}
+
+/// Pairs per block of the vectorised generator.
+const BLOCK: usize = 16;
+
+/// Fills whole blocks of `2 * BLOCK` values, pair `i` from `mix(base + (i + 1) GAMMA)`. Uses AVX2
+/// where the CPU has it: the same IEEE operations in the same order, so the same bits.
+fn fill_blocks(base: u64, out: &mut [f32]) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { fill_blocks_avx2(base, out) };
+        }
+    }
+    fill_blocks_portable(base, out)
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_blocks_avx2(base: u64, out: &mut [f32]) {
+    fill_blocks_portable(base, out)
+}
+
+#[inline(always)]
+fn fill_blocks_portable(base: u64, out: &mut [f32]) {
+    for (b, block) in out.chunks_exact_mut(2 * BLOCK).enumerate() {
+        let first = (b * BLOCK) as u64;
+        let mut r = [0f32; BLOCK];
+        let mut c = [0f32; BLOCK];
+        let mut s = [0f32; BLOCK];
+        for lane in 0..BLOCK {
+            let bits = mix(base.wrapping_add((first + lane as u64 + 1).wrapping_mul(GAMMA)));
+            let (k1, k2) = split_bits(bits);
+            r[lane] = radius(k1);
+            (c[lane], s[lane]) = sincos_turn(k2);
+        }
+        for lane in 0..BLOCK {
+            block[2 * lane] = r[lane] * c[lane];
+            block[2 * lane + 1] = r[lane] * s[lane];
         }
     }
 }

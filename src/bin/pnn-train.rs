@@ -36,10 +36,10 @@ struct Args {
     #[arg(long, default_value_t = 256, value_parser = positive_usize)]
     batch_size: usize,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-3, value_parser = positive_f32)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_f32, allow_hyphen_values = true)]
     lr: f32,
     /// Perturbation magnitude of the central difference.
-    #[arg(long, default_value_t = 1e-3, value_parser = positive_f32)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_f32, allow_hyphen_values = true)]
     eps: f32,
     /// Perturbation directions P per chunk (1 to 64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
