@@ -6,6 +6,7 @@
 //! [`oracle::ForwardOracle`] is that boundary; [`trainer::Trainer`] drives it.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod chunking;
 pub mod data;
 pub mod loss;

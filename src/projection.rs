@@ -5,7 +5,7 @@ use pnn_sim::matmul::matmul;
 
 use crate::oracle::Activations;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Projection {
     pub rows: usize,
     pub classes: usize,

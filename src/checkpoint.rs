@@ -1,0 +1,278 @@
+//! Checkpoints: everything a run needs to continue bit-identically, written atomically.
+//!
+//! File layout (`DIR/checkpoint.pnn`): the magic `PNNCKPT1`, the payload length (u64 LE), the
+//! payload's SHA-256, then the payload, a postcard encoding of [`Checkpoint`]. A file cut at any
+//! byte, or altered, fails the length or digest check and is refused; a checkpoint of another
+//! model, dataset or backend shape is refused by [`Checkpoint::check_compatible`]. Writes go to
+//! a temporary file in the same directory, are fsynced, then renamed over the old checkpoint, so
+//! a crash mid-write leaves the previous checkpoint intact.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::metrics::EpochMetrics;
+use crate::projection::Projection;
+
+const MAGIC: &[u8; 8] = b"PNNCKPT1";
+const HEADER: usize = 8 + 8 + 32;
+pub const FILE_NAME: &str = "checkpoint.pnn";
+
+/// What identifies a run: a checkpoint resumes only a run with the same identity.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunIdentity {
+    pub dataset: String,
+    pub arch: String,
+    /// Parameters per layer and features per layer, as the backend reported them.
+    pub layer_params: Vec<usize>,
+    pub layer_features: Vec<usize>,
+    pub classes: usize,
+    pub train_samples: usize,
+    /// The hyperparameters, seed included (JSON of `Hyper`, so a field added later still compares).
+    pub hyper_json: String,
+}
+
+/// Where in the run the next step starts: epoch (0-based) and batch within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub epoch: u32,
+    pub batch: u32,
+}
+
+/// A run's whole state. Random streams are counter-based (directions by `DirectionKey`, data
+/// order by (seed, epoch)), so the position is every generator's counter; plain SGD keeps no
+/// optimizer state.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub identity: RunIdentity,
+    pub epochs: u32,
+    pub position: Position,
+    /// The host's shadow of every layer's parameters.
+    pub layers: Vec<Vec<f32>>,
+    pub projections: Vec<Projection>,
+    /// Sums of the local losses over the batches done in the current epoch.
+    pub epoch_loss_sums: Vec<f64>,
+    pub epoch_batches: u32,
+    pub epoch_train_seconds: f64,
+    pub train_seconds: f64,
+    pub oracle_evaluations: u64,
+    /// Metrics of the completed epochs.
+    pub metrics: Vec<EpochMetrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a pnn checkpoint: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("the checkpoint in {path} is of another run: {what}")]
+    Mismatch { path: PathBuf, what: String },
+}
+
+impl Checkpoint {
+    pub fn path_in(dir: &Path) -> PathBuf {
+        dir.join(FILE_NAME)
+    }
+
+    /// Writes the checkpoint into `dir` atomically (temporary file, fsync, rename).
+    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let io = |source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        file.write_all(MAGIC).map_err(io)?;
+        file.write_all(&(payload.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        file.write_all(&Sha256::digest(&payload)).map_err(io)?;
+        file.write_all(&payload).map_err(io)?;
+        file.as_file().sync_all().map_err(io)?;
+        file.persist(Self::path_in(dir)).map_err(|e| io(e.error))?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies the checkpoint in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, CheckpointError> {
+        let path = Self::path_in(dir);
+        let bytes = std::fs::read(&path).map_err(|source| CheckpointError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::decode(&bytes).map_err(|what| CheckpointError::Corrupt { path, what })
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+            return Err(format!("no checkpoint header ({} bytes)", bytes.len()));
+        }
+        let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        let payload = &bytes[HEADER..];
+        if payload.len() as u64 != len {
+            return Err(format!(
+                "truncated or padded: header says {len} bytes of payload, file has {}",
+                payload.len()
+            ));
+        }
+        if Sha256::digest(payload).as_slice() != &bytes[16..HEADER] {
+            return Err("payload digest mismatch (the file was altered or damaged)".into());
+        }
+        postcard::from_bytes(payload).map_err(|e| format!("payload does not decode: {e}"))
+    }
+
+    /// Refuses a checkpoint whose run differs from `identity` (another model, dataset, data
+    /// subset, hyperparameters or backend layer shapes).
+    pub fn check_compatible(
+        &self,
+        identity: &RunIdentity,
+        dir: &Path,
+    ) -> Result<(), CheckpointError> {
+        let mine = &self.identity;
+        let mut diffs = Vec::new();
+        let mut cmp = |what: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("{what} is {a} in the checkpoint but {b} now"));
+            }
+        };
+        cmp("dataset", mine.dataset.clone(), identity.dataset.clone());
+        cmp("architecture", mine.arch.clone(), identity.arch.clone());
+        cmp(
+            "parameters per layer",
+            format!("{:?}", mine.layer_params),
+            format!("{:?}", identity.layer_params),
+        );
+        cmp(
+            "features per layer",
+            format!("{:?}", mine.layer_features),
+            format!("{:?}", identity.layer_features),
+        );
+        cmp(
+            "classes",
+            mine.classes.to_string(),
+            identity.classes.to_string(),
+        );
+        cmp(
+            "training samples",
+            mine.train_samples.to_string(),
+            identity.train_samples.to_string(),
+        );
+        cmp(
+            "hyperparameters",
+            mine.hyper_json.clone(),
+            identity.hyper_json.clone(),
+        );
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(CheckpointError::Mismatch {
+                path: Self::path_in(dir),
+                what: diffs.join("; "),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            identity: RunIdentity {
+                dataset: "mnist".into(),
+                arch: "mlp".into(),
+                layer_params: vec![6, 3],
+                layer_features: vec![2, 1],
+                classes: 2,
+                train_samples: 10,
+                hyper_json: "{}".into(),
+            },
+            epochs: 3,
+            position: Position { epoch: 1, batch: 4 },
+            layers: vec![
+                vec![0.5, -1.25, 3.0, f32::MIN_POSITIVE, -0.0, 7.0],
+                vec![1.0, 2.0, 3.0],
+            ],
+            projections: vec![
+                Projection::new(2, 2, vec![0.1, 0.2, 0.3, 0.4]),
+                Projection::new(1, 2, vec![9.0, 8.0]),
+            ],
+            epoch_loss_sums: vec![1.5, 2.5],
+            epoch_batches: 4,
+            epoch_train_seconds: 0.25,
+            train_seconds: 1.5,
+            oracle_evaluations: 99,
+            metrics: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn round_trips_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = sample();
+        c.save(dir.path()).unwrap();
+        let back = Checkpoint::load(dir.path()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.layers[0][4].to_bits(), (-0.0f32).to_bits());
+        // Saving again replaces it and leaves no temporary files behind.
+        c.save(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_checkpoint_cut_at_any_byte_or_altered_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        sample().save(dir.path()).unwrap();
+        let path = Checkpoint::path_in(dir.path());
+        let full = std::fs::read(&path).unwrap();
+        for cut in 0..full.len() {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let err = Checkpoint::load(dir.path()).expect_err("a truncated checkpoint loaded");
+            assert!(
+                matches!(err, CheckpointError::Corrupt { .. }),
+                "cut at {cut}: {err}"
+            );
+        }
+        for flip in [0, 9, 20, HEADER, full.len() - 1] {
+            let mut bad = full.clone();
+            bad[flip] ^= 0x10;
+            std::fs::write(&path, &bad).unwrap();
+            assert!(
+                Checkpoint::load(dir.path()).is_err(),
+                "flipped byte {flip} loaded"
+            );
+        }
+    }
+
+    #[test]
+    fn another_run_is_refused_with_what_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = sample();
+        let mut other = c.identity.clone();
+        other.layer_params = vec![6, 4];
+        other.dataset = "fashion-mnist".into();
+        let err = c
+            .check_compatible(&other, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dataset is mnist in the checkpoint but fashion-mnist now"),
+            "{err}"
+        );
+        assert!(
+            err.contains("parameters per layer is [6, 3] in the checkpoint but [6, 4] now"),
+            "{err}"
+        );
+        assert!(c.check_compatible(&c.identity, dir.path()).is_ok());
+    }
+}
