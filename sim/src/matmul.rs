@@ -6,6 +6,16 @@
 //!
 //! Matrices are dense, row-major f32 slices; `ld*` are row strides.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// Floating-point operations (2 per multiply-add) of every product since the process started,
+/// for benchmarks that report achieved GFLOP/s.
+pub fn flops_so_far() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
+
 /// A row-major matrix view: `rows x cols` with row stride `ld`.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
@@ -65,6 +75,7 @@ pub fn gemm_into(
         n <= ldc && c.len() >= (m - 1) * ldc + n,
         "matmul: output too short"
     );
+    FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     let (rhs_cs, rhs_rs) = if b_transposed {
         (b.ld as isize, 1)
     } else {

@@ -1,0 +1,143 @@
+//! The speed suite of the simulated backend: `cargo bench --bench speed`.
+//!
+//! For each configuration it prints seconds per epoch (median of several full epochs), the
+//! achieved GFLOP/s of the matrix products, the peak resident memory of the process that ran it,
+//! and the ratio to the reference choreography (perturb, full forward, perturb, full forward,
+//! restore) measured in the same run. Each configuration runs in a child process of its own, so
+//! its peak memory is its own. The reference path of the large configurations is timed on the
+//! first batches of the epoch and scaled to a whole epoch (said in the output).
+//!
+//! `PNN_BENCH_RUNS` (default 3) sets the number of timed epochs; `PNN_BENCH_ONLY` a substring of
+//! the configurations to run.
+
+use std::process::Command;
+use std::time::Instant;
+
+use pnn::backend::sim::SimOracle;
+use pnn::data::{Dataset, DatasetKind, Normalizer, Split, resolve_data_dir};
+use pnn::model::{ModelSpec, initialise};
+use pnn::oracle::Activations;
+use pnn::trainer::{Hyper, Trainer, epoch_order};
+use pnn_sim::dense::Choreography;
+use pnn_sim::matmul::flops_so_far;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+
+struct Bench {
+    name: &'static str,
+    dataset: DatasetKind,
+    random_data: bool,
+    directions: usize,
+    /// Batches of the reference path to time (None: a whole epoch).
+    reference_batches: Option<usize>,
+}
+
+const BENCHES: &[Bench] = &[
+    Bench { name: "mnist-mlp-784-50-50-P1", dataset: DatasetKind::Mnist, random_data: false, directions: 1, reference_batches: None },
+    Bench { name: "mnist-mlp-784-50-50-P4", dataset: DatasetKind::Mnist, random_data: false, directions: 4, reference_batches: None },
+    Bench { name: "mnist-mlp-784-50-50-P8", dataset: DatasetKind::Mnist, random_data: false, directions: 8, reference_batches: None },
+    Bench { name: "fashion-mlp-784-100x3-P4", dataset: DatasetKind::FashionMnist, random_data: false, directions: 4, reference_batches: None },
+    Bench { name: "cifar10-shaped-mlp-3072-200x4-P4", dataset: DatasetKind::Cifar10, random_data: true, directions: 4, reference_batches: Some(8) },
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let bench = BENCHES.iter().find(|b| b.name == args[i + 1]).expect("known benchmark");
+        return child(bench);
+    }
+    let only = std::env::var("PNN_BENCH_ONLY").unwrap_or_default();
+    println!("{:<34} {:>9} {:>9} {:>8} {:>10} {:>8}", "configuration", "s/epoch", "GFLOP/s", "peak MB", "reference", "speed-up");
+    for bench in BENCHES.iter().filter(|b| b.name.contains(&only)) {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--child", bench.name])
+            .output()
+            .expect("child runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().last() {
+            Some(line) if out.status.success() => println!("{line}"),
+            _ => println!("{}: failed: {}", bench.name, String::from_utf8_lossy(&out.stderr)),
+        }
+    }
+}
+
+fn random_split(n: usize, width: usize, classes: usize, rng: &mut ChaCha8Rng) -> Split {
+    Split {
+        images: (0..n * width).map(|_| rng.random::<u8>()).collect(),
+        labels: (0..n).map(|_| rng.random_range(0..classes as u8)).collect(),
+        sample_len: width,
+    }
+}
+
+fn load(bench: &Bench) -> Dataset {
+    if bench.random_data {
+        // CIFAR is not on these machines; random images of the real shape time the same work.
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let train = random_split(50_000, 3072, 10, &mut rng);
+        let test = random_split(10_000, 3072, 10, &mut rng);
+        let normalizer = Normalizer::from_training_set(&train, 3);
+        return Dataset { kind: bench.dataset, train, test, normalizer };
+    }
+    let dir = resolve_data_dir(None).expect("real data (set PNN_DATA_DIR)");
+    Dataset::load(bench.dataset, &dir).expect("dataset loads")
+}
+
+/// Seconds for `batches` batches of epoch 0 (all of them when None), and the products' flops.
+fn time_batches(data: &Dataset, model: &ModelSpec, hyper: &Hyper, choreography: Choreography, batches: Option<usize>) -> (f64, u64, usize) {
+    let mut oracles = SimOracle::for_layers(&model.layer_specs());
+    oracles.iter_mut().for_each(|o| o.set_choreography(choreography));
+    let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
+    let mut trainer = Trainer::new(oracles, init, hyper.clone()).expect("trainer");
+    let order = epoch_order(hyper.seed, 0, data.train.len());
+    let all: Vec<&[usize]> = order.chunks(hyper.batch_size).collect();
+    let count = batches.unwrap_or(all.len()).min(all.len());
+    let mut x = Vec::new();
+    let flops0 = flops_so_far();
+    let start = Instant::now();
+    for (b, batch) in all[..count].iter().enumerate() {
+        data.normalizer.batch(&data.train, batch, &mut x);
+        let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
+        let input = Activations::new(batch.len(), data.input_width(), x.clone());
+        trainer.train_batch(0, b as u32, input, &labels).expect("training step");
+    }
+    (start.elapsed().as_secs_f64(), flops_so_far() - flops0, all.len())
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn child(bench: &Bench) {
+    let runs: usize = std::env::var("PNN_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let data = load(bench);
+    let model = ModelSpec::mlp(bench.dataset, None);
+    let hyper = Hyper { directions: bench.directions, ..Hyper::default() };
+    let mut fast: Vec<(f64, u64)> = (0..runs)
+        .map(|_| {
+            let (s, f, _) = time_batches(&data, &model, &hyper, Choreography::Fast, None);
+            (s, f)
+        })
+        .collect();
+    fast.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (seconds, flops) = fast[runs / 2];
+    let peak = peak_rss_mb();
+    let (ref_seconds, _, batches) = time_batches(&data, &model, &hyper, Choreography::Reference, bench.reference_batches);
+    let (reference, note) = match bench.reference_batches {
+        Some(k) => (ref_seconds * batches as f64 / k.min(batches) as f64, format!(" (reference: {k} of {batches} batches, scaled)")),
+        None => (ref_seconds, String::new()),
+    };
+    println!(
+        "{:<34} {:>9.3} {:>9.1} {:>8.0} {:>10.3} {:>7.1}x{note}",
+        bench.name,
+        seconds,
+        flops as f64 / seconds / 1e9,
+        peak,
+        reference,
+        reference / seconds
+    );
+}
