@@ -137,3 +137,24 @@ fn in_situ_training_compensates_faults_that_deployment_cannot() {
     // The faults cost the deployed weights a lot: they are what in-situ training recovers.
     assert!(deployed.accuracy_cumulative < ideal_acc - 0.08);
 }
+
+/// Noise is drawn from seeded streams: the same run on a noisy device gives the same weights.
+#[test]
+fn training_on_a_noisy_device_is_deterministic() {
+    let s = study::SetupRef {
+        epochs: 1,
+        ..setup().as_ref()
+    };
+    let hwa = profile("aihwkit-hwa");
+    let a = study::train(&s, &hwa).unwrap().weights_sha256();
+    let b = study::train(&s, &hwa).unwrap().weights_sha256();
+    assert_eq!(a, b);
+    let other = DeviceProfile {
+        noise: pnn_sim::NoiseModel {
+            seed: hwa.noise.seed + 1,
+            ..hwa.noise.clone()
+        },
+        ..hwa
+    };
+    assert_ne!(a, study::train(&s, &other).unwrap().weights_sha256());
+}

@@ -296,6 +296,13 @@ const READ: u64 = 0x7265_6164_0000_0005;
 const OUTPUT: u64 = 0x6f75_7470_7574_0006;
 const DRIFT: u64 = 0x6472_6966_7400_0007;
 
+/// The device seed of layer `layer` (0-based) of a model on devices of a profile whose noise
+/// seed is `profile_seed`: every backend that serves a profile (the in-process simulator, the
+/// emulator) derives its layers' seeds this way, so they draw the same faults and noise.
+pub fn layer_seed(profile_seed: u64, layer: usize) -> u64 {
+    mix(profile_seed ^ mix(layer as u64 + 1))
+}
+
 fn stream(seed: u64, domain: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(mix(mix(seed) ^ domain))
 }

@@ -2,7 +2,6 @@
 
 use std::ops::Range;
 
-use firmware_protocol::direction::mix;
 use pnn_sim::dense::SimError;
 use pnn_sim::profile::DeviceProfile;
 use pnn_sim::{DenseLayer, NoiseModel};
@@ -33,7 +32,7 @@ impl SimOracle {
     /// A layer on a device with the hardware effects of `noise`; `layer` (the layer's index in
     /// the model) keys its faults and noise streams together with the profile's seed.
     pub fn with_noise(spec: LayerSpec, noise: &NoiseModel, layer: usize) -> Self {
-        let seed = mix(noise.seed ^ mix(layer as u64 + 1));
+        let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
         let layer = match spec.kind {
             LayerKind::Dense { inputs, outputs } => {
                 DenseLayer::with_noise(inputs, outputs, noise, seed)
