@@ -15,4 +15,5 @@ pub mod model;
 pub mod oracle;
 pub mod projection;
 pub mod run;
+pub mod study;
 pub mod trainer;

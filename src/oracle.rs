@@ -108,6 +108,8 @@ pub enum OracleError {
     Link(String),
     #[error("{0} is not supported by this backend")]
     Unsupported(&'static str),
+    #[error("cannot open the backend: {0}")]
+    Backend(String),
 }
 
 /// One layer's forward evaluation, wherever it executes (see the module docs).

@@ -11,6 +11,7 @@ use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 use crate::direction_cache::DirectionCache;
 use crate::matmul::{View, gemm_into, matmul_a_bt};
+use crate::noise::{Device, NoiseModel};
 
 /// What a simulated layer refuses.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,6 +47,12 @@ pub struct DenseLayer {
     stacked: Vec<f32>,
     dz: Vec<f32>,
     choreography: Choreography,
+    /// The hardware effects (`None`: the ideal device, exact f32). See [`crate::noise`].
+    device: Option<Box<Device>>,
+    /// The weights the device computes with (n_out x n_in) where they differ from the targets in
+    /// `params`; empty when they are the same.
+    effective: Vec<f32>,
+    saved_effective: Vec<f32>,
 }
 
 /// How a perturbed evaluation is computed. Both give the same numbers up to float rounding; the
@@ -59,6 +66,12 @@ pub enum Choreography {
     #[default]
     Fast,
     /// Perturb the weights, run the whole forward pass, twice per direction, restore.
+    ///
+    /// A device with input or read noise always evaluates this way: those draw a fresh full
+    /// product per evaluation, so linearity has nothing to share. Every other effect (converters,
+    /// output noise, nonlinearity, and every weight effect, whose exact per-weight change under
+    /// `±eps v` is what the fast path multiplies) takes the fast path exactly, drawing the same
+    /// noise in the same order as this choreography does.
     Reference,
 }
 
@@ -79,6 +92,81 @@ impl DenseLayer {
             stacked: Vec::new(),
             dz: Vec::new(),
             choreography: Choreography::default(),
+            device: None,
+            effective: Vec::new(),
+            saved_effective: Vec::new(),
+        }
+    }
+
+    /// A layer on a device with the hardware effects of `model`; its fixed faults and random
+    /// streams are keyed by `seed` (give each layer its own). An ideal model gives exactly
+    /// [`DenseLayer::new`].
+    pub fn with_noise(n_in: usize, n_out: usize, model: &NoiseModel, seed: u64) -> Self {
+        let mut layer = Self::new(n_in, n_out);
+        if !model.is_ideal() {
+            let device = Device::new(model, n_in * n_out, seed);
+            if !device.weights_identity() {
+                layer.effective = vec![0.0; n_in * n_out];
+            }
+            layer.device = Some(Box::new(device));
+            let nw = n_in * n_out;
+            let params = std::mem::take(&mut layer.params);
+            layer.write(&params, 0..nw);
+            layer.params = params;
+        }
+        layer
+    }
+
+    /// The device's state, where the layer has hardware effects.
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_deref()
+    }
+
+    /// The weights the device computes with now (n_out x n_in): the targets in [`Self::params`]
+    /// as the device's effects transform them (read noise aside, which each read draws anew).
+    pub fn effective_weights(&self) -> &[f32] {
+        if self.effective.is_empty() {
+            &self.params[..self.n_out * self.n_in]
+        } else {
+            &self.effective
+        }
+    }
+
+    /// Advances the device's clock by `seconds` (drift); see [`crate::noise`].
+    pub fn advance_time(&mut self, seconds: f64) {
+        if let Some(d) = self.device.as_mut()
+            && d.advance(seconds)
+        {
+            self.refresh_effective(0..self.n_out * self.n_in);
+            self.mark_stale(0..self.n_out);
+        }
+    }
+
+    /// A device write of the weights in `range` (targets: all parameters, as `params` will hold
+    /// them): draws their programming error, restarts their drift clock, and refreshes the
+    /// effective weights that changed.
+    fn write(&mut self, targets: &[f32], range: Range<usize>) {
+        let nw = self.n_out * self.n_in;
+        let range = range.start.min(nw)..range.end.min(nw);
+        let Some(device) = self.device.as_deref_mut() else {
+            return;
+        };
+        if range.is_empty() {
+            return;
+        }
+        let changed = device.program(&targets[..nw], range);
+        if !self.effective.is_empty() {
+            device.effective_range(targets, changed.clone(), &mut self.effective);
+            let outputs = changed.start / self.n_in..changed.end.div_ceil(self.n_in);
+            self.mark_stale(outputs);
+        }
+    }
+
+    fn refresh_effective(&mut self, range: Range<usize>) {
+        if let Some(device) = self.device.as_deref()
+            && !self.effective.is_empty()
+        {
+            device.effective_range(&self.params, range, &mut self.effective);
         }
     }
 
@@ -120,6 +208,11 @@ impl DenseLayer {
         let (n_in, n_out, batch) = (self.n_in, self.n_out, self.batch);
         self.z0.resize(batch * n_out, 0.0);
         let (w, b) = self.params.split_at(n_out * n_in);
+        let w = if self.effective.is_empty() {
+            w
+        } else {
+            &self.effective
+        };
         for zrow in self.z0.chunks_exact_mut(n_out) {
             zrow[rows.clone()].copy_from_slice(&b[rows.clone()]);
         }
@@ -164,6 +257,11 @@ impl DenseLayer {
         }
         self.params.copy_from_slice(params);
         self.mark_stale(0..self.n_out);
+        if self.device.is_some() {
+            let params = std::mem::take(&mut self.params);
+            self.write(&params, 0..params.len());
+            self.params = params;
+        }
         Ok(())
     }
 
@@ -179,6 +277,12 @@ impl DenseLayer {
         self.input.extend_from_slice(x);
         self.batch = x.len() / self.n_in;
         self.mark_stale(0..self.n_out);
+        if let Some(device) = self.device.as_mut() {
+            device.convert_input(&mut self.input);
+            if device.tick() {
+                self.refresh_effective(0..self.n_out * self.n_in);
+            }
+        }
         Ok(())
     }
 
@@ -191,15 +295,25 @@ impl DenseLayer {
         if self.batch == 0 {
             return Err(SimError::NoInput);
         }
-        forward_with(
-            &self.params,
-            self.n_in,
-            self.n_out,
-            &self.input,
-            self.batch,
-            out,
-        );
+        self.forward_on(&self.params, out);
         Ok(())
+    }
+
+    /// The device's forward pass with targets `params` (whose effective weights are current in
+    /// `self.effective` where that is kept).
+    fn forward_on(&self, params: &[f32], out: &mut Vec<f32>) {
+        match self.device.as_deref() {
+            None => forward_with(params, self.n_in, self.n_out, &self.input, self.batch, out),
+            Some(device) => {
+                let nw = self.n_out * self.n_in;
+                let weights = if self.effective.is_empty() {
+                    &params[..nw]
+                } else {
+                    &self.effective
+                };
+                device.forward(weights, &params[nw..], &self.input, self.batch, out);
+            }
+        }
     }
 
     fn check_chunk(&self, chunk: &Range<usize>) -> Result<(), SimError> {
@@ -229,9 +343,10 @@ impl DenseLayer {
         }
         self.directions.prepare(seeds, chunk.len());
         out.resize_with(seeds.len(), Default::default);
+        let full_forward = self.device.as_ref().is_some_and(|d| d.needs_full_forward());
         match self.choreography {
-            Choreography::Fast => self.perturbed_fast(chunk, seeds, eps, out),
-            Choreography::Reference => self.perturbed_reference(chunk, seeds, eps, out),
+            Choreography::Fast if !full_forward => self.perturbed_fast(chunk, seeds, eps, out),
+            _ => self.perturbed_reference(chunk, seeds, eps, out),
         }
         Ok(())
     }
@@ -249,6 +364,15 @@ impl DenseLayer {
         let len = chunk.len();
         self.saved.clear();
         self.saved.extend_from_slice(&self.params[chunk.clone()]);
+        // The effective weights of the chunk's weight part are recomputed for each perturbed
+        // target (not a write: programming error and drift clock stay) and restored after.
+        let nw = self.n_out * self.n_in;
+        let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
+        self.saved_effective.clear();
+        if !self.effective.is_empty() {
+            self.saved_effective
+                .extend_from_slice(&self.effective[weight_part.clone()]);
+        }
         for (seed, (plus, minus)) in seeds.iter().zip(out.iter_mut()) {
             let v = self
                 .directions
@@ -262,16 +386,17 @@ impl DenseLayer {
                 {
                     *w = w0 + sign * eps * vi;
                 }
-                forward_with(
-                    &self.params,
-                    self.n_in,
-                    self.n_out,
-                    &self.input,
-                    self.batch,
-                    target,
-                );
+                if let Some(device) = self.device.as_deref()
+                    && !self.effective.is_empty()
+                {
+                    device.effective_range(&self.params, weight_part.clone(), &mut self.effective);
+                }
+                self.forward_on(&self.params, target);
             }
             self.params[chunk.clone()].copy_from_slice(&self.saved);
+        }
+        if !self.effective.is_empty() {
+            self.effective[weight_part].copy_from_slice(&self.saved_effective);
         }
     }
 
@@ -289,27 +414,55 @@ impl DenseLayer {
         let outputs = self.outputs_of(&chunk);
         let k = outputs.len();
         let p_count = seeds.len();
-        // The weight part of each direction, laid into (outputs x n_in) blocks, P stacked.
+        let device = self.device.as_deref();
+        // What `±eps v` of the targets does to the effective weights, exactly: `±eps s v` where
+        // the device's map is linear (s = 1 on an ideal device: one block per direction), else
+        // `e(w ± eps v) - e(w)` (clipping, quantisation: one block per direction and sign).
+        let linear = device.is_none_or(|d| d.weights_linear());
+        let identity = device.is_none_or(|d| d.weights_identity());
+        let blocks = if linear { p_count } else { 2 * p_count };
+        // The weight part of each direction, laid into (outputs x n_in) blocks, stacked.
         let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
         let offset = weight_part.start.saturating_sub(outputs.start * n_in);
+        let width = weight_part.len();
         self.stacked.clear();
-        self.stacked.resize(p_count * k * n_in, 0.0);
+        self.stacked.resize(blocks * k * n_in, 0.0);
         for (p, seed) in seeds.iter().enumerate() {
             let v = self
                 .directions
                 .get(*seed, chunk.len())
                 .expect("prepared by the caller");
-            if !weight_part.is_empty() {
-                let block = &mut self.stacked[p * k * n_in..(p + 1) * k * n_in];
-                block[offset..offset + weight_part.len()].copy_from_slice(&v[..weight_part.len()]);
+            if weight_part.is_empty() {
+                continue;
+            }
+            let v = &v[..width];
+            let block_at = |b: usize| b * k * n_in + offset..b * k * n_in + offset + width;
+            match device {
+                _ if identity => self.stacked[block_at(p)].copy_from_slice(v),
+                Some(d) if linear => {
+                    let block = &mut self.stacked[block_at(p)];
+                    for ((s, vi), i) in block.iter_mut().zip(v).zip(weight_part.clone()) {
+                        *s = d.slope(i) * vi;
+                    }
+                }
+                Some(d) => {
+                    for (b, sign) in [(2 * p, 1.0f32), (2 * p + 1, -1.0)] {
+                        let block = &mut self.stacked[block_at(b)];
+                        for ((s, vi), i) in block.iter_mut().zip(v).zip(weight_part.clone()) {
+                            let w = self.params[i] + sign * eps * vi;
+                            *s = d.effective(i, w) - self.effective[i];
+                        }
+                    }
+                }
+                None => unreachable!("no device is the identity"),
             }
         }
-        // dz (batch x P*k) = x · stackedᵀ: one fused product for all directions.
-        self.dz.resize(batch * p_count * k, 0.0);
+        // dz (batch x blocks*k) = x · stackedᵀ: one fused product for all directions.
+        self.dz.resize(batch * blocks * k, 0.0);
         if !weight_part.is_empty() {
             matmul_a_bt(
                 batch,
-                p_count * k,
+                blocks * k,
                 n_in,
                 &self.input,
                 &self.stacked,
@@ -320,26 +473,46 @@ impl DenseLayer {
             self.dz.iter_mut().for_each(|d| *d = 0.0);
         }
         let bias_part = chunk.start.max(nw) - nw..chunk.end.max(nw) - nw;
+        let stage = device.filter(|d| d.has_output_stage());
         for (p, (seed, (plus, minus))) in seeds.iter().zip(out.iter_mut()).enumerate() {
             let v = self
                 .directions
                 .get(*seed, chunk.len())
                 .expect("prepared by the caller");
             let v_bias = &v[weight_part.len()..];
-            plus.clear();
-            minus.clear();
-            plus.extend(self.z0.iter().map(|z| z.max(0.0)));
-            minus.extend_from_slice(plus);
-            for b in 0..batch {
-                let z = &self.z0[b * n_out..(b + 1) * n_out];
-                let dz = &self.dz[(b * p_count + p) * k..(b * p_count + p + 1) * k];
-                for (j, o) in outputs.clone().enumerate() {
-                    let mut d = dz[j];
-                    if bias_part.contains(&o) {
-                        d += v_bias[o - bias_part.start];
+            for (s, sign, target) in [(0, 1.0f32, &mut *plus), (1, -1.0, &mut *minus)] {
+                let block = if linear { p } else { 2 * p + s };
+                target.clear();
+                match stage {
+                    Some(_) => target.extend_from_slice(&self.z0),
+                    None => target.extend(self.z0.iter().map(|z| z.max(0.0))),
+                }
+                for b in 0..batch {
+                    let z = &self.z0[b * n_out..(b + 1) * n_out];
+                    let dz = &self.dz[(b * blocks + block) * k..(b * blocks + block + 1) * k];
+                    for (j, o) in outputs.clone().enumerate() {
+                        let value = if linear {
+                            let mut d = dz[j];
+                            if bias_part.contains(&o) {
+                                d += v_bias[o - bias_part.start];
+                            }
+                            z[o] + sign * eps * d
+                        } else {
+                            let mut d = dz[j];
+                            if bias_part.contains(&o) {
+                                d += sign * eps * v_bias[o - bias_part.start];
+                            }
+                            z[o] + d
+                        };
+                        target[b * n_out + o] = match stage {
+                            Some(_) => value,
+                            None => value.max(0.0),
+                        };
                     }
-                    plus[b * n_out + o] = (z[o] + eps * d).max(0.0);
-                    minus[b * n_out + o] = (z[o] - eps * d).max(0.0);
+                }
+                if let Some(d) = stage {
+                    d.output_stage(target);
+                    target.iter_mut().for_each(|a| *a = a.max(0.0));
                 }
             }
         }
@@ -363,8 +536,20 @@ impl DenseLayer {
             (t.derivative, v)
         });
         let outputs = self.outputs_of(&chunk);
-        step_with_vectors(&mut self.params[chunk], scale, vectors, &mut self.scratch);
+        step_with_vectors(
+            &mut self.params[chunk.clone()],
+            scale,
+            vectors,
+            &mut self.scratch,
+        );
         self.mark_stale(outputs);
+        if self.device.is_some() {
+            // An update is a write of the chunk: stuck devices ignore it (their effective weight
+            // stays), the others are programmed anew.
+            let params = std::mem::take(&mut self.params);
+            self.write(&params, chunk);
+            self.params = params;
+        }
         Ok(())
     }
 }
@@ -407,7 +592,7 @@ mod tests {
 
     #[test]
     fn forward_is_relu_of_affine_map() {
-        let mut l = layer();
+        let l = layer();
         let mut out = Vec::new();
         l.forward(&mut out).unwrap();
         let (w, b) = l.params().split_at(24);

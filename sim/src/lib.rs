@@ -5,6 +5,8 @@
 pub mod dense;
 pub mod direction_cache;
 pub mod matmul;
+pub mod noise;
 pub mod profile;
 
 pub use dense::DenseLayer;
+pub use noise::NoiseModel;

@@ -5,6 +5,7 @@ pub mod sim;
 
 use std::fmt;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::oracle::{
@@ -18,6 +19,8 @@ use sim::SimOracle;
 pub enum BackendSpec {
     /// The ideal simulated PNN, in process.
     Sim,
+    /// The simulated PNN with the hardware effects of a device profile (`sim:devices/x.ron`).
+    SimProfile(PathBuf),
 }
 
 impl FromStr for BackendSpec {
@@ -25,7 +28,12 @@ impl FromStr for BackendSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "sim" => Ok(Self::Sim),
-            other => Err(format!("unknown backend '{other}' (expected: sim)")),
+            _ if s.starts_with("sim:") && s.len() > 4 => {
+                Ok(Self::SimProfile(PathBuf::from(&s[4..])))
+            }
+            other => Err(format!(
+                "unknown backend '{other}' (expected: sim, or sim:<profile.ron> such as sim:devices/pcm.ron)"
+            )),
         }
     }
 }
@@ -34,6 +42,7 @@ impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sim => f.write_str("sim"),
+            Self::SimProfile(path) => write!(f, "sim:{}", path.display()),
         }
     }
 }
@@ -45,6 +54,14 @@ pub fn open(spec: &BackendSpec, layers: &[LayerSpec]) -> Result<Vec<AnyOracle>, 
             .into_iter()
             .map(AnyOracle::Sim)
             .collect()),
+        BackendSpec::SimProfile(path) => {
+            let profile = pnn_sim::profile::DeviceProfile::load(path)
+                .map_err(|e| OracleError::Backend(e.to_string()))?;
+            Ok(SimOracle::for_profile(layers, &profile)
+                .into_iter()
+                .map(AnyOracle::Sim)
+                .collect())
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 
 use std::ops::Range;
 
-use pnn_sim::DenseLayer;
 use pnn_sim::dense::SimError;
+use pnn_sim::profile::DeviceProfile;
+use pnn_sim::{DenseLayer, NoiseModel};
 
 use crate::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind, LayerSpec,
@@ -26,6 +27,40 @@ impl SimOracle {
             layer,
             pairs: Vec::new(),
         }
+    }
+
+    /// A layer on a device with the hardware effects of `noise`; `layer` (the layer's index in
+    /// the model) keys its faults and noise streams together with the profile's seed.
+    pub fn with_noise(spec: LayerSpec, noise: &NoiseModel, layer: usize) -> Self {
+        let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
+        let layer = match spec.kind {
+            LayerKind::Dense { inputs, outputs } => {
+                DenseLayer::with_noise(inputs, outputs, noise, seed)
+            }
+        };
+        Self {
+            spec,
+            layer,
+            pairs: Vec::new(),
+        }
+    }
+
+    /// One oracle per layer of a model, on devices of `profile`.
+    pub fn for_profile(specs: &[LayerSpec], profile: &DeviceProfile) -> Vec<Self> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(l, spec)| Self::with_noise(spec.clone(), &profile.noise, l))
+            .collect()
+    }
+
+    /// The simulated layer (its device state, effective weights, clock).
+    pub fn layer(&self) -> &DenseLayer {
+        &self.layer
+    }
+
+    pub fn layer_mut(&mut self) -> &mut DenseLayer {
+        &mut self.layer
     }
 
     /// Selects the fast path or the literal reference choreography of the simulated layer.

@@ -21,7 +21,9 @@ use pnn::trainer::Hyper;
 )]
 #[command(allow_negative_numbers = true)]
 struct Args {
-    /// Where the layers execute: `sim` (the ideal simulated PNN, in process).
+    /// Where the layers execute: `sim` (the ideal simulated PNN, in process), or
+    /// `sim:<profile.ron>` (simulated with a device profile's hardware effects, e.g.
+    /// `sim:devices/pcm.ron`).
     #[arg(long, default_value = "sim")]
     backend: BackendSpec,
     /// mnist, fashion-mnist, cifar10 or cifar100.

@@ -1,0 +1,673 @@
+//! Hardware effects of a simulated device: what makes a physical layer differ from the clean
+//! matrix `ReLU(x Wᵀ + b)`. A [`NoiseModel`] is read from the `noise` field of a device profile
+//! (`devices/*.ron`); a [`Device`] is one layer's instance of it, with its fixed faults drawn and
+//! its random streams seeded, and is what [`crate::DenseLayer`] computes through.
+//!
+//! Every effect is off by default and switched on by its own field. Units are the layer's own: the
+//! inputs as the host sends them, the weights and bias as the host writes them, the outputs in
+//! the units of `x Wᵀ + b`. Where a standard deviation is "relative to the bound", it is a fraction
+//! of that converter's full scale (`bound`); without that converter, the bound is taken as 1.
+//!
+//! One forward pass on the device, per sample (rows of the batch are separate reads):
+//! ```text
+//! x_d  = DAC(x)                        clip to ±bound, then quantise (bits)       at load_input
+//! x_a  = x_d + σ_in·B_dac·ξ            input noise, redrawn every forward
+//! e_ij = effective weight (below)      fixed between writes and clock ticks
+//! z_i  = Σ_j x_a_j e_ij + b_i          the bias is held digitally and exact
+//!      + σ_r·sqrt(Σ_j (x_a_j e_ij)²)·ξ  read noise: e_ij(1 + σ_r ξ_ij) with ξ fresh per read
+//!      + σ_out·B_adc·ξ                 output noise, redrawn every forward
+//! y_i  = ADC(z_i / (1 + n|z_i|))       nonlinearity, then clip and quantise
+//! a_i  = ReLU(y_i)
+//! ```
+//! The effective weight of a target `w` (the value the host wrote and its shadow tracks) is
+//! `stuck_ij` for a stuck device, else `g_ij · d_ij(t) · (1 + σ_p δ_ij) · Q(clip(w))`: clipped to
+//! `±weight_clip`, quantised to `weight_bits`, programmed with the relative error `δ` that is
+//! drawn when the weight is written and kept until the next write, decayed by drift
+//! `d(t) = (max(t, t0)/t0)^-nu` with `t` the time since that write, and scaled by the per-weight
+//! gain `g = 1 + σ_g ξ` fixed at construction. The stored parameters stay the targets; only the
+//! computation sees the effective weights.
+//!
+//! Simulated time: the device clock advances by `drift.seconds_per_batch` at every
+//! `load_input` (one batch of one layer) and by [`Device::advance`]; all evaluations of one loaded
+//! batch happen at one instant. A perturbed evaluation is not a write (the perturbation rides on
+//! the programmed state and leaves no trace, as the oracle contract demands); `set_params` and
+//! `apply_update` are writes.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use firmware_protocol::direction::mix;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::StandardNormal;
+
+use crate::matmul::matmul_a_bt;
+
+/// The hardware effects of a device, as its profile states them. `Default` is the ideal device.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoiseModel {
+    /// Seeds the fixed faults (stuck devices, gains) and the random streams of the device.
+    pub seed: u64,
+    /// Input digital-to-analog converter: clip to `±bound`, then quantise to `bits`.
+    pub dac: Option<Converter>,
+    /// Output analog-to-digital converter: clip to `±bound`, then quantise to `bits`.
+    pub adc: Option<Converter>,
+    /// Additive Gaussian noise on the analog inputs, std relative to the DAC bound.
+    pub input_noise: f32,
+    /// Additive Gaussian noise on the analog outputs, std relative to the ADC bound.
+    pub output_noise: f32,
+    /// Multiplicative weight noise on every read, std relative to the weight: `e (1 + σ ξ)`.
+    pub read_noise: f32,
+    /// Relative programming error, drawn at each write of a weight and kept until the next.
+    pub programming_error: f32,
+    /// Power-law conductance drift.
+    pub drift: Option<Drift>,
+    /// Weights are clipped to `±weight_clip` (the device's range).
+    pub weight_clip: Option<f32>,
+    /// Weights are quantised to this many bits: over `±weight_clip` when set, else over the
+    /// largest target magnitude at the last write (a per-tensor scale, as int8 kernels use).
+    pub weight_bits: Option<u32>,
+    /// A fraction of the weights stuck at fixed values, chosen at construction.
+    pub stuck: Option<StuckFaults>,
+    /// Per-weight gain mismatch: each weight is scaled by `1 + σ ξ`, fixed at construction.
+    pub gain_mismatch: f32,
+    /// Output nonlinearity `y / (1 + n |y|)` (n in 1/output units), before the ADC.
+    pub nonlinearity: f32,
+}
+
+/// A converter: values are clipped to `±bound` and, with `bits`, quantised to the `2^bits` codes
+/// `-2^(bits-1) ..= 2^(bits-1) - 1` of step `bound / 2^(bits-1)` (a two's-complement converter
+/// whose full scale is `±bound`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Converter {
+    #[serde(default)]
+    pub bits: Option<u32>,
+    pub bound: f32,
+}
+
+/// Power-law drift `w(t) = w0 (t / t0)^-nu` for `t >= t0` after the write (`w0` before).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drift {
+    pub nu: f32,
+    /// Device-to-device spread of `nu`: each weight drifts with `|nu + nu_std ξ|`, fixed at
+    /// construction (aihwkit's PCM model does the same).
+    #[serde(default)]
+    pub nu_std: f32,
+    /// Reference time in seconds (aihwkit's PCM model uses 20 s).
+    #[serde(default = "default_t0")]
+    pub t0: f64,
+    /// Simulated seconds that pass at each loaded batch.
+    #[serde(default)]
+    pub seconds_per_batch: f64,
+}
+
+fn default_t0() -> f64 {
+    20.0
+}
+
+/// Stuck-at faults: each weight is stuck with probability `fraction`, at one of `values` (chosen
+/// uniformly), for the life of the device.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StuckFaults {
+    pub fraction: f32,
+    pub values: Vec<f32>,
+}
+
+/// A profile value that makes no sense, with the key that holds it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct InvalidNoise {
+    /// The key's path inside the profile, such as `noise.adc.bits`.
+    pub key: String,
+    pub message: String,
+}
+
+impl Converter {
+    fn quantizer(&self) -> Option<Quantizer> {
+        self.bits.map(|b| Quantizer::converter(b, self.bound))
+    }
+
+    /// The converted value: clipped, then quantised.
+    pub fn convert(&self, x: f32) -> f32 {
+        match self.quantizer() {
+            Some(q) => q.apply(x),
+            None => x.clamp(-self.bound, self.bound),
+        }
+    }
+}
+
+/// Uniform quantisation onto integer codes `lo..=hi` times `step`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quantizer {
+    pub step: f32,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Quantizer {
+    /// A `bits`-bit converter of full scale `±bound`: `2^bits` codes.
+    pub fn converter(bits: u32, bound: f32) -> Self {
+        let half = (1u64 << (bits - 1)) as f32;
+        Self {
+            step: bound / half,
+            lo: -half,
+            hi: half - 1.0,
+        }
+    }
+
+    /// Symmetric `bits`-bit quantisation whose largest code is `max` (int8: `max / 127`).
+    pub fn symmetric(bits: u32, max: f32) -> Self {
+        let half = (1u64 << (bits - 1)) as f32;
+        Self {
+            step: max / (half - 1.0),
+            lo: -half,
+            hi: half - 1.0,
+        }
+    }
+
+    pub fn apply(&self, x: f32) -> f32 {
+        if self.step > 0.0 {
+            (x / self.step).round().clamp(self.lo, self.hi) * self.step
+        } else {
+            0.0
+        }
+    }
+}
+
+impl NoiseModel {
+    /// Whether every effect is off (the simulator is then exact, bit for bit).
+    pub fn is_ideal(&self) -> bool {
+        self.dac.is_none()
+            && self.adc.is_none()
+            && self.input_noise == 0.0
+            && self.output_noise == 0.0
+            && self.read_noise == 0.0
+            && self.programming_error == 0.0
+            && self.drift.is_none_or(|d| d.nu == 0.0 && d.nu_std == 0.0)
+            && self.weight_clip.is_none()
+            && self.weight_bits.is_none()
+            && self.stuck.as_ref().is_none_or(|s| s.fraction == 0.0)
+            && self.gain_mismatch == 0.0
+            && self.nonlinearity == 0.0
+    }
+
+    /// Checks every value; the error names the key (under `prefix`, e.g. `noise`).
+    pub fn validate(&self, prefix: &str) -> Result<(), InvalidNoise> {
+        let bad = |key: &str, message: String| InvalidNoise {
+            key: format!("{prefix}.{key}"),
+            message,
+        };
+        let nonneg = |key: &str, v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(bad(key, format!("must be a finite number >= 0, got {v}")))
+            }
+        };
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(key, format!("must be a finite number > 0, got {v}")))
+            }
+        };
+        let bits = |key: &str, b: u32, min: u32| {
+            if (min..=24).contains(&b) {
+                Ok(())
+            } else {
+                Err(bad(key, format!("must be between {min} and 24, got {b}")))
+            }
+        };
+        for (name, conv) in [("dac", &self.dac), ("adc", &self.adc)] {
+            if let Some(c) = conv {
+                positive(&format!("{name}.bound"), c.bound as f64)?;
+                if let Some(b) = c.bits {
+                    bits(&format!("{name}.bits"), b, 1)?;
+                }
+            }
+        }
+        nonneg("input_noise", self.input_noise)?;
+        nonneg("output_noise", self.output_noise)?;
+        nonneg("read_noise", self.read_noise)?;
+        nonneg("programming_error", self.programming_error)?;
+        nonneg("gain_mismatch", self.gain_mismatch)?;
+        nonneg("nonlinearity", self.nonlinearity)?;
+        if let Some(d) = &self.drift {
+            nonneg("drift.nu", d.nu)?;
+            nonneg("drift.nu_std", d.nu_std)?;
+            positive("drift.t0", d.t0)?;
+            if !(d.seconds_per_batch.is_finite() && d.seconds_per_batch >= 0.0) {
+                return Err(bad(
+                    "drift.seconds_per_batch",
+                    format!("must be a finite number >= 0, got {}", d.seconds_per_batch),
+                ));
+            }
+        }
+        if let Some(c) = self.weight_clip {
+            positive("weight_clip", c as f64)?;
+        }
+        if let Some(b) = self.weight_bits {
+            bits("weight_bits", b, 2)?;
+        }
+        if let Some(s) = &self.stuck {
+            if !(0.0..=1.0).contains(&s.fraction) {
+                return Err(bad(
+                    "stuck.fraction",
+                    format!("must be between 0 and 1, got {}", s.fraction),
+                ));
+            }
+            if s.fraction > 0.0 && s.values.is_empty() {
+                return Err(bad(
+                    "stuck.values",
+                    "must name at least one value when fraction > 0".into(),
+                ));
+            }
+            if let Some(v) = s.values.iter().find(|v| !v.is_finite()) {
+                return Err(bad("stuck.values", format!("must be finite, got {v}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn input_noise_std(&self) -> f32 {
+        self.input_noise * self.dac.map_or(1.0, |c| c.bound)
+    }
+
+    fn output_noise_std(&self) -> f32 {
+        self.output_noise * self.adc.map_or(1.0, |c| c.bound)
+    }
+
+    fn drifts(&self) -> bool {
+        self.drift.is_some_and(|d| d.nu > 0.0 || d.nu_std > 0.0)
+    }
+}
+
+// Domains that separate the device's random streams, so that switching one effect on or off
+// leaves the draws of every other unchanged.
+const STUCK: u64 = 0x7374_7563_6b00_0001;
+const GAIN: u64 = 0x6761_696e_0000_0002;
+const PROGRAM: u64 = 0x7072_6f67_0000_0003;
+const INPUT: u64 = 0x696e_7075_7400_0004;
+const READ: u64 = 0x7265_6164_0000_0005;
+const OUTPUT: u64 = 0x6f75_7470_7574_0006;
+const DRIFT: u64 = 0x6472_6966_7400_0007;
+
+/// The device seed of layer `layer` (0-based) of a model on devices of a profile whose noise
+/// seed is `profile_seed`: every backend that serves a profile (the in-process simulator, the
+/// emulator) derives its layers' seeds this way, so they draw the same faults and noise.
+pub fn layer_seed(profile_seed: u64, layer: usize) -> u64 {
+    mix(profile_seed ^ mix(layer as u64 + 1))
+}
+
+fn stream(seed: u64, domain: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(mix(mix(seed) ^ domain))
+}
+
+/// The per-forward random streams (behind a lock so that a clean forward can take `&self`).
+#[derive(Debug)]
+struct Streams {
+    input: ChaCha8Rng,
+    read: ChaCha8Rng,
+    output: ChaCha8Rng,
+}
+
+/// One layer's device: the [`NoiseModel`] with its fixed faults drawn and its state.
+#[derive(Debug)]
+pub struct Device {
+    model: NoiseModel,
+    n_weights: usize,
+    /// Stuck value per weight (NaN where not stuck); empty without stuck faults.
+    stuck: Vec<f32>,
+    /// Gain per weight; empty without gain mismatch.
+    gain: Vec<f32>,
+    /// `1 + σ_p δ` per weight, redrawn at each write; empty without programming error.
+    program_factor: Vec<f32>,
+    /// Time of the last write of each weight, and its drift factor now; empty without drift.
+    written_at: Vec<f64>,
+    drift_factor: Vec<f32>,
+    /// Drift exponent per weight; empty when every weight has the profile's `nu`.
+    nu: Vec<f32>,
+    now: f64,
+    /// The weight quantiser in force (per-tensor ones change at writes).
+    weight_quantizer: Option<Quantizer>,
+    program_rng: ChaCha8Rng,
+    streams: Mutex<Streams>,
+}
+
+impl Device {
+    /// The device of a layer with `n_weights` weights, its faults and streams keyed by `seed`.
+    pub fn new(model: &NoiseModel, n_weights: usize, seed: u64) -> Self {
+        let stuck = match &model.stuck {
+            Some(s) if s.fraction > 0.0 => {
+                let mut rng = stream(seed, STUCK);
+                (0..n_weights)
+                    .map(|_| {
+                        let hit = rng.random::<f32>() < s.fraction;
+                        let which = rng.random_range(0..s.values.len());
+                        if hit { s.values[which] } else { f32::NAN }
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let gain = if model.gain_mismatch > 0.0 {
+            let mut rng = stream(seed, GAIN);
+            (0..n_weights)
+                .map(|_| 1.0 + model.gain_mismatch * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let drifts = model.drifts();
+        let nu = match model.drift {
+            Some(d) if d.nu_std > 0.0 => {
+                let mut rng = stream(seed, DRIFT);
+                (0..n_weights)
+                    .map(|_| (d.nu + d.nu_std * rng.sample::<f32, _>(StandardNormal)).abs())
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Self {
+            nu,
+            n_weights,
+            stuck,
+            gain,
+            program_factor: if model.programming_error > 0.0 {
+                vec![1.0; n_weights]
+            } else {
+                Vec::new()
+            },
+            written_at: if drifts {
+                vec![0.0; n_weights]
+            } else {
+                Vec::new()
+            },
+            drift_factor: if drifts {
+                vec![1.0; n_weights]
+            } else {
+                Vec::new()
+            },
+            now: 0.0,
+            weight_quantizer: match (model.weight_bits, model.weight_clip) {
+                (Some(b), Some(c)) => Some(Quantizer::converter(b, c)),
+                _ => None,
+            },
+            program_rng: stream(seed, PROGRAM),
+            streams: Mutex::new(Streams {
+                input: stream(seed, INPUT),
+                read: stream(seed, READ),
+                output: stream(seed, OUTPUT),
+            }),
+            model: model.clone(),
+        }
+    }
+
+    pub fn model(&self) -> &NoiseModel {
+        &self.model
+    }
+
+    /// Simulated seconds since the device was made.
+    pub fn now(&self) -> f64 {
+        self.now
+    }
+
+    /// Whether weight `i` is stuck, and at what.
+    pub fn stuck_at(&self, i: usize) -> Option<f32> {
+        self.stuck.get(i).copied().filter(|v| !v.is_nan())
+    }
+
+    /// The fixed gain of weight `i` (1 without gain mismatch).
+    pub fn gain(&self, i: usize) -> f32 {
+        self.gain.get(i).copied().unwrap_or(1.0)
+    }
+
+    /// Whether the effective weights equal the targets.
+    pub fn weights_identity(&self) -> bool {
+        self.stuck.is_empty()
+            && self.gain.is_empty()
+            && self.program_factor.is_empty()
+            && self.drift_factor.is_empty()
+            && self.model.weight_clip.is_none()
+            && self.model.weight_bits.is_none()
+    }
+
+    /// Whether the effective weight is linear in the target (no clipping, no quantisation), so a
+    /// perturbation `±eps v` of the targets is `±eps s v` of the effective weights.
+    pub fn weights_linear(&self) -> bool {
+        self.model.weight_clip.is_none() && self.model.weight_bits.is_none()
+    }
+
+    /// Whether a forward pass needs a full product with fresh noise (input or read noise), which
+    /// the linear fast path cannot share between evaluations.
+    pub fn needs_full_forward(&self) -> bool {
+        self.model.input_noise > 0.0 || self.model.read_noise > 0.0
+    }
+
+    /// Whether anything happens between the pre-activation and the ReLU.
+    pub fn has_output_stage(&self) -> bool {
+        self.model.output_noise > 0.0 || self.model.nonlinearity > 0.0 || self.model.adc.is_some()
+    }
+
+    /// The DAC, applied once to a loaded batch.
+    pub fn convert_input(&self, x: &mut [f32]) {
+        if let Some(c) = &self.model.dac {
+            x.iter_mut().for_each(|v| *v = c.convert(*v));
+        }
+    }
+
+    /// The effective weight of weight `i` when its target is `w`.
+    #[inline]
+    pub fn effective(&self, i: usize, w: f32) -> f32 {
+        if let Some(&s) = self.stuck.get(i)
+            && !s.is_nan()
+        {
+            return s;
+        }
+        let mut e = w;
+        if let Some(c) = self.model.weight_clip {
+            e = e.clamp(-c, c);
+        }
+        if let Some(q) = &self.weight_quantizer {
+            e = q.apply(e);
+        }
+        if let Some(p) = self.program_factor.get(i) {
+            e *= p;
+        }
+        if let Some(d) = self.drift_factor.get(i) {
+            e *= d;
+        }
+        if let Some(g) = self.gain.get(i) {
+            e *= g;
+        }
+        e
+    }
+
+    /// `d effective / d target` of weight `i` where the map is linear ([`Self::weights_linear`]).
+    #[inline]
+    pub fn slope(&self, i: usize) -> f32 {
+        if self.stuck_at(i).is_some() {
+            return 0.0;
+        }
+        self.program_factor.get(i).copied().unwrap_or(1.0)
+            * self.drift_factor.get(i).copied().unwrap_or(1.0)
+            * self.gain(i)
+    }
+
+    /// Effective weights of `targets` (all weights of the layer) over `range`, into `out[range]`.
+    pub fn effective_range(&self, targets: &[f32], range: Range<usize>, out: &mut [f32]) {
+        for i in range {
+            out[i] = self.effective(i, targets[i]);
+        }
+    }
+
+    /// A write of `range` of the weights (`targets` holds them all): draws the programming error
+    /// of the range and restarts its drift clock. Returns the range whose effective weights
+    /// changed (all of them when a per-tensor quantisation scale moved).
+    pub fn program(&mut self, targets: &[f32], range: Range<usize>) -> Range<usize> {
+        if !self.program_factor.is_empty() {
+            let sigma = self.model.programming_error;
+            for f in &mut self.program_factor[range.clone()] {
+                *f = 1.0 + sigma * self.program_rng.sample::<f32, _>(StandardNormal);
+            }
+        }
+        if !self.written_at.is_empty() {
+            self.written_at[range.clone()].fill(self.now);
+            self.drift_factor[range.clone()].fill(1.0);
+        }
+        if let (Some(bits), None) = (self.model.weight_bits, self.model.weight_clip) {
+            let max = targets.iter().fold(0f32, |m, w| m.max(w.abs()));
+            let q = Some(Quantizer::symmetric(bits, max));
+            if q != self.weight_quantizer {
+                self.weight_quantizer = q;
+                return 0..self.n_weights;
+            }
+        }
+        range
+    }
+
+    /// Advances the device clock; returns whether any effective weight changed (drift).
+    pub fn advance(&mut self, seconds: f64) -> bool {
+        if seconds <= 0.0 {
+            return false;
+        }
+        self.now += seconds;
+        let Some(drift) = self.model.drift.filter(|_| self.model.drifts()) else {
+            return false;
+        };
+        // Weights written together share their age: its log is computed once per run.
+        let mut last = (f64::NAN, 0.0f64);
+        for (i, (f, &t)) in self
+            .drift_factor
+            .iter_mut()
+            .zip(&self.written_at)
+            .enumerate()
+        {
+            if t != last.0 {
+                last = (t, ((self.now - t).max(drift.t0) / drift.t0).ln());
+            }
+            let nu = self.nu.get(i).copied().unwrap_or(drift.nu) as f64;
+            *f = (-nu * last.1).exp() as f32;
+        }
+        true
+    }
+
+    /// The clock tick of one loaded batch.
+    pub fn tick(&mut self) -> bool {
+        match self.model.drift {
+            Some(d) => self.advance(d.seconds_per_batch),
+            None => false,
+        }
+    }
+
+    /// A whole forward pass on the device: `out = ReLU(ADC(nl(noisy(x e^T + b))))` (see the
+    /// module docs). `x` is the converted input (batch x n_in), `weights` the effective weights.
+    pub fn forward(
+        &self,
+        weights: &[f32],
+        bias: &[f32],
+        x: &[f32],
+        batch: usize,
+        out: &mut Vec<f32>,
+    ) {
+        let n_out = bias.len();
+        let n_in = weights.len() / n_out.max(1);
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let noisy_input;
+        let x = if self.model.input_noise > 0.0 {
+            let std = self.model.input_noise_std();
+            noisy_input = x
+                .iter()
+                .map(|v| v + std * streams.input.sample::<f32, _>(StandardNormal))
+                .collect::<Vec<f32>>();
+            &noisy_input[..]
+        } else {
+            x
+        };
+        out.resize(batch * n_out, 0.0);
+        for row in out.chunks_exact_mut(n_out) {
+            row.copy_from_slice(bias);
+        }
+        matmul_a_bt(batch, n_out, n_in, x, weights, out, true);
+        if self.model.read_noise > 0.0 {
+            // Each sample's read draws every weight anew: e (1 + σ ξ). Summed over the inputs,
+            // that is one Gaussian per output of std σ sqrt(Σ_j (x_j e_j)²), drawn here.
+            let x2: Vec<f32> = x.iter().map(|v| v * v).collect();
+            let w2: Vec<f32> = weights.iter().map(|v| v * v).collect();
+            let mut var = vec![0f32; batch * n_out];
+            matmul_a_bt(batch, n_out, n_in, &x2, &w2, &mut var, false);
+            let sigma = self.model.read_noise;
+            for (z, v) in out.iter_mut().zip(&var) {
+                *z += sigma * v.max(0.0).sqrt() * streams.read.sample::<f32, _>(StandardNormal);
+            }
+        }
+        self.output_stage_with(out, &mut streams.output);
+        out.iter_mut().for_each(|a| *a = a.max(0.0));
+    }
+
+    /// Output noise, nonlinearity and ADC on pre-activations (batch x n_out, row-major).
+    pub fn output_stage(&self, z: &mut [f32]) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        self.output_stage_with(z, &mut streams.output);
+    }
+
+    fn output_stage_with(&self, z: &mut [f32], rng: &mut ChaCha8Rng) {
+        let m = &self.model;
+        if m.output_noise > 0.0 {
+            let std = m.output_noise_std();
+            z.iter_mut()
+                .for_each(|v| *v += std * rng.sample::<f32, _>(StandardNormal));
+        }
+        if m.nonlinearity > 0.0 {
+            let n = m.nonlinearity;
+            z.iter_mut().for_each(|v| *v /= 1.0 + n * v.abs());
+        }
+        if let Some(c) = &m.adc {
+            z.iter_mut().for_each(|v| *v = c.convert(*v));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_converter_has_exactly_two_to_the_bits_levels() {
+        for bits in [1, 3, 7, 9] {
+            let c = Converter {
+                bits: Some(bits),
+                bound: 2.5,
+            };
+            let mut levels: Vec<f32> = (-40_000..=40_000)
+                .map(|i| c.convert(i as f32 * 1e-4))
+                .collect();
+            levels.sort_by(f32::total_cmp);
+            levels.dedup();
+            assert_eq!(levels.len(), 1 << bits, "{bits} bits");
+            assert_eq!(levels[0], -2.5);
+            assert!(*levels.last().unwrap() < 2.5);
+        }
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let m = NoiseModel {
+            adc: Some(Converter {
+                bits: Some(0),
+                bound: 1.0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(m.validate("noise").unwrap_err().key, "noise.adc.bits");
+        let m = NoiseModel {
+            output_noise: -0.1,
+            ..Default::default()
+        };
+        assert_eq!(m.validate("noise").unwrap_err().key, "noise.output_noise");
+    }
+}

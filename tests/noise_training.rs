@@ -1,0 +1,160 @@
+//! MF+DD training through the device presets on real MNIST (issue 4): every preset still learns
+//! within a measured margin of the ideal run, and in-situ training compensates fixed faults
+//! that training elsewhere and deploying cannot.
+//!
+//! The short run: the first 10,000 training samples, 4 epochs, batch 256, P = 4, lr 0.01, and
+//! eps = 1 (not the thesis's 1e-3: on a noisy device `L+ - L-` drowns once the output noise
+//! passes about 0.4 eps, see `noise_sweep.rs`; on the ideal device eps = 1 and eps = 1e-3 give
+//! the same accuracy here, 0.723 and 0.729). Accuracies are of the cumulative prediction on the
+//! whole test set, evaluated through the device.
+//!
+//! Run: `PNN_DATA_DIR=/path/to/data cargo test --release --test noise_training -- --nocapture`.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use pnn::backend::sim::SimOracle;
+use pnn::data::DatasetKind;
+use pnn::study::{self, Setup};
+use pnn::trainer::{Evaluation, Hyper, Trainer};
+use pnn_sim::profile::DeviceProfile;
+
+fn setup() -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let hyper = Hyper {
+            lr: 0.01,
+            eps: 1.0,
+            ..Hyper::default()
+        };
+        Setup::load(DatasetKind::Mnist, None, Some(10_000), None, hyper, 4).unwrap_or_else(|e| {
+            panic!("these tests train on real MNIST ({e}); set PNN_DATA_DIR or place shared/data beside the repository")
+        })
+    })
+}
+
+fn profile(name: &str) -> DeviceProfile {
+    DeviceProfile::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("devices/{name}.ron")))
+        .unwrap()
+}
+
+fn train(name: &str) -> (Trainer<SimOracle>, Evaluation) {
+    let s = setup().as_ref();
+    let mut trainer = study::train(&s, &profile(name)).unwrap();
+    let eval = study::evaluate(&s, &mut trainer).unwrap();
+    println!(
+        "{name}: test accuracy cumulative {:.4}, final layer {:.4}",
+        eval.accuracy_cumulative, eval.accuracy_final_layer
+    );
+    (trainer, eval)
+}
+
+/// The ideal run, shared by every test of this file (measured: 0.7229).
+fn ideal() -> &'static (Trainer<SimOracle>, Evaluation) {
+    static IDEAL: OnceLock<(Trainer<SimOracle>, Evaluation)> = OnceLock::new();
+    IDEAL.get_or_init(|| train("ideal"))
+}
+
+/// Every preset must reach this accuracy whatever its margin (chance is 0.1; the ideal run of
+/// the same length reaches 0.72).
+const LEARNS: f64 = 0.6;
+
+fn assert_within(name: &str, margin: f64) {
+    let ideal = ideal().1.accuracy_cumulative;
+    let acc = train(name).1.accuracy_cumulative;
+    println!(
+        "{name}: {acc:.4} vs ideal {ideal:.4} ({:+.4}, margin {margin})",
+        acc - ideal
+    );
+    assert!(acc >= LEARNS, "{name} did not learn: {acc}");
+    assert!(
+        acc >= ideal - margin,
+        "{name}: {acc} is more than {margin} below the ideal run's {ideal}"
+    );
+}
+
+// Margins: each is the largest shortfall measured over seeds 0, 1 and 2 (in brackets: each
+// seed's accuracy minus that seed's ideal run) plus about 0.03, the spread of the ideal run
+// itself over those seeds (0.722 to 0.732), for run-to-run variation. The tests run seed 0.
+
+/// Output noise 0.06 in output units, 7/9-bit converters; the DAC's bound of 1 clips the hidden
+/// activations (the second layer sees little more than their signs: its own accuracy falls to
+/// 0.17-0.32), the cumulative prediction holds. Measured [-0.034, -0.049, -0.034].
+#[test]
+fn aihwkit_io_learns_within_8_points_of_ideal() {
+    assert_within("aihwkit-io", 0.08);
+}
+
+/// 8-bit converters, output noise, 1.75% read noise, weights clipped at 1 (never reached).
+/// Measured [-0.031, -0.044, -0.030].
+#[test]
+fn aihwkit_hwa_learns_within_8_points_of_ideal() {
+    assert_within("aihwkit-hwa", 0.08);
+}
+
+/// 6% programming error, 2% read noise, drift. Measured [+0.002, -0.029, -0.022].
+#[test]
+fn pcm_learns_within_6_points_of_ideal() {
+    assert_within("pcm", 0.06);
+}
+
+/// int8 weights and activations: nearly free. Measured [-0.005, -0.005, -0.006].
+#[test]
+fn mcu_int8_learns_within_3_points_of_ideal() {
+    assert_within("mcu-int8", 0.03);
+}
+
+/// Gain mismatch and 10% stuck weights, trained through. Measured [-0.015, -0.033, -0.048].
+#[test]
+fn faulty_learns_within_8_points_of_ideal() {
+    assert_within("faulty", 0.08);
+}
+
+/// Training through the faulty device against training on the ideal simulator and deploying
+/// the weights to the faulty device (the same device: same profile, same seed, so the same
+/// faults). Measured in-situ minus deployed: +0.114, +0.140, +0.142 for seeds 0, 1, 2; the
+/// deployed weights lose 0.13 to 0.19 against the ideal run.
+#[test]
+fn in_situ_training_compensates_faults_that_deployment_cannot() {
+    let s = setup().as_ref();
+    let faulty = profile("faulty");
+    let (_, in_situ) = train("faulty");
+    let mut deployed = study::deploy(&s, &ideal().0, &faulty).unwrap();
+    let deployed = study::evaluate(&s, &mut deployed).unwrap();
+    let ideal_acc = ideal().1.accuracy_cumulative;
+    println!(
+        "ideal {ideal_acc:.4}; trained ideal, deployed to faulty {:.4}; trained in situ on faulty {:.4} ({:+.4})",
+        deployed.accuracy_cumulative,
+        in_situ.accuracy_cumulative,
+        in_situ.accuracy_cumulative - deployed.accuracy_cumulative
+    );
+    assert!(
+        in_situ.accuracy_cumulative >= deployed.accuracy_cumulative + 0.06,
+        "in situ {} vs deployed {}",
+        in_situ.accuracy_cumulative,
+        deployed.accuracy_cumulative
+    );
+    // The faults cost the deployed weights a lot: they are what in-situ training recovers.
+    assert!(deployed.accuracy_cumulative < ideal_acc - 0.08);
+}
+
+/// Noise is drawn from seeded streams: the same run on a noisy device gives the same weights.
+#[test]
+fn training_on_a_noisy_device_is_deterministic() {
+    let s = study::SetupRef {
+        epochs: 1,
+        ..setup().as_ref()
+    };
+    let hwa = profile("aihwkit-hwa");
+    let a = study::train(&s, &hwa).unwrap().weights_sha256();
+    let b = study::train(&s, &hwa).unwrap().weights_sha256();
+    assert_eq!(a, b);
+    let other = DeviceProfile {
+        noise: pnn_sim::NoiseModel {
+            seed: hwa.noise.seed + 1,
+            ..hwa.noise.clone()
+        },
+        ..hwa
+    };
+    assert_ne!(a, study::train(&s, &other).unwrap().weights_sha256());
+}
