@@ -361,6 +361,9 @@ where
     }
 
     fn input_rows(&self, layer: u8) -> Result<usize, DeviceError> {
+        if layer as usize >= self.layers.as_ref().len() {
+            return Err(DeviceError::NoSuchLayer { layer });
+        }
         let s = self.inputs[layer as usize];
         if s.rows == 0 || s.filled != s.total {
             return Err(DeviceError::NoInput);

@@ -5,6 +5,7 @@
 pub mod dense;
 pub mod direction_cache;
 pub mod matmul;
+pub mod physical;
 pub mod profile;
 
 pub use dense::DenseLayer;
