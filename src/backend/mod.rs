@@ -1,6 +1,7 @@
 //! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
 //! is the one enum at the command-line boundary (the trainer itself is generic).
 
+pub mod serial;
 pub mod sim;
 
 use std::fmt;
@@ -9,8 +10,9 @@ use std::str::FromStr;
 
 use crate::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
-    PerturbedPair, UpdateTerm,
+    PerturbedPair, UpdateTerm, WireStats,
 };
+use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
 
 /// A backend as named on the command line.
@@ -18,6 +20,8 @@ use sim::SimOracle;
 pub enum BackendSpec {
     /// The ideal simulated PNN, in process.
     Sim,
+    /// A device (or the emulator) on a serial port: `serial:PATH?baud=N&timeout_ms=N&retries=N`.
+    Serial(SerialSpec),
 }
 
 impl FromStr for BackendSpec {
@@ -25,7 +29,12 @@ impl FromStr for BackendSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "sim" => Ok(Self::Sim),
-            other => Err(format!("unknown backend '{other}' (expected: sim)")),
+            other => match other.strip_prefix("serial:") {
+                Some(rest) => SerialSpec::parse(rest).map(Self::Serial),
+                None => Err(format!(
+                    "unknown backend '{other}' (expected: sim, serial:PATH)"
+                )),
+            },
         }
     }
 }
@@ -34,6 +43,7 @@ impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Sim => f.write_str("sim"),
+            Self::Serial(s) => write!(f, "serial:{}", s.path),
         }
     }
 }
@@ -45,18 +55,24 @@ pub fn open(spec: &BackendSpec, layers: &[LayerSpec]) -> Result<Vec<AnyOracle>, 
             .into_iter()
             .map(AnyOracle::Sim)
             .collect()),
+        BackendSpec::Serial(s) => Ok(serial::open(s, layers)?
+            .into_iter()
+            .map(AnyOracle::Serial)
+            .collect()),
     }
 }
 
 /// Any backend's oracle.
 pub enum AnyOracle {
     Sim(SimOracle),
+    Serial(SerialOracle),
 }
 
 macro_rules! dispatch {
     ($self:ident, $o:ident => $e:expr) => {
         match $self {
             AnyOracle::Sim($o) => $e,
+            AnyOracle::Serial($o) => $e,
         }
     };
 }
@@ -99,5 +115,9 @@ impl ForwardOracle for AnyOracle {
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError> {
         dispatch!(self, o => o.apply_update(chunk, scale, terms))
+    }
+
+    fn wire_stats(&self) -> Option<WireStats> {
+        dispatch!(self, o => o.wire_stats())
     }
 }

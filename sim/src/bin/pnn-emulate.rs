@@ -112,15 +112,18 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: &Args, profile: &DeviceProfile) -> std::io::Result<()> {
-    let (mut device, mut host_side) = TTYPort::pair().map_err(std::io::Error::from)?;
-    // The host opens the path itself; keeping our handle open means a host that leaves does not
-    // hang up the device side, and the next host can connect.
-    host_side
-        .set_exclusive(false)
-        .map_err(std::io::Error::from)?;
+    let (mut device, host_side) = TTYPort::pair().map_err(std::io::Error::from)?;
     let path = host_side
         .name()
         .ok_or_else(|| std::io::Error::other("the pseudo-terminal has no name"))?;
+    // The host opens the path itself (with its own exclusive lock), so our handle of that side
+    // must hold no lock: swap it for a plain one. Keeping that side open means a host that
+    // leaves does not hang up the device side, and the next host can connect.
+    let _keep_open = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    drop(host_side);
     device
         .set_timeout(Duration::from_secs(1))
         .map_err(std::io::Error::from)?;
