@@ -3,6 +3,7 @@
 //! (`firmware_protocol::direction`).
 
 pub mod dense;
+pub mod emulator;
 pub mod direction_cache;
 pub mod matmul;
 pub mod physical;
