@@ -241,6 +241,14 @@ impl SerialOracle {
         &self.descriptor
     }
 
+    /// The shared link's counters (all layers), retransmissions and dropped frames included.
+    pub fn link_counters(&self) -> super::link::LinkCounters {
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters()
+    }
+
     /// Runs `f` on the link and adds the traffic it caused to this oracle's counters.
     fn with_link<T>(
         &mut self,

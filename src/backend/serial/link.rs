@@ -48,6 +48,12 @@ impl SerialTransport {
             .map_err(std::io::Error::from)?;
         Ok(Self { port, timeout })
     }
+
+    /// An already open port (a pseudo-terminal pair's side in tests).
+    pub fn from_port(port: Box<dyn serialport::SerialPort>) -> Self {
+        let timeout = port.timeout();
+        Self { port, timeout }
+    }
 }
 
 impl Transport for SerialTransport {
