@@ -54,20 +54,32 @@ fn serial_training_matches_sim_bit_for_bit() {
     let (train, test) = (4096u64, 10_000u64);
     let inputs = 4 * (train + test) * (784 + 50);
     let up = serial["wire_bytes_up"].as_u64().unwrap();
-    assert!(up >= inputs && up < inputs + inputs / 50, "{up} bytes up, inputs {inputs}");
+    assert!(
+        up >= inputs && up < inputs + inputs / 50,
+        "{up} bytes up, inputs {inputs}"
+    );
 }
 
 #[test]
 fn a_device_with_other_layers_is_refused_before_training() {
     let emulator = Emulator::spawn("784x40,40x50", &[]);
-    let out = pnn_train(&[&["--backend", &format!("serial:{}", emulator.path)][..], &RUN].concat());
+    let out = pnn_train(
+        &[
+            &["--backend", &format!("serial:{}", emulator.path)][..],
+            &RUN,
+        ]
+        .concat(),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains("dense 784x40") && stderr.contains("dense 784x50"),
         "names both shapes: {stderr}"
     );
-    assert!(!stderr.contains("epoch 1"), "no training happened: {stderr}");
+    assert!(
+        !stderr.contains("epoch 1"),
+        "no training happened: {stderr}"
+    );
 }
 
 #[test]
@@ -75,7 +87,14 @@ fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
     let mut emulator = Emulator::spawn("784x50,50x50", &[]);
     let backend = format!("serial:{}?timeout_ms=500", emulator.path);
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"))
-        .args(["--backend", &backend, "--dataset", "mnist", "--epochs", "20"])
+        .args([
+            "--backend",
+            &backend,
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "20",
+        ])
         .args(["--limit-train", "4096", "--seed", "1"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

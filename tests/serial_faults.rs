@@ -96,7 +96,9 @@ fn fake_device(mut script: impl FnMut(&Seen<'_>) -> Action + Send + 'static) -> 
                 let (used, f) = decoder.feed(rest);
                 rest = &rest[used..];
                 let Some(Ok(f)) = f else { continue };
-                let len = server.respond(f.seq, f.body, &mut payload, &mut out).unwrap();
+                let len = server
+                    .respond(f.seq, f.body, &mut payload, &mut out)
+                    .unwrap();
                 let seen = Seen {
                     seq: f.seq,
                     request: postcard::from_bytes(f.body).unwrap(),
@@ -132,7 +134,7 @@ fn connect(slave: TTYPort) -> Result<SerialOracle, OracleError> {
 
 /// Everything a training step asks of a layer; returns what came back and the parameters after
 /// one seeded update.
-fn exercise(o: &mut SerialOracle) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), OracleError> {
+fn exercise(o: &mut SerialOracle) -> Result<Outcome, OracleError> {
     let params: Vec<f32> = (0..N_IN * N_OUT + N_OUT)
         .map(|i| (i as f32 - 12.0) / 20.0)
         .collect();
@@ -186,7 +188,11 @@ fn recovers(
     });
     let mut oracle = connect(slave).unwrap();
     let outcome = exercise(&mut oracle).expect("recovers");
-    assert_eq!(outcome, reference(), "the same numbers as with a good device");
+    assert_eq!(
+        outcome,
+        reference(),
+        "the same numbers as with a good device"
+    );
     oracle.link_counters()
 }
 
@@ -288,7 +294,7 @@ fn a_silent_device_is_retried_then_given_up_on() {
     });
     let mut oracle = connect(slave).unwrap();
     let start = Instant::now();
-    let err = exercise(&mut oracle).err().expect("gives up").to_string();
+    let err = exercise(&mut oracle).expect_err("gives up").to_string();
     let p = policy();
     assert!(
         err.contains("did not answer Forward") && err.contains("4 tries"),
@@ -313,8 +319,12 @@ fn a_device_that_hangs_up_ends_at_once() {
     });
     let mut oracle = connect(slave).unwrap();
     let start = Instant::now();
-    let err = exercise(&mut oracle).err().expect("fails").to_string();
+    let err = exercise(&mut oracle).expect_err("fails").to_string();
     assert!(err.contains("closed the link"), "{err}");
-    assert!(start.elapsed() < policy().timeout * 2, "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < policy().timeout * 2,
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(oracle.link_counters().retransmissions, 0);
 }

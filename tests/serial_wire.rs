@@ -8,9 +8,7 @@ use std::ops::Range;
 
 use pnn::backend::serial::{self, SerialSpec};
 use pnn::model::initialise;
-use pnn::oracle::{
-    Activations, DirectionSeed, ForwardOracle, LayerSpec, UpdateTerm, WireStats,
-};
+use pnn::oracle::{Activations, DirectionSeed, ForwardOracle, LayerSpec, UpdateTerm, WireStats};
 use pnn::trainer::{Hyper, Trainer};
 use serial_support::Emulator;
 
@@ -38,7 +36,9 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
     let mut o = serial::open(&spec, std::slice::from_ref(&layer))
         .unwrap()
         .remove(0);
-    let params = initialise(std::slice::from_ref(&layer), 10, 3).layers.remove(0);
+    let params = initialise(std::slice::from_ref(&layer), 10, 3)
+        .layers
+        .remove(0);
     o.write_parameters(&params).unwrap();
     let rows = 16;
     o.load_input(&input(rows, 784)).unwrap();
@@ -51,7 +51,10 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
         delta(before, o.wire_stats().unwrap())
     };
     let chunks = [0..1, 0..100, 5_000..6_000, 39_200..39_250, 0..39_250];
-    let per_chunk: Vec<WireStats> = chunks.iter().map(|c| evaluate(&mut o, c.clone(), 4)).collect();
+    let per_chunk: Vec<WireStats> = chunks
+        .iter()
+        .map(|c| evaluate(&mut o, c.clone(), 4))
+        .collect();
     for (c, w) in chunks.iter().zip(&per_chunk) {
         eprintln!(
             "perturbed evaluation, P = 4, chunk of {:>6}: {} bytes up, {} down, {} round trips",
@@ -62,17 +65,27 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
         );
     }
     // Identical uplink whatever the chunk: the direction never travels, only its seed.
-    assert!(per_chunk.iter().all(|w| w.bytes_up == per_chunk[0].bytes_up));
+    assert!(
+        per_chunk
+            .iter()
+            .all(|w| w.bytes_up == per_chunk[0].bytes_up)
+    );
     // Far below even one f32 per parameter of the smallest chunk above 100 parameters.
     assert!(per_chunk[0].bytes_up < 100, "{:?}", per_chunk[0]);
     // Each extra direction costs its 8-byte seed (the first request is small enough that its
     // COBS overhead stays one byte).
-    let up: Vec<u64> = (1..=8).map(|p| evaluate(&mut o, 0..39_250, p).bytes_up).collect();
+    let up: Vec<u64> = (1..=8)
+        .map(|p| evaluate(&mut o, 0..39_250, p).bytes_up)
+        .collect();
     for p in 1..8 {
         assert_eq!(up[p] - up[p - 1], 8, "{up:?}");
     }
     // The downlink is the activations: 2P blocks of rows x outputs f32, whatever the chunk.
-    assert!(per_chunk.iter().all(|w| w.bytes_down == per_chunk[0].bytes_down));
+    assert!(
+        per_chunk
+            .iter()
+            .all(|w| w.bytes_down == per_chunk[0].bytes_down)
+    );
     let activations = (2 * 4 * rows * 50 * 4) as u64;
     assert!(per_chunk[0].bytes_down >= activations);
     assert!(per_chunk[0].bytes_down < activations + activations / 50 + 64);
@@ -93,7 +106,11 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
         })
         .collect();
     eprintln!("seeded update, P = 4: {update_bytes:?} bytes up per chunk");
-    assert!(update_bytes.iter().all(|&b| b == update_bytes[0] && b < 100));
+    assert!(
+        update_bytes
+            .iter()
+            .all(|&b| b == update_bytes[0] && b < 100)
+    );
 }
 
 #[test]

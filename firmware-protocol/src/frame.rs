@@ -159,10 +159,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
     /// Consumes bytes from `input` up to and including the first delimiter that ends a
     /// non-empty frame. Returns how many bytes were consumed and, if a frame ended, the frame
     /// or why it was rejected. Call again with the rest of `input`.
-    pub fn feed<'s>(
-        &'s mut self,
-        input: &[u8],
-    ) -> (usize, Option<Result<Frame<'s>, FrameError>>) {
+    pub fn feed<'s>(&'s mut self, input: &[u8]) -> (usize, Option<Result<Frame<'s>, FrameError>>) {
         let mut i = 0;
         while i < input.len() {
             let rest = &input[i..];
@@ -225,7 +222,11 @@ mod tests {
     }
 
     /// Every outcome of feeding `bytes` in pieces of `step`.
-    fn decode_all(dec: &mut FrameDecoder<Vec<u8>>, bytes: &[u8], step: usize) -> Vec<Result<(u16, Vec<u8>), FrameError>> {
+    fn decode_all(
+        dec: &mut FrameDecoder<Vec<u8>>,
+        bytes: &[u8],
+        step: usize,
+    ) -> Vec<Result<(u16, Vec<u8>), FrameError>> {
         let mut out = Vec::new();
         for piece in bytes.chunks(step.max(1)) {
             let mut rest = piece;
@@ -242,7 +243,10 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_zero_only_delimits() {
-        let bytes = frame_bytes(0x0100, &Response::Error(DeviceError::NoSuchLayer { layer: 0 }));
+        let bytes = frame_bytes(
+            0x0100,
+            &Response::Error(DeviceError::NoSuchLayer { layer: 0 }),
+        );
         assert_eq!(bytes.iter().filter(|&&b| b == 0).count(), 1);
         assert_eq!(*bytes.last().unwrap(), 0);
         let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
@@ -259,7 +263,14 @@ mod tests {
         let mut corrupt = good.clone();
         corrupt[2] ^= 0x10;
         let truncated_then_delim = [&good[..good.len() - 3], &[0u8][..]].concat();
-        let stream = [&b"\x13garbage\xff"[..], &[0], &corrupt, &truncated_then_delim, &good].concat();
+        let stream = [
+            &b"\x13garbage\xff"[..],
+            &[0],
+            &corrupt,
+            &truncated_then_delim,
+            &good,
+        ]
+        .concat();
         let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
         let got = decode_all(&mut dec, &stream, 5);
         assert!(got[..got.len() - 1].iter().all(|r| r.is_err()), "{got:?}");
@@ -338,6 +349,9 @@ mod tests {
 
     fn good_body(frame: &[u8]) -> Vec<u8> {
         let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
-        decode_all(&mut dec, frame, frame.len())[0].clone().unwrap().1
+        decode_all(&mut dec, frame, frame.len())[0]
+            .clone()
+            .unwrap()
+            .1
     }
 }

@@ -258,25 +258,45 @@ pub enum DeviceError {
     BadFrame,
     /// A request this device does not know (a newer host, or a capability it lacks).
     UnknownRequest,
-    NoSuchLayer { layer: u8 },
+    NoSuchLayer {
+        layer: u8,
+    },
     /// A size the device cannot accept: `expected` is what it holds or allows.
-    ShapeMismatch { expected: u32, got: u32 },
+    ShapeMismatch {
+        expected: u32,
+        got: u32,
+    },
     /// The request needs more memory than the device has.
-    OutOfMemory { needed: u32, available: u32 },
+    OutOfMemory {
+        needed: u32,
+        available: u32,
+    },
     /// The device is still working on something else; retry later.
     Busy,
     /// A forward pass or perturbed evaluation before a complete input batch.
     NoInput,
-    ChunkOutOfRange { start: u32, end: u32, count: u32 },
+    ChunkOutOfRange {
+        start: u32,
+        end: u32,
+        count: u32,
+    },
     /// An input or parameter part that does not continue the previous one.
-    OutOfOrder { expected: u32, got: u32 },
-    TooManyDirections { max: u16, got: u16 },
+    OutOfOrder {
+        expected: u32,
+        got: u32,
+    },
+    TooManyDirections {
+        max: u16,
+        got: u16,
+    },
     /// [`Request::ReadResult`] with nothing, or less, in the result buffer.
     NoResult,
     /// The device lacks the capability the request needs.
     Unsupported,
     /// A device-specific failure code.
-    Hardware { code: u16 },
+    Hardware {
+        code: u16,
+    },
 }
 
 impl fmt::Display for DeviceError {
@@ -286,7 +306,10 @@ impl fmt::Display for DeviceError {
             Self::UnknownRequest => write!(f, "the device does not know this request"),
             Self::NoSuchLayer { layer } => write!(f, "the device has no layer {layer}"),
             Self::ShapeMismatch { expected, got } => {
-                write!(f, "shape mismatch: the device expects {expected}, got {got}")
+                write!(
+                    f,
+                    "shape mismatch: the device expects {expected}, got {got}"
+                )
             }
             Self::OutOfMemory { needed, available } => write!(
                 f,
@@ -331,7 +354,12 @@ impl ChunkRange {
 impl Serialize for ChunkRange {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut t = s.serialize_tuple(8)?;
-        for b in self.start.to_le_bytes().iter().chain(&self.end.to_le_bytes()) {
+        for b in self
+            .start
+            .to_le_bytes()
+            .iter()
+            .chain(&self.end.to_le_bytes())
+        {
             t.serialize_element(b)?;
         }
         t.end()

@@ -14,11 +14,13 @@
 
 use core::ops::Range;
 
-use crate::direction::{DirectionSeed, MAX_UPDATE_TERMS, UpdateTerm, apply_update_streaming, fill_direction};
-use crate::frame::{self, CRC, FrameDecoder, FrameError, HEADER_LEN, CRC_LEN, MAX_PAYLOAD};
+use crate::direction::{
+    DirectionSeed, MAX_UPDATE_TERMS, UpdateTerm, apply_update_streaming, fill_direction,
+};
+use crate::frame::{self, CRC, CRC_LEN, FrameDecoder, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::message::{
     Capabilities, ChunkRange, DeviceError, DeviceInfo, Encoded, ForwardMode, LayerDescriptor,
-    MAX_LAYERS, Packed, PROTOCOL_VERSION, Request, Response,
+    MAX_LAYERS, PROTOCOL_VERSION, Packed, Request, Response,
 };
 
 /// What a physical layer must do. Parameters use the flat layout of its [`LayerDescriptor`].
@@ -36,7 +38,8 @@ pub trait PhysicalLayer {
 
     /// Stores values `offset..offset + values.len()` of an input batch of `rows` rows. The server
     /// calls it in order, starting at offset 0 for each batch, and only within the batch.
-    fn load_input(&mut self, rows: usize, offset: usize, values: &[f32]) -> Result<(), DeviceError>;
+    fn load_input(&mut self, rows: usize, offset: usize, values: &[f32])
+    -> Result<(), DeviceError>;
 
     /// A clean forward pass on the cached batch: `out` is rows x feature width.
     fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError>;
@@ -213,7 +216,10 @@ where
 {
     /// A server over `layers` (at most [`MAX_LAYERS`]), with buffers for results and scratch.
     pub fn new(layers: Ls, config: DeviceConfig<'n>, result: B, scratch: B) -> Self {
-        assert!(layers.as_ref().len() <= MAX_LAYERS, "at most {MAX_LAYERS} layers");
+        assert!(
+            layers.as_ref().len() <= MAX_LAYERS,
+            "at most {MAX_LAYERS} layers"
+        );
         Self {
             layers,
             result,
@@ -261,12 +267,8 @@ where
                 None => {}
                 Some(Err(_)) => self.stats.bad_frames += 1,
                 Some(Ok(frame)) => {
-                    let len = self.respond(
-                        frame.seq,
-                        frame.body,
-                        io.payload.as_mut(),
-                        io.out.as_mut(),
-                    );
+                    let len =
+                        self.respond(frame.seq, frame.body, io.payload.as_mut(), io.out.as_mut());
                     if let Ok(len) = len {
                         write(&io.out.as_ref()[..len])?;
                     }
@@ -290,21 +292,25 @@ where
             Ok(r) => r,
             Err(_) => {
                 // A tag beyond the known requests is a request from a newer host.
-                let unknown = matches!(postcard::take_from_bytes::<u32>(body), Ok((tag, _)) if tag > 9);
-                let e = if unknown { DeviceError::UnknownRequest } else { DeviceError::BadFrame };
+                let unknown =
+                    matches!(postcard::take_from_bytes::<u32>(body), Ok((tag, _)) if tag > 9);
+                let e = if unknown {
+                    DeviceError::UnknownRequest
+                } else {
+                    DeviceError::BadFrame
+                };
                 return frame::encode(seq, &Response::Error(e), payload, out);
             }
         };
         let crc = CRC.checksum(body);
-        if request.mutates() {
-            if let Some(c) = self.last.filter(|c| c.seq == seq && c.crc == crc) {
-                self.stats.retransmissions += 1;
-                let reply = match c.reply {
-                    Ok(()) => Response::Ack,
-                    Err(e) => Response::Error(e),
-                };
-                return frame::encode(seq, &reply, payload, out);
-            }
+        let cached = self.last.filter(|c| c.seq == seq && c.crc == crc);
+        if let Some(c) = cached.filter(|_| request.mutates()) {
+            self.stats.retransmissions += 1;
+            let reply = match c.reply {
+                Ok(()) => Response::Ack,
+                Err(e) => Response::Error(e),
+            };
+            return frame::encode(seq, &reply, payload, out);
         }
         let max_values = |size: usize| {
             (payload.len().min(MAX_PAYLOAD) - HEADER_LEN - CRC_LEN).saturating_sub(16) / size
@@ -390,7 +396,9 @@ where
     fn execute(&mut self, request: &Request<'_>) -> Result<Outcome, DeviceError> {
         match request {
             Request::Hello { .. } => Ok(Outcome::Hello),
-            Request::DescribeLayer { layer } => Ok(Outcome::Layer(layer_of(&mut self.layers, *layer)?.1)),
+            Request::DescribeLayer { layer } => {
+                Ok(Outcome::Layer(layer_of(&mut self.layers, *layer)?.1))
+            }
             Request::Reset => {
                 self.layers.as_mut().iter_mut().for_each(|l| l.reset());
                 self.inputs = [InputState::default(); MAX_LAYERS];
@@ -414,7 +422,9 @@ where
                         got: end as u32,
                     });
                 }
-                in_pieces(values, |at, piece| l.write_parameters(*offset as usize + at, piece))?;
+                in_pieces(values, |at, piece| {
+                    l.write_parameters(*offset as usize + at, piece)
+                })?;
                 Ok(Outcome::Ack)
             }
             Request::LoadInput {
@@ -491,10 +501,13 @@ where
                     available,
                 })?;
                 let available = self.scratch.view().len() as u32;
-                let scratch = self.scratch.get(scratch_len).ok_or(DeviceError::OutOfMemory {
-                    needed: scratch_len as u32,
-                    available,
-                })?;
+                let scratch = self
+                    .scratch
+                    .get(scratch_len)
+                    .ok_or(DeviceError::OutOfMemory {
+                        needed: scratch_len as u32,
+                        available,
+                    })?;
                 l.evaluate_perturbed(chunk, seeds, *eps, out, scratch)?;
                 self.result_len = len;
                 self.result_encoding = d.encoding;
@@ -522,10 +535,13 @@ where
                 let chunk = Self::check_chunk(&d, *chunk)?;
                 let scratch_len = l.update_scratch(chunk.len());
                 let available = self.scratch.view().len() as u32;
-                let scratch = self.scratch.get(scratch_len).ok_or(DeviceError::OutOfMemory {
-                    needed: scratch_len as u32,
-                    available,
-                })?;
+                let scratch = self
+                    .scratch
+                    .get(scratch_len)
+                    .ok_or(DeviceError::OutOfMemory {
+                        needed: scratch_len as u32,
+                        available,
+                    })?;
                 l.apply_update(chunk, *scale, &buf[..terms.len()], scratch)?;
                 Ok(Outcome::Ack)
             }

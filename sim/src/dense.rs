@@ -407,7 +407,7 @@ mod tests {
 
     #[test]
     fn forward_is_relu_of_affine_map() {
-        let mut l = layer();
+        let l = layer();
         let mut out = Vec::new();
         l.forward(&mut out).unwrap();
         let (w, b) = l.params().split_at(24);

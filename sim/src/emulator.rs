@@ -166,7 +166,10 @@ mod tests {
 
     #[test]
     fn layer_lists_and_encodings_parse() {
-        assert_eq!(parse_layers("784x50, 50x50").unwrap(), vec![(784, 50), (50, 50)]);
+        assert_eq!(
+            parse_layers("784x50, 50x50").unwrap(),
+            vec![(784, 50), (50, 50)]
+        );
         assert!(parse_layers("784x0").is_err());
         assert!(parse_layers("784-50").is_err());
         assert_eq!(parse_encoding("f32").unwrap(), ActivationEncoding::F32);

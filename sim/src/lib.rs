@@ -3,8 +3,8 @@
 //! (`firmware_protocol::direction`).
 
 pub mod dense;
-pub mod emulator;
 pub mod direction_cache;
+pub mod emulator;
 pub mod matmul;
 pub mod physical;
 pub mod profile;

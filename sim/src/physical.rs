@@ -115,7 +115,12 @@ impl PhysicalLayer for DeviceDense {
         Ok(())
     }
 
-    fn load_input(&mut self, rows: usize, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+    fn load_input(
+        &mut self,
+        rows: usize,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<(), DeviceError> {
         let total = rows * self.layer.n_in();
         if offset == 0 {
             self.input.clear();
@@ -206,7 +211,12 @@ impl PhysicalLayer for MinimalDense {
     fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
         self.0.read_parameters(offset, out)
     }
-    fn load_input(&mut self, rows: usize, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+    fn load_input(
+        &mut self,
+        rows: usize,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<(), DeviceError> {
         self.0.load_input(rows, offset, values)
     }
     fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
@@ -218,9 +228,7 @@ impl PhysicalLayer for MinimalDense {
 mod tests {
     use super::*;
     use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
-    use firmware_protocol::message::{
-        Capabilities, ChunkRange, Packed, Request, Response,
-    };
+    use firmware_protocol::message::{Capabilities, ChunkRange, Packed, Request, Response};
     use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
 
     fn config() -> DeviceConfig<'static> {
@@ -284,7 +292,10 @@ mod tests {
 
         fn ack(&mut self, req: &Request<'_>) {
             let body = self.send(req);
-            assert_eq!(postcard::from_bytes::<Response>(&body).unwrap(), Response::Ack);
+            assert_eq!(
+                postcard::from_bytes::<Response>(&body).unwrap(),
+                Response::Ack
+            );
         }
 
         /// The whole result of a request, fetched block by block.
@@ -292,9 +303,16 @@ mod tests {
             let mut bytes = Vec::new();
             let mut body = self.send(req);
             loop {
-                let Response::Result { total, offset, data } = postcard::from_bytes(&body).unwrap()
+                let Response::Result {
+                    total,
+                    offset,
+                    data,
+                } = postcard::from_bytes(&body).unwrap()
                 else {
-                    panic!("not a result: {:?}", postcard::from_bytes::<Response>(&body));
+                    panic!(
+                        "not a result: {:?}",
+                        postcard::from_bytes::<Response>(&body)
+                    );
                 };
                 assert_eq!(offset as usize, bytes.len());
                 bytes.extend_from_slice(data.bytes().unwrap());
@@ -355,7 +373,16 @@ mod tests {
                 derivative: 0.7,
             })
             .collect();
-        for chunk in [ChunkRange { start: 0, end: 3630 }, ChunkRange { start: 100, end: 333 }] {
+        for chunk in [
+            ChunkRange {
+                start: 0,
+                end: 3630,
+            },
+            ChunkRange {
+                start: 100,
+                end: 333,
+            },
+        ] {
             let eval = Request::EvaluatePerturbed {
                 layer: 0,
                 chunk,
@@ -428,18 +455,37 @@ mod tests {
         };
         assert_eq!(err(&mut c, &eval), DeviceError::NoInput);
         assert_eq!(
-            err(&mut c, &Request::Forward { layer: 3, mode: ForwardMode::Eval }),
+            err(
+                &mut c,
+                &Request::Forward {
+                    layer: 3,
+                    mode: ForwardMode::Eval
+                }
+            ),
             DeviceError::NoSuchLayer { layer: 3 }
         );
         let x = [0.5f32; 8];
         assert_eq!(
             err(
                 &mut c,
-                &Request::LoadInput { layer: 0, rows: 2, offset: 8, values: Packed::Items(&x) }
+                &Request::LoadInput {
+                    layer: 0,
+                    rows: 2,
+                    offset: 8,
+                    values: Packed::Items(&x)
+                }
             ),
-            DeviceError::OutOfOrder { expected: 0, got: 8 }
+            DeviceError::OutOfOrder {
+                expected: 0,
+                got: 8
+            }
         );
-        c.ack(&Request::LoadInput { layer: 0, rows: 1, offset: 0, values: Packed::Items(&x) });
+        c.ack(&Request::LoadInput {
+            layer: 0,
+            rows: 1,
+            offset: 0,
+            values: Packed::Items(&x),
+        });
         let far = Request::EvaluatePerturbed {
             layer: 0,
             chunk: ChunkRange { start: 30, end: 37 },
@@ -448,13 +494,23 @@ mod tests {
         };
         assert_eq!(
             err(&mut c, &far),
-            DeviceError::ChunkOutOfRange { start: 30, end: 37, count: 36 }
+            DeviceError::ChunkOutOfRange {
+                start: 30,
+                end: 37,
+                count: 36
+            }
         );
-        assert_eq!(err(&mut c, &Request::ReadResult { offset: 4 }), DeviceError::NoResult);
+        assert_eq!(
+            err(&mut c, &Request::ReadResult { offset: 4 }),
+            DeviceError::NoResult
+        );
         // An unknown request tag (from a newer host) is named as such.
         let mut scratch = vec![0u8; 64];
         let mut out = vec![0u8; 80];
-        let n = c.server.respond(3, &[42, 0], &mut scratch, &mut out).unwrap();
+        let n = c
+            .server
+            .respond(3, &[42, 0], &mut scratch, &mut out)
+            .unwrap();
         let mut dec = FrameDecoder::new(vec![0u8; 80]);
         let (_, f) = dec.feed(&out[..n]);
         let body = f.unwrap().unwrap().body.to_vec();

@@ -50,9 +50,9 @@ impl SerialSpec {
                 .split_once('=')
                 .ok_or_else(|| format!("serial option '{pair}' is not key=value"))?;
             let number = |what: &str| {
-                value.parse::<u64>().map_err(|_| {
-                    format!("serial option {key}: '{value}' is not a {what}")
-                })
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("serial option {key}: '{value}' is not a {what}"))
             };
             match key {
                 "baud" => match number("baud rate")? {
@@ -129,7 +129,14 @@ mod tests {
             (s.path.as_str(), s.baud, s.timeout, s.retries),
             ("/dev/pts/3", 115_200, Duration::from_millis(50), 1)
         );
-        for bad in ["", "?baud=1", "/d?baud=x", "/d?speed=3", "/d?timeout_ms=0", "/d?baud"] {
+        for bad in [
+            "",
+            "?baud=1",
+            "/d?baud=x",
+            "/d?speed=3",
+            "/d?timeout_ms=0",
+            "/d?baud",
+        ] {
             assert!(SerialSpec::parse(bad).is_err(), "{bad}");
         }
     }

@@ -13,8 +13,8 @@ use firmware_protocol::message::{
 
 use super::link::{Link, LinkError, name};
 use crate::oracle::{
-    Activations, ChunkUnits, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput,
-    LayerKind, LayerSpec, OracleError, PerturbedPair, UpdateTerm, WireStats,
+    Activations, ChunkUnits, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind,
+    LayerSpec, OracleError, PerturbedPair, UpdateTerm, WireStats,
 };
 
 /// Room for a request's fields around its bulk values, in bytes (generous).
@@ -76,9 +76,13 @@ fn describe_spec(s: &LayerSpec) -> String {
 
 fn matches(d: &LayerDescriptor, s: &LayerSpec) -> bool {
     let kind = match (d.kind, &s.kind) {
-        (WireKind::Dense { inputs, outputs }, LayerKind::Dense { inputs: i, outputs: o }) => {
-            inputs as usize == *i && outputs as usize == *o
-        }
+        (
+            WireKind::Dense { inputs, outputs },
+            LayerKind::Dense {
+                inputs: i,
+                outputs: o,
+            },
+        ) => inputs as usize == *i && outputs as usize == *o,
     };
     let chunking = match (d.chunking, &s.chunk_units) {
         (Chunking::Flat, ChunkUnits::Flat) => true,
@@ -170,7 +174,11 @@ impl SerialDevice {
                 device.len(),
                 device.iter().map(describe).collect::<Vec<_>>().join(", "),
                 model.len(),
-                model.iter().map(describe_spec).collect::<Vec<_>>().join(", ")
+                model
+                    .iter()
+                    .map(describe_spec)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         for (l, (d, s)) in device.iter().zip(model).enumerate() {
@@ -202,7 +210,11 @@ impl SerialDevice {
                 max_directions: self.summary.max_directions as usize,
                 read_back: self.summary.capabilities.parameter_read_back,
                 rows: 0,
-                stats: if l == 0 { handshake } else { WireStats::default() },
+                stats: if l == 0 {
+                    handshake
+                } else {
+                    WireStats::default()
+                },
                 values: Vec::new(),
             })
             .collect())
@@ -414,11 +426,8 @@ impl ForwardOracle for SerialOracle {
                 ForwardMode::Eval => WireMode::Eval,
             },
         };
-        let (rows, width, encoding) = (
-            self.rows,
-            self.spec.feature_width,
-            self.descriptor.encoding,
-        );
+        let (rows, width, encoding) =
+            (self.rows, self.spec.feature_width, self.descriptor.encoding);
         let data = self.with_link(|link, values| {
             fetch(link, &request, rows * width, encoding, values)?;
             Ok(values.clone())
@@ -449,11 +458,8 @@ impl ForwardOracle for SerialOracle {
             eps,
             seeds: Packed::Items(seeds),
         };
-        let (rows, width, encoding) = (
-            self.rows,
-            self.spec.feature_width,
-            self.descriptor.encoding,
-        );
+        let (rows, width, encoding) =
+            (self.rows, self.spec.feature_width, self.descriptor.encoding);
         let block = rows * width;
         self.with_link(|link, values| {
             fetch(link, &request, 2 * seeds.len() * block, encoding, values)

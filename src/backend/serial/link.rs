@@ -225,9 +225,8 @@ impl Link {
         let start = Instant::now();
         // Silence is measured from the last byte received; a long reply also gets its transfer
         // time at the nominal line rate, and no attempt lasts longer than that in total.
-        let transfer = Duration::from_secs_f64(
-            (MAX_ENCODED as f64 * 10.0) / self.policy.baud.max(1) as f64,
-        );
+        let transfer =
+            Duration::from_secs_f64((MAX_ENCODED as f64 * 10.0) / self.policy.baud.max(1) as f64);
         let hard_deadline = start + self.policy.timeout + transfer;
         let mut last_byte = start;
         loop {
