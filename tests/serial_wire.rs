@@ -154,3 +154,42 @@ fn a_training_step_sends_each_input_once_per_layer() {
     assert!(step.bytes_up >= min_up && step.bytes_up < min_up + min_up / 100);
     assert!(step.bytes_down >= min_down && step.bytes_down < min_down + min_down / 100);
 }
+
+#[test]
+fn adc_coded_activations_come_down_in_the_declared_encoding() {
+    let layer = LayerSpec::dense(784, 50);
+    let params = initialise(std::slice::from_ref(&layer), 10, 5).layers.remove(0);
+    let rows = 32;
+    let scale = 1e-4f32;
+    let mut results = Vec::new();
+    for encoding in ["f32", &format!("adc-u16:{scale}"), &format!("adc-u8:{}", 0.01)] {
+        let emulator = Emulator::spawn("784x50", &["--encoding", encoding]);
+        let spec = SerialSpec::parse(&emulator.path).unwrap();
+        let mut o = serial::open(&spec, std::slice::from_ref(&layer))
+            .unwrap()
+            .remove(0);
+        o.write_parameters(&params).unwrap();
+        o.load_input(&input(rows, 784)).unwrap();
+        let before = o.wire_stats().unwrap();
+        let out = o.forward(pnn::oracle::ForwardMode::Eval).unwrap();
+        let down = delta(before, o.wire_stats().unwrap()).bytes_down;
+        eprintln!("forward, {rows} x 50 activations as {encoding}: {down} bytes down");
+        results.push((out.features.data, down));
+    }
+    let (exact, f32_bytes) = &results[0];
+    let (u16_coded, u16_bytes) = &results[1];
+    let (u8_coded, u8_bytes) = &results[2];
+    // value = code * scale: within half a step of the exact value (codes are never negative,
+    // and these activations are far below the top code).
+    for (e, c) in exact.iter().zip(u16_coded) {
+        assert!((e - c).abs() <= scale * 0.5 + 1e-6, "{e} vs {c}");
+    }
+    for (e, c) in exact.iter().zip(u8_coded) {
+        assert!((e.min(2.55) - c).abs() <= 0.005 + 1e-6, "{e} vs {c}");
+    }
+    assert!(exact.iter().any(|&e| e > 0.0));
+    let payload = (rows * 50) as u64;
+    assert!(*f32_bytes >= 4 * payload && *f32_bytes < 4 * payload + 64);
+    assert!(*u16_bytes >= 2 * payload && *u16_bytes < 2 * payload + 64);
+    assert!(*u8_bytes >= payload && *u8_bytes < payload + 64);
+}

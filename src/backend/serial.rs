@@ -105,6 +105,13 @@ pub fn open_transport(
     SerialDevice::connect(Link::new(transport, policy, first_seq()))?.oracles(layers)
 }
 
+/// Opens the port and handshakes, without checking the layers against a model.
+pub fn connect(spec: &SerialSpec) -> Result<SerialDevice, OracleError> {
+    let transport = SerialTransport::open(&spec.path, spec.baud, spec.timeout)
+        .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
+    SerialDevice::connect(Link::new(Box::new(transport), spec.policy(), first_seq()))
+}
+
 /// Opens the port and returns one oracle per model layer.
 pub fn open(spec: &SerialSpec, layers: &[LayerSpec]) -> Result<Vec<SerialOracle>, OracleError> {
     let transport = SerialTransport::open(&spec.path, spec.baud, spec.timeout)

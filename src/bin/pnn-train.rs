@@ -21,7 +21,8 @@ use pnn::trainer::Hyper;
 )]
 #[command(allow_negative_numbers = true)]
 struct Args {
-    /// Where the layers execute: `sim` (the ideal simulated PNN, in process).
+    /// Where the layers execute: `sim` (the ideal simulated PNN, in process), or
+    /// `serial:PATH[?baud=921600&timeout_ms=2000&retries=3]` (a device, or `pnn-emulate`'s pty).
     #[arg(long, default_value = "sim")]
     backend: BackendSpec,
     /// mnist, fashion-mnist, cifar10 or cifar100.

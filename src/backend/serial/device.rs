@@ -74,6 +74,18 @@ fn describe_spec(s: &LayerSpec) -> String {
     }
 }
 
+/// The [`LayerSpec`] of a layer as the device describes it.
+pub fn layer_spec(d: &LayerDescriptor) -> LayerSpec {
+    let mut spec = match d.kind {
+        WireKind::Dense { inputs, outputs } => LayerSpec::dense(inputs as usize, outputs as usize),
+    };
+    if let Chunking::Groups { size } = d.chunking {
+        let size = size.max(1) as usize;
+        spec.chunk_units = ChunkUnits::Groups(vec![size; spec.param_count / size]);
+    }
+    spec
+}
+
 fn matches(d: &LayerDescriptor, s: &LayerSpec) -> bool {
     let kind = match (d.kind, &s.kind) {
         (
