@@ -84,9 +84,10 @@ fn a_device_with_other_layers_is_refused_before_training() {
 
 #[test]
 fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
+    use std::io::{BufRead, BufReader};
     let mut emulator = Emulator::spawn("784x50,50x50", &[]);
     let backend = format!("serial:{}?timeout_ms=500", emulator.path);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"))
         .args([
             "--backend",
             &backend,
@@ -96,17 +97,35 @@ fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
             "20",
         ])
         .args(["--limit-train", "4096", "--seed", "1"])
-        .stdout(std::process::Stdio::piped())
+        .env("RUST_LOG", "pnn=info")
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait for the handshake, so that the device goes away mid-run and not before the start.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("connected") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("pnn-train connects");
+    std::thread::sleep(Duration::from_millis(300));
     let killed_at = Instant::now();
     emulator.kill();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("closed the link"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
     // No hang: far less than even one retry cycle.
     assert!(killed_at.elapsed() < Duration::from_secs(5));
 }

@@ -158,11 +158,17 @@ fn a_training_step_sends_each_input_once_per_layer() {
 #[test]
 fn adc_coded_activations_come_down_in_the_declared_encoding() {
     let layer = LayerSpec::dense(784, 50);
-    let params = initialise(std::slice::from_ref(&layer), 10, 5).layers.remove(0);
+    let params = initialise(std::slice::from_ref(&layer), 10, 5)
+        .layers
+        .remove(0);
     let rows = 32;
     let scale = 1e-4f32;
     let mut results = Vec::new();
-    for encoding in ["f32", &format!("adc-u16:{scale}"), &format!("adc-u8:{}", 0.01)] {
+    for encoding in [
+        "f32",
+        &format!("adc-u16:{scale}"),
+        &format!("adc-u8:{}", 0.01),
+    ] {
         let emulator = Emulator::spawn("784x50", &["--encoding", encoding]);
         let spec = SerialSpec::parse(&emulator.path).unwrap();
         let mut o = serial::open(&spec, std::slice::from_ref(&layer))

@@ -519,4 +519,74 @@ mod tests {
             Response::Error(DeviceError::UnknownRequest)
         );
     }
+
+    #[test]
+    fn reset_changes_the_boot_id_and_forgets_the_input() {
+        let mut c = Client::new(vec![DeviceDense::new(8, 4, ActivationEncoding::F32)]);
+        program(&mut c, 8, 4, 3);
+        let hello = |c: &mut Client<DeviceDense>| {
+            let body = c.send(&Request::Hello {
+                protocol_version: 1,
+            });
+            match postcard::from_bytes::<Response>(&body).unwrap() {
+                Response::Hello(info) => info.boot_id,
+                other => panic!("{other:?}"),
+            }
+        };
+        let before = hello(&mut c);
+        c.ack(&Request::Reset);
+        assert_ne!(hello(&mut c), before);
+        let body = c.send(&Request::Forward {
+            layer: 0,
+            mode: ForwardMode::Eval,
+        });
+        assert_eq!(
+            postcard::from_bytes::<Response>(&body).unwrap(),
+            Response::Error(DeviceError::NoInput)
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Whatever body arrives behind a good CRC (random bytes, or requests with random
+        /// fields), the server answers with one reply frame and never panics.
+        #[test]
+        fn the_server_survives_any_request(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48),
+            kind in 0u8..10,
+            a in 0u32..80,
+            b in 0u32..80,
+            n in 0usize..40,
+            layer in 0u8..3,
+        ) {
+            let mut c = Client::new(vec![DeviceDense::new(3, 2, ActivationEncoding::AdcU8 { scale: 0.1 })]);
+            let values: Vec<f32> = (0..n).map(|i| i as f32 - 5.0).collect();
+            let seeds: Vec<DirectionSeed> = (0..n as u64).map(DirectionSeed).collect();
+            let terms: Vec<UpdateTerm> = seeds.iter().map(|&seed| UpdateTerm { seed, derivative: 1.0 }).collect();
+            let chunk = ChunkRange { start: a, end: b };
+            let requests = [
+                Request::LoadInput { layer, rows: b, offset: 0, values: Packed::Items(&values) },
+                Request::LoadInput { layer, rows: b, offset: a, values: Packed::Items(&values) },
+                Request::SetParameters { layer, offset: a, values: Packed::Items(&values) },
+                Request::EvaluatePerturbed { layer, chunk, eps: 0.1, seeds: Packed::Items(&seeds) },
+                Request::ApplyUpdate { layer, chunk, scale: 0.1, terms: Packed::Items(&terms) },
+                Request::Forward { layer, mode: ForwardMode::Train },
+                Request::ReadResult { offset: a },
+                Request::ReadParameters { layer },
+                Request::DescribeLayer { layer },
+                Request::Reset,
+            ];
+            // A batch first, so that evaluations get past the input check.
+            let x = [0.5f32; 6];
+            c.send(&Request::LoadInput { layer: 0, rows: 2, offset: 0, values: Packed::Items(&x) });
+            for r in requests.iter().skip(kind as usize).chain(requests.iter()) {
+                let reply = c.send(r);
+                proptest::prop_assert!(postcard::from_bytes::<Response>(&reply).is_ok());
+            }
+            let mut scratch = vec![0u8; 256];
+            let mut out = vec![0u8; 300];
+            proptest::prop_assert!(c.server.respond(7, &body, &mut scratch, &mut out).is_ok());
+        }
+    }
 }
