@@ -86,6 +86,9 @@ pub enum Request<'a> {
     Reset,
 }
 
+/// Number of [`Request`] variants: a body whose tag is at least this comes from a newer host.
+pub const REQUEST_KINDS: u32 = 10;
+
 impl Request<'_> {
     /// Whether executing the request changes device state, so that a retransmission (same
     /// sequence number, same bytes) must be answered from the cached reply, not executed again.
@@ -644,6 +647,13 @@ mod tests {
             terms: Packed::Items(&terms),
         };
         assert_eq!(roundtrip(&req, &mut buf), req);
+    }
+
+    #[test]
+    fn the_last_request_tag_is_below_request_kinds() {
+        let mut buf = [0u8; 8];
+        let body = postcard::to_slice(&Request::Reset, &mut buf).unwrap();
+        assert_eq!(body, [(REQUEST_KINDS - 1) as u8]);
     }
 
     #[test]

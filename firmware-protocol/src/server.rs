@@ -20,7 +20,7 @@ use crate::direction::{
 use crate::frame::{self, CRC, CRC_LEN, FrameDecoder, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::message::{
     Capabilities, ChunkRange, DeviceError, DeviceInfo, Encoded, ForwardMode, LayerDescriptor,
-    MAX_LAYERS, PROTOCOL_VERSION, Packed, Request, Response,
+    MAX_LAYERS, PROTOCOL_VERSION, Packed, REQUEST_KINDS, Request, Response,
 };
 
 /// What a physical layer must do. Parameters use the flat layout of its [`LayerDescriptor`].
@@ -292,8 +292,7 @@ where
             Ok(r) => r,
             Err(_) => {
                 // A tag beyond the known requests is a request from a newer host.
-                let unknown =
-                    matches!(postcard::take_from_bytes::<u32>(body), Ok((tag, _)) if tag > 9);
+                let unknown = matches!(postcard::take_from_bytes::<u32>(body), Ok((tag, _)) if tag >= REQUEST_KINDS);
                 let e = if unknown {
                     DeviceError::UnknownRequest
                 } else {

@@ -37,7 +37,10 @@ pub trait Transport: Send {
 /// A serial port (USB CDC, UART, or a pseudo-terminal) as a [`Transport`].
 pub struct SerialTransport {
     port: Box<dyn serialport::SerialPort>,
+    /// The port's current timeout (it applies to reads and writes alike).
     timeout: Duration,
+    /// The timeout writes get: a whole frame must drain at the line rate.
+    write_timeout: Duration,
 }
 
 impl SerialTransport {
@@ -46,29 +49,41 @@ impl SerialTransport {
             .timeout(timeout)
             .open()
             .map_err(std::io::Error::from)?;
-        Ok(Self { port, timeout })
+        Ok(Self::from_port(port))
     }
 
-    /// An already open port (a pseudo-terminal pair's side in tests).
+    /// An already open port (a pseudo-terminal pair's side in tests); writes get at least the
+    /// port's timeout, and at least 2 s.
     pub fn from_port(port: Box<dyn serialport::SerialPort>) -> Self {
         let timeout = port.timeout();
-        Self { port, timeout }
-    }
-}
-
-impl Transport for SerialTransport {
-    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.port.write_all(bytes)?;
-        self.port.flush()
+        Self {
+            port,
+            timeout,
+            write_timeout: timeout.max(Duration::from_secs(2)),
+        }
     }
 
-    fn receive(&mut self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+    fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
         if timeout != self.timeout {
             self.port
                 .set_timeout(timeout)
                 .map_err(std::io::Error::from)?;
             self.timeout = timeout;
         }
+        Ok(())
+    }
+}
+
+impl Transport for SerialTransport {
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        // Not the short remainder a receive left behind: a slow line needs time to drain.
+        self.set_timeout(self.write_timeout)?;
+        self.port.write_all(bytes)?;
+        self.port.flush()
+    }
+
+    fn receive(&mut self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+        self.set_timeout(timeout)?;
         match self.port.read(buf) {
             // A tty that polled readable and reads nothing has been hung up.
             Ok(0) => Err(ErrorKind::BrokenPipe.into()),
