@@ -33,21 +33,57 @@ struct Bench {
 }
 
 const BENCHES: &[Bench] = &[
-    Bench { name: "mnist-mlp-784-50-50-P1", dataset: DatasetKind::Mnist, random_data: false, directions: 1, reference_batches: None },
-    Bench { name: "mnist-mlp-784-50-50-P4", dataset: DatasetKind::Mnist, random_data: false, directions: 4, reference_batches: None },
-    Bench { name: "mnist-mlp-784-50-50-P8", dataset: DatasetKind::Mnist, random_data: false, directions: 8, reference_batches: None },
-    Bench { name: "fashion-mlp-784-100x3-P4", dataset: DatasetKind::FashionMnist, random_data: false, directions: 4, reference_batches: None },
-    Bench { name: "cifar10-shaped-mlp-3072-200x4-P4", dataset: DatasetKind::Cifar10, random_data: true, directions: 4, reference_batches: Some(8) },
+    Bench {
+        name: "mnist-mlp-784-50-50-P1",
+        dataset: DatasetKind::Mnist,
+        random_data: false,
+        directions: 1,
+        reference_batches: None,
+    },
+    Bench {
+        name: "mnist-mlp-784-50-50-P4",
+        dataset: DatasetKind::Mnist,
+        random_data: false,
+        directions: 4,
+        reference_batches: None,
+    },
+    Bench {
+        name: "mnist-mlp-784-50-50-P8",
+        dataset: DatasetKind::Mnist,
+        random_data: false,
+        directions: 8,
+        reference_batches: None,
+    },
+    Bench {
+        name: "fashion-mlp-784-100x3-P4",
+        dataset: DatasetKind::FashionMnist,
+        random_data: false,
+        directions: 4,
+        reference_batches: None,
+    },
+    Bench {
+        name: "cifar10-shaped-mlp-3072-200x4-P4",
+        dataset: DatasetKind::Cifar10,
+        random_data: true,
+        directions: 4,
+        reference_batches: Some(8),
+    },
 ];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
-        let bench = BENCHES.iter().find(|b| b.name == args[i + 1]).expect("known benchmark");
+        let bench = BENCHES
+            .iter()
+            .find(|b| b.name == args[i + 1])
+            .expect("known benchmark");
         return child(bench);
     }
     let only = std::env::var("PNN_BENCH_ONLY").unwrap_or_default();
-    println!("{:<34} {:>9} {:>9} {:>8} {:>10} {:>8}", "configuration", "s/epoch", "GFLOP/s", "peak MB", "reference", "speed-up");
+    println!(
+        "{:<34} {:>9} {:>9} {:>8} {:>10} {:>8}",
+        "configuration", "s/epoch", "GFLOP/s", "peak MB", "reference", "speed-up"
+    );
     for bench in BENCHES.iter().filter(|b| b.name.contains(&only)) {
         let out = Command::new(std::env::current_exe().unwrap())
             .args(["--child", bench.name])
@@ -56,7 +92,11 @@ fn main() {
         let text = String::from_utf8_lossy(&out.stdout);
         match text.lines().last() {
             Some(line) if out.status.success() => println!("{line}"),
-            _ => println!("{}: failed: {}", bench.name, String::from_utf8_lossy(&out.stderr)),
+            _ => println!(
+                "{}: failed: {}",
+                bench.name,
+                String::from_utf8_lossy(&out.stderr)
+            ),
         }
     }
 }
@@ -76,16 +116,29 @@ fn load(bench: &Bench) -> Dataset {
         let train = random_split(50_000, 3072, 10, &mut rng);
         let test = random_split(10_000, 3072, 10, &mut rng);
         let normalizer = Normalizer::from_training_set(&train, 3);
-        return Dataset { kind: bench.dataset, train, test, normalizer };
+        return Dataset {
+            kind: bench.dataset,
+            train,
+            test,
+            normalizer,
+        };
     }
     let dir = resolve_data_dir(None).expect("real data (set PNN_DATA_DIR)");
     Dataset::load(bench.dataset, &dir).expect("dataset loads")
 }
 
 /// Seconds for `batches` batches of epoch 0 (all of them when None), and the products' flops.
-fn time_batches(data: &Dataset, model: &ModelSpec, hyper: &Hyper, choreography: Choreography, batches: Option<usize>) -> (f64, u64, usize) {
+fn time_batches(
+    data: &Dataset,
+    model: &ModelSpec,
+    hyper: &Hyper,
+    choreography: Choreography,
+    batches: Option<usize>,
+) -> (f64, u64, usize) {
     let mut oracles = SimOracle::for_layers(&model.layer_specs());
-    oracles.iter_mut().for_each(|o| o.set_choreography(choreography));
+    oracles
+        .iter_mut()
+        .for_each(|o| o.set_choreography(choreography));
     let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
     let mut trainer = Trainer::new(oracles, init, hyper.clone()).expect("trainer");
     let order = epoch_order(hyper.seed, 0, data.train.len());
@@ -98,9 +151,15 @@ fn time_batches(data: &Dataset, model: &ModelSpec, hyper: &Hyper, choreography: 
         data.normalizer.batch(&data.train, batch, &mut x);
         let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
         let input = Activations::new(batch.len(), data.input_width(), x.clone());
-        trainer.train_batch(0, b as u32, input, &labels).expect("training step");
+        trainer
+            .train_batch(0, b as u32, input, &labels)
+            .expect("training step");
     }
-    (start.elapsed().as_secs_f64(), flops_so_far() - flops0, all.len())
+    (
+        start.elapsed().as_secs_f64(),
+        flops_so_far() - flops0,
+        all.len(),
+    )
 }
 
 fn peak_rss_mb() -> f64 {
@@ -113,10 +172,16 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn child(bench: &Bench) {
-    let runs: usize = std::env::var("PNN_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runs: usize = std::env::var("PNN_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let data = load(bench);
     let model = ModelSpec::mlp(bench.dataset, None);
-    let hyper = Hyper { directions: bench.directions, ..Hyper::default() };
+    let hyper = Hyper {
+        directions: bench.directions,
+        ..Hyper::default()
+    };
     let mut fast: Vec<(f64, u64)> = (0..runs)
         .map(|_| {
             let (s, f, _) = time_batches(&data, &model, &hyper, Choreography::Fast, None);
@@ -126,9 +191,18 @@ fn child(bench: &Bench) {
     fast.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (seconds, flops) = fast[runs / 2];
     let peak = peak_rss_mb();
-    let (ref_seconds, _, batches) = time_batches(&data, &model, &hyper, Choreography::Reference, bench.reference_batches);
+    let (ref_seconds, _, batches) = time_batches(
+        &data,
+        &model,
+        &hyper,
+        Choreography::Reference,
+        bench.reference_batches,
+    );
     let (reference, note) = match bench.reference_batches {
-        Some(k) => (ref_seconds * batches as f64 / k.min(batches) as f64, format!(" (reference: {k} of {batches} batches, scaled)")),
+        Some(k) => (
+            ref_seconds * batches as f64 / k.min(batches) as f64,
+            format!(" (reference: {k} of {batches} batches, scaled)"),
+        ),
         None => (ref_seconds, String::new()),
     };
     println!(

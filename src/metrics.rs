@@ -74,4 +74,13 @@ pub struct RunSummary {
     pub oracle_evaluations: u64,
     /// SHA-256 of all final parameters (see `Trainer::weights_sha256`).
     pub weights_sha256: String,
+    /// Bytes sent to the device(s), all framing included (backends with a link only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_up: Option<u64>,
+    /// Bytes received from the device(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_down: Option<u64>,
+    /// Request/reply exchanges with the device(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_trips: Option<u64>,
 }

@@ -112,6 +112,14 @@ pub enum OracleError {
     Backend(String),
 }
 
+/// Traffic on a device link (the serial backend): bytes each way and request/reply exchanges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireStats {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub round_trips: u64,
+}
+
 /// One layer's forward evaluation, wherever it executes (see the module docs).
 ///
 /// Contract: `evaluate_perturbed` leaves no trace in the layer's state (parameters bit-identical
@@ -153,4 +161,9 @@ pub trait ForwardOracle {
         scale: f32,
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError>;
+
+    /// This oracle's share of its link's traffic, for backends with a link.
+    fn wire_stats(&self) -> Option<WireStats> {
+        None
+    }
 }

@@ -7,7 +7,7 @@ use crate::backend::{self, BackendSpec};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
 use crate::metrics::{EpochMetrics, RunSummary};
 use crate::model::{ModelSpec, initialise};
-use crate::oracle::{Activations, ForwardOracle, OracleError};
+use crate::oracle::{Activations, ForwardOracle, OracleError, WireStats};
 use crate::trainer::{Hyper, Trainer, epoch_order};
 
 #[derive(Clone, Debug)]
@@ -116,6 +116,15 @@ pub fn run_with<O: ForwardOracle>(
         Some(eval) => eval,
         None => trainer.evaluate(&data.test, &data.normalizer)?,
     };
+    let wire = trainer
+        .oracles_mut()
+        .iter()
+        .filter_map(|o| o.wire_stats())
+        .reduce(|a, b| WireStats {
+            bytes_up: a.bytes_up + b.bytes_up,
+            bytes_down: a.bytes_down + b.bytes_down,
+            round_trips: a.round_trips + b.round_trips,
+        });
     Ok(RunSummary {
         dataset: config.dataset.name().into(),
         backend: config.backend.to_string(),
@@ -144,5 +153,8 @@ pub fn run_with<O: ForwardOracle>(
         },
         oracle_evaluations: trainer.oracle_evaluations(),
         weights_sha256: trainer.weights_sha256(),
+        wire_bytes_up: wire.map(|w| w.bytes_up),
+        wire_bytes_down: wire.map(|w| w.bytes_down),
+        round_trips: wire.map(|w| w.round_trips),
     })
 }

@@ -1,9 +1,20 @@
 //! The contract between the pnn host and a physical layer's firmware.
 //!
-//! `#![no_std]` and allocation-free, so device firmware links the very code the host runs.
-//! [`direction`] is the one specification of a perturbation direction and of the seeded update.
+//! `#![no_std]` and allocation-free (a `Vec`-backed [`server::Buffer`] comes with the `alloc`
+//! feature), so device firmware links the very code the host runs:
+//!
+//! - [`direction`]: the one specification of a perturbation direction and of the seeded update;
+//! - [`message`]: the requests and replies (there is no gradient request);
+//! - [`frame`]: postcard body, sequence number, CRC-32, COBS, `0x00` delimiter;
+//! - [`server`]: the device-side dispatcher over the [`server::PhysicalLayer`] trait.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
 pub mod direction;
+pub mod frame;
+pub mod message;
+pub mod server;
 
 pub use direction::{DirectionKey, DirectionSeed, ParamGroup, UpdateTerm};

@@ -4,8 +4,10 @@
 
 pub mod dense;
 pub mod direction_cache;
+pub mod emulator;
 pub mod matmul;
 pub mod noise;
+pub mod physical;
 pub mod profile;
 
 pub use dense::DenseLayer;

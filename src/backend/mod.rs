@@ -1,6 +1,7 @@
 //! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
 //! is the one enum at the command-line boundary (the trainer itself is generic).
 
+pub mod serial;
 pub mod sim;
 
 use std::fmt;
@@ -10,8 +11,9 @@ use std::str::FromStr;
 
 use crate::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
-    PerturbedPair, UpdateTerm,
+    PerturbedPair, UpdateTerm, WireStats,
 };
+use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
 
 /// A backend as named on the command line.
@@ -21,6 +23,8 @@ pub enum BackendSpec {
     Sim,
     /// The simulated PNN with the hardware effects of a device profile (`sim:devices/x.ron`).
     SimProfile(PathBuf),
+    /// A device (or the emulator) on a serial port: `serial:PATH?baud=N&timeout_ms=N&retries=N`.
+    Serial(SerialSpec),
 }
 
 impl FromStr for BackendSpec {
@@ -31,9 +35,12 @@ impl FromStr for BackendSpec {
             _ if s.starts_with("sim:") && s.len() > 4 => {
                 Ok(Self::SimProfile(PathBuf::from(&s[4..])))
             }
-            other => Err(format!(
-                "unknown backend '{other}' (expected: sim, or sim:<profile.ron> such as sim:devices/pcm.ron)"
-            )),
+            other => match other.strip_prefix("serial:") {
+                Some(rest) => SerialSpec::parse(rest).map(Self::Serial),
+                None => Err(format!(
+                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, or serial:PATH)"
+                )),
+            },
         }
     }
 }
@@ -43,6 +50,7 @@ impl fmt::Display for BackendSpec {
         match self {
             Self::Sim => f.write_str("sim"),
             Self::SimProfile(path) => write!(f, "sim:{}", path.display()),
+            Self::Serial(s) => write!(f, "serial:{}", s.path),
         }
     }
 }
@@ -62,18 +70,26 @@ pub fn open(spec: &BackendSpec, layers: &[LayerSpec]) -> Result<Vec<AnyOracle>, 
                 .map(AnyOracle::Sim)
                 .collect())
         }
+        BackendSpec::Serial(s) => Ok(serial::open(s, layers)?
+            .into_iter()
+            .map(AnyOracle::Serial)
+            .collect()),
     }
 }
 
 /// Any backend's oracle.
+// One value per layer of the model: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyOracle {
     Sim(SimOracle),
+    Serial(SerialOracle),
 }
 
 macro_rules! dispatch {
     ($self:ident, $o:ident => $e:expr) => {
         match $self {
             AnyOracle::Sim($o) => $e,
+            AnyOracle::Serial($o) => $e,
         }
     };
 }
@@ -116,5 +132,9 @@ impl ForwardOracle for AnyOracle {
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError> {
         dispatch!(self, o => o.apply_update(chunk, scale, terms))
+    }
+
+    fn wire_stats(&self) -> Option<WireStats> {
+        dispatch!(self, o => o.wire_stats())
     }
 }

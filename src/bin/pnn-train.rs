@@ -23,7 +23,8 @@ use pnn::trainer::Hyper;
 struct Args {
     /// Where the layers execute: `sim` (the ideal simulated PNN, in process), or
     /// `sim:<profile.ron>` (simulated with a device profile's hardware effects, e.g.
-    /// `sim:devices/pcm.ron`).
+    /// `sim:devices/pcm.ron`), or
+    /// `serial:PATH[?baud=921600&timeout_ms=2000&retries=3]` (a device, or `pnn-emulate`'s pty).
     #[arg(long, default_value = "sim")]
     backend: BackendSpec,
     /// mnist, fashion-mnist, cifar10 or cifar100.

@@ -1,0 +1,66 @@
+//! Shared by the `serial_*` integration tests: the emulator binary on a pseudo-terminal, and
+//! `pnn-train` runs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+/// `pnn-emulate` running as a child process; killed when dropped.
+pub struct Emulator {
+    child: Child,
+    pub path: String,
+}
+
+impl Emulator {
+    pub fn spawn(layers: &str, extra: &[&str]) -> Self {
+        let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/devices/ideal.ron");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
+            .args(["--profile", profile, "--layers", layers])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("pnn-emulate starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("pnn-emulate prints its path");
+        let path = line.trim().to_string();
+        assert!(path.starts_with("/dev/"), "first line is a path: {line:?}");
+        Self { child, path }
+    }
+
+    /// Ends the emulator, as pulling the cable would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn pnn_train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pnn-train"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("pnn-train runs")
+}
+
+/// The JSON summary on the last stdout line.
+pub fn summary(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pnn-train failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a summary line");
+    serde_json::from_str(last).expect("the last line is JSON")
+}
