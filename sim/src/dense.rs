@@ -21,6 +21,12 @@ pub enum SimError {
     InputShape { width: usize, got: usize },
     #[error("no input loaded")]
     NoInput,
+    #[error("{what}: expected {expected} values, got {got}")]
+    BufferLength {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error("chunk {start}..{end} is outside the {count} parameters")]
     ChunkOutOfRange {
         start: usize,
@@ -407,7 +413,7 @@ mod tests {
 
     #[test]
     fn forward_is_relu_of_affine_map() {
-        let mut l = layer();
+        let l = layer();
         let mut out = Vec::new();
         l.forward(&mut out).unwrap();
         let (w, b) = l.params().split_at(24);

@@ -2,9 +2,11 @@
 //! executes in hardware, with the same seeded perturbation and update arithmetic as firmware
 //! (`firmware_protocol::direction`).
 
+pub mod conv;
 pub mod dense;
 pub mod direction_cache;
 pub mod matmul;
 pub mod profile;
 
+pub use conv::ConvBlock;
 pub use dense::DenseLayer;
