@@ -158,6 +158,8 @@ pub struct ConvBlock {
     /// The clean pre-activation (conv + bias), C x (B*HW), and which channels of it are stale.
     z0: Vec<f32>,
     z_stale: Vec<bool>,
+    /// Each channel's batch mean and biased variance of `z0`.
+    z0_stats: Vec<(f64, f64)>,
     /// The clean training-mode features (B x C*d), and which channels of them are stale.
     feat0: Vec<f32>,
     feat_stale: Vec<bool>,
@@ -207,6 +209,7 @@ impl ConvBlock {
             cols_ready: false,
             z0: Vec::new(),
             z_stale: vec![true; c],
+            z0_stats: vec![(0.0, 0.0); c],
             feat0: Vec::new(),
             feat_stale: vec![true; c],
             relu: Vec::new(),
@@ -362,7 +365,7 @@ impl ConvBlock {
             let y = &mut self.relu[c * n..(c + 1) * n];
             match mode {
                 BnMode::Train => {
-                    let (mean, var) = batch_stats(z);
+                    let (mean, var) = self.z0_stats[c];
                     bn_relu(z, mean, var, gamma, beta, y);
                     // PyTorch: running = (1 - momentum) running + momentum batch, with the
                     // unbiased variance.
@@ -565,6 +568,9 @@ impl ConvBlock {
                 n,
                 &mut self.z0[start * n..c * n],
             );
+            for j in start..c {
+                self.z0_stats[j] = batch_stats(&self.z0[j * n..(j + 1) * n]);
+            }
         }
     }
 
@@ -580,7 +586,7 @@ impl ConvBlock {
                 continue;
             }
             let z = &self.z0[c * n..(c + 1) * n];
-            let (mean, var) = batch_stats(z);
+            let (mean, var) = self.z0_stats[c];
             self.y_scratch.resize(n, 0.0);
             let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
             bn_relu(z, mean, var, gamma, beta, &mut self.y_scratch);
@@ -743,24 +749,26 @@ impl ConvBlock {
             for q in 0..in_group {
                 let p = first + q;
                 let (plus, minus) = &mut out[p];
-                for (sign, target) in [(1.0f32, &mut *plus), (-1.0, &mut *minus)] {
-                    target.clone_from(&self.feat0);
-                    for (j, c) in channels.clone().enumerate() {
-                        let v = &self.stacked[p * block + j * cp..][..cp];
-                        let (vb, vg, vs) = (v[k], v[k + 1], v[k + 2]);
-                        let z0 = &self.z0[c * n..(c + 1) * n];
-                        let dz = &self.dz[(q * touched + j) * n..][..n];
-                        self.z_scratch.resize(n, 0.0);
+                plus.clone_from(&self.feat0);
+                minus.clone_from(&self.feat0);
+                for (j, c) in channels.clone().enumerate() {
+                    let v = &self.stacked[p * block + j * cp..][..cp];
+                    let (vb, vg, vs) = (v[k], v[k + 1], v[k + 2]);
+                    let z0 = &self.z0[c * n..(c + 1) * n];
+                    let dz = &self.dz[(q * touched + j) * n..][..n];
+                    let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
+                    // The batch statistics of z0 + s (dz + v_b) follow from those of z0 and
+                    // the moments of dz, shared by both signs: one pass instead of two per sign.
+                    let (mean0, var0) = self.z0_stats[c];
+                    let (mean_dz, var_dz, cov) = perturbation_moments(z0, dz, mean0);
+                    for (sign, target) in [(1.0f32, &mut *plus), (-1.0, &mut *minus)] {
                         let step = sign * eps;
-                        for ((z, z0), dz) in self.z_scratch.iter_mut().zip(z0).zip(dz) {
-                            *z = z0 + step * (dz + vb);
-                        }
-                        let (gamma, beta) =
-                            (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
-                        let (mean, var) = batch_stats(&self.z_scratch);
+                        let s = step as f64;
+                        let mean = mean0 + s * (mean_dz + vb as f64);
+                        let var = (var0 + 2.0 * s * cov + s * s * var_dz).max(0.0);
                         self.y_scratch.resize(n, 0.0);
-                        bn_relu(
-                            &self.z_scratch,
+                        bn_relu_perturbed(
+                            (z0, dz, step, vb),
                             mean,
                             var,
                             gamma + sign * eps * vg,
@@ -834,13 +842,59 @@ fn lanes_sum(z: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     lanes.iter().sum()
 }
 
+/// Over one channel: the mean and biased variance of `dz`, and `sum (z0 - mean0) dz / n`, the
+/// covariance of `z0` and `dz` (f64, eight interleaved partial sums).
+fn perturbation_moments(z0: &[f32], dz: &[f32], mean0: f64) -> (f64, f64, f64) {
+    let (mut s1, mut s2, mut s12) = ([0f64; 8], [0f64; 8], [0f64; 8]);
+    let mut add = |l: usize, z: f32, d: f32| {
+        let d = d as f64;
+        s1[l] += d;
+        s2[l] += d * d;
+        s12[l] += (z as f64 - mean0) * d;
+    };
+    let (zb, db) = (z0.chunks_exact(8), dz.chunks_exact(8));
+    let (zr, dr) = (zb.remainder(), db.remainder());
+    for (z, d) in zb.zip(db) {
+        for l in 0..8 {
+            add(l, z[l], d[l]);
+        }
+    }
+    for (l, (z, d)) in zr.iter().zip(dr).enumerate() {
+        add(l, *z, *d);
+    }
+    let n = z0.len() as f64;
+    let mean = s1.iter().sum::<f64>() / n;
+    let var = (s2.iter().sum::<f64>() / n - mean * mean).max(0.0);
+    (mean, var, s12.iter().sum::<f64>() / n)
+}
+
+/// [`bn_relu`] of `z = z0 + step (dz + vb)`, computed on the fly.
+fn bn_relu_perturbed(
+    (z0, dz, step, vb): (&[f32], &[f32], f32, f32),
+    mean: f64,
+    var: f64,
+    gamma: f32,
+    beta: f32,
+    y: &mut [f32],
+) {
+    let (alpha, shift) = bn_affine(mean, var, gamma, beta);
+    for ((y, z0), dz) in y.iter_mut().zip(z0).zip(dz) {
+        let z = z0 + step * (dz + vb);
+        *y = (z * alpha + shift).max(0.0);
+    }
+}
+
+/// BatchNorm as one affine map per channel: `alpha = gamma / sqrt(var + eps)` and
+/// `shift = beta - mean alpha` (PyTorch's CPU kernel form).
+fn bn_affine(mean: f64, var: f64, gamma: f32, beta: f32) -> (f32, f32) {
+    let alpha = gamma as f64 / (var + BN_EPS).sqrt();
+    ((alpha) as f32, (beta as f64 - mean * alpha) as f32)
+}
+
 /// `y = ReLU(gamma (z - mean) / sqrt(var + eps) + beta)`, as `y = max(0, z alpha + shift)` with
 /// `alpha = gamma / sqrt(var + eps)` and `shift = beta - mean alpha` (PyTorch's CPU kernel form).
 fn bn_relu(z: &[f32], mean: f64, var: f64, gamma: f32, beta: f32, y: &mut [f32]) {
-    let inv_std = 1.0 / (var + BN_EPS).sqrt();
-    let alpha = gamma as f64 * inv_std;
-    let shift = (beta as f64 - mean * alpha) as f32;
-    let alpha = alpha as f32;
+    let (alpha, shift) = bn_affine(mean, var, gamma, beta);
     for (y, z) in y.iter_mut().zip(z) {
         *y = (z * alpha + shift).max(0.0);
     }

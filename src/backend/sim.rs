@@ -17,9 +17,9 @@ pub struct SimOracle {
     pairs: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-/// The simulated layer behind an oracle.
+/// The simulated layer behind an oracle (boxed: the variants differ much in size).
 enum SimLayer {
-    Dense(DenseLayer),
+    Dense(Box<DenseLayer>),
     Conv(Box<ConvBlock>),
 }
 
@@ -27,7 +27,7 @@ impl SimOracle {
     pub fn new(spec: LayerSpec) -> Self {
         let layer = match spec.kind {
             LayerKind::Dense { inputs, outputs } => {
-                SimLayer::Dense(DenseLayer::new(inputs, outputs))
+                SimLayer::Dense(Box::new(DenseLayer::new(inputs, outputs)))
             }
             LayerKind::Conv {
                 in_channels,
