@@ -711,7 +711,9 @@ impl ConvBlock {
     /// pre-activation is linear in the conv weights and bias, `z(W ± eps v) = z0 ± eps (v ⊛ x +
     /// v_b)`, so only the touched channels' contribution is computed per direction (the P
     /// directions fused into one product), and only the touched channels' BatchNorm, ReLU and
-    /// projection are recomputed: the other channels' features are the clean ones.
+    /// projection are recomputed: the other channels' features are the clean ones. Exact up to
+    /// float rounding (the reference choreography rounds `w + eps v` first); the test
+    /// `fast_path_agrees_with_the_reference_choreography` holds the two together.
     fn perturbed_fast(
         &mut self,
         perturbation: &Perturbation,
