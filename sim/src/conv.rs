@@ -152,7 +152,7 @@ pub struct ConvBlock {
     projection: Vec<f32>,
     input: Vec<f32>,
     batch: usize,
-    /// The input unfolded for the convolution (im2col, transposed): (C_in*9) x (B*HW).
+    /// The input unfolded for the convolution (im2col): (B*HW) x (C_in*9).
     cols: Vec<f32>,
     cols_ready: bool,
     /// The clean pre-activation (conv + bias), C x (B*HW), and which channels of it are stale.
@@ -498,9 +498,10 @@ impl ConvBlock {
         }
     }
 
-    /// Unfolds the input for a 3x3 convolution with padding 1 (im2col, transposed): row
-    /// `ci*9 + kh*3 + kw`, column `b*HW + h*W + w` holds `x[b, ci, h + kh - 1, w + kw - 1]`, or 0
-    /// outside the image.
+    /// Unfolds the input for a 3x3 convolution with padding 1 (im2col): row `b*HW + h*W + w`,
+    /// column `ci*9 + kh*3 + kw` holds `x[b, ci, h + kh - 1, w + kw - 1]`, or 0 outside the
+    /// image. (This layout, with the products taken as `W · colsᵀ`, measured twice as fast as
+    /// its transpose for the MNIST CNN's second block, with bit-identical results.)
     fn ensure_cols(&mut self) {
         if self.cols_ready {
             return;
@@ -511,31 +512,28 @@ impl ConvBlock {
             width,
             ..
         } = self.shape;
-        let (hw, n) = (self.shape.spatial(), self.columns());
-        self.cols.resize(in_channels * TAPS * n, 0.0);
-        for ci in 0..in_channels {
-            for tap in 0..TAPS {
-                let (dh, dw) = (tap / 3, tap % 3);
-                let row = &mut self.cols[(ci * TAPS + tap) * n..(ci * TAPS + tap + 1) * n];
-                for b in 0..self.batch {
-                    let image = &self.input[(b * in_channels + ci) * hw..][..hw];
-                    for h in 0..height {
-                        let dst = &mut row[b * hw + h * width..][..width];
-                        let src_h = (h + dh).wrapping_sub(1);
-                        if src_h >= height {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        let src = &image[src_h * width..][..width];
-                        match dw {
-                            0 => {
-                                dst[0] = 0.0;
-                                dst[1..].copy_from_slice(&src[..width - 1]);
+        let (hw, k) = (self.shape.spatial(), self.shape.kernel_len());
+        self.cols.clear();
+        self.cols.resize(self.columns() * k, 0.0);
+        for (b, sample) in self.cols.chunks_exact_mut(hw * k).enumerate() {
+            let image = &self.input[b * in_channels * hw..][..in_channels * hw];
+            for h in 0..height {
+                let rows = &mut sample[h * width * k..][..width * k];
+                for ci in 0..in_channels {
+                    for dh in 0..3 {
+                        let Some(src_h) = (h + dh).checked_sub(1).filter(|&r| r < height) else {
+                            continue; // stays zero: padding
+                        };
+                        let src = &image[(ci * height + src_h) * width..][..width];
+                        let tap = ci * TAPS + dh * 3;
+                        for (w, row) in rows.chunks_exact_mut(k).enumerate() {
+                            let dst = &mut row[tap..tap + 3];
+                            if w > 0 {
+                                dst[0] = src[w - 1];
                             }
-                            1 => dst.copy_from_slice(src),
-                            _ => {
-                                dst[..width - 1].copy_from_slice(&src[1..]);
-                                dst[width - 1] = 0.0;
+                            dst[1] = src[w];
+                            if w + 1 < width {
+                                dst[2] = src[w + 1];
                             }
                         }
                     }
@@ -732,7 +730,7 @@ impl ConvBlock {
         let group = (FUSE_BUDGET / (touched * n)).clamp(1, *count);
         for first in (0..*count).step_by(group) {
             let in_group = group.min(count - first);
-            // dz (in_group*touched x N) = V · cols, V the directions' conv-weight parts.
+            // dz (in_group*touched x N) = V · colsᵀ, V the directions' conv-weight parts.
             self.dz.resize(in_group * touched * n, 0.0);
             let weights = View {
                 data: &self.stacked[first * block..],
@@ -742,8 +740,8 @@ impl ConvBlock {
             };
             gemm_into(
                 weights,
-                View::new(&self.cols, k, n),
-                false,
+                View::new(&self.cols, n, k),
+                true,
                 &mut self.dz,
                 n,
                 false,
@@ -813,7 +811,7 @@ fn convolve(
         cols: k,
         ld: cp,
     };
-    gemm_into(weights, View::new(cols, k, n), false, z, n, true);
+    gemm_into(weights, View::new(cols, n, k), true, z, n, true);
 }
 
 /// Mean and biased variance of one channel over the batch and the map (f64, two passes, eight
