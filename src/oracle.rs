@@ -29,6 +29,20 @@ pub struct LayerSpec {
 pub enum LayerKind {
     /// Linear + ReLU: weights (outputs x inputs, row-major) then bias.
     Dense { inputs: usize, outputs: usize },
+    /// A CNN block (thesis Appendix A, Table 4): Conv2d 3x3 (stride 1, padding 1) -> BatchNorm2d
+    /// -> ReLU; its features are the ReLU output projected per channel by a fixed random
+    /// `A_c` (d x HW, section 4.4), drawn on the device side from `projection_seed`; its output
+    /// is the ReLU output max-pooled 2x2. Parameters per output channel: conv weights
+    /// (in_channels x 3 x 3), conv bias, BatchNorm scale, BatchNorm shift; chunks are whole
+    /// channels. Inputs and outputs are per sample in CHW order.
+    Conv {
+        in_channels: usize,
+        out_channels: usize,
+        height: usize,
+        width: usize,
+        proj_dim: usize,
+        projection_seed: u64,
+    },
 }
 
 impl LayerSpec {
@@ -40,6 +54,34 @@ impl LayerSpec {
             output_width: outputs,
             param_count: outputs * inputs + outputs,
             chunk_units: ChunkUnits::Flat,
+        }
+    }
+}
+
+impl LayerSpec {
+    /// A CNN block (see [`LayerKind::Conv`]) on `in_channels` maps of `height` x `width`.
+    pub fn conv(
+        in_channels: usize,
+        out_channels: usize,
+        (height, width): (usize, usize),
+        proj_dim: usize,
+        projection_seed: u64,
+    ) -> Self {
+        let per_channel = in_channels * 9 + 3;
+        Self {
+            kind: LayerKind::Conv {
+                in_channels,
+                out_channels,
+                height,
+                width,
+                proj_dim,
+                projection_seed,
+            },
+            input_width: in_channels * height * width,
+            feature_width: out_channels * proj_dim,
+            output_width: out_channels * (height / 2) * (width / 2),
+            param_count: out_channels * per_channel,
+            chunk_units: ChunkUnits::Groups(vec![per_channel; out_channels]),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::backend::{self, BackendSpec};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
 use crate::metrics::{EpochMetrics, RunSummary};
-use crate::model::{ModelSpec, initialise};
+use crate::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
 use crate::oracle::{Activations, ForwardOracle, OracleError, WireStats};
 use crate::trainer::{Hyper, Trainer, epoch_order};
 
@@ -14,8 +14,12 @@ use crate::trainer::{Hyper, Trainer, epoch_order};
 pub struct RunConfig {
     pub dataset: DatasetKind,
     pub data_dir: Option<PathBuf>,
-    /// Hidden widths; `None` takes Table 3's for the dataset.
+    /// MLP or CNN (thesis Appendix A).
+    pub arch: ArchKind,
+    /// Hidden widths (MLP) or channels per block (CNN); `None` takes Table 3's or 4's.
     pub hidden: Option<Vec<usize>>,
+    /// d, the CNN's projected features per channel (section 4.4).
+    pub proj_dim: usize,
     pub epochs: u32,
     pub hyper: Hyper,
     /// Train on the first N training samples only.
@@ -28,7 +32,9 @@ impl RunConfig {
         Self {
             dataset,
             data_dir: None,
+            arch: ArchKind::Mlp,
             hidden: None,
+            proj_dim: DEFAULT_PROJ_DIM,
             epochs: 200,
             hyper: Hyper::default(),
             limit_train: None,
@@ -53,6 +59,14 @@ pub fn run(
     on_epoch: impl FnMut(&EpochMetrics),
 ) -> Result<RunSummary, RunError> {
     config.hyper.validate().map_err(RunError::Config)?;
+    let model = ModelSpec::new(
+        config.dataset,
+        config.arch,
+        config.hidden.clone(),
+        config.proj_dim,
+        config.hyper.seed,
+    )
+    .map_err(RunError::Config)?;
     let dir = resolve_data_dir(config.data_dir.as_deref())?;
     let mut data = Dataset::load(config.dataset, &dir)?;
     if let Some(n) = config.limit_train {
@@ -61,7 +75,6 @@ pub fn run(
         }
         data.train.truncate(n);
     }
-    let model = ModelSpec::mlp(config.dataset, config.hidden.clone());
     let specs = model.layer_specs();
     let oracles = backend::open(&config.backend, &specs)?;
     run_with(config, &data, &model, oracles, on_epoch)
@@ -128,7 +141,7 @@ pub fn run_with<O: ForwardOracle>(
     Ok(RunSummary {
         dataset: config.dataset.name().into(),
         backend: config.backend.to_string(),
-        arch: "mlp".into(),
+        arch: model.arch_name().into(),
         hidden: model.hidden.clone(),
         epochs: config.epochs,
         batch_size: hyper.batch_size,

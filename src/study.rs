@@ -77,14 +77,14 @@ pub struct SetupRef<'a> {
 }
 
 /// One oracle per layer of `model` on devices of `profile`.
-pub fn oracles(model: &ModelSpec, profile: &DeviceProfile) -> Vec<SimOracle> {
+pub fn oracles(model: &ModelSpec, profile: &DeviceProfile) -> Result<Vec<SimOracle>, OracleError> {
     SimOracle::for_profile(&model.layer_specs(), profile)
 }
 
 /// Trains through devices of `profile` from the seeded initialisation (as `pnn-train` does).
 pub fn train(s: &SetupRef, profile: &DeviceProfile) -> Result<Trainer<SimOracle>, OracleError> {
     let init = initialise(&s.model.layer_specs(), s.model.classes, s.hyper.seed);
-    let mut trainer = Trainer::new(oracles(s.model, profile), init, s.hyper.clone())?;
+    let mut trainer = Trainer::new(oracles(s.model, profile)?, init, s.hyper.clone())?;
     let mut x = Vec::new();
     let train = &s.data.train;
     for epoch in 0..s.epochs {
@@ -120,7 +120,7 @@ pub fn deploy(
             .map(|l| l.projection.clone())
             .collect(),
     };
-    Trainer::new(oracles(s.model, profile), init, s.hyper.clone())
+    Trainer::new(oracles(s.model, profile)?, init, s.hyper.clone())
 }
 
 /// The finite-difference signal `L+ - L-` of the first layer's first chunk, on the first training
@@ -144,7 +144,7 @@ pub fn fd_signal(
 ) -> Result<FdSignal, OracleError> {
     let specs = s.model.layer_specs();
     let init = initialise(&specs, s.model.classes, s.hyper.seed);
-    let mut oracle = SimOracle::with_noise(specs[0].clone(), &profile.noise, 0);
+    let mut oracle = SimOracle::with_noise(specs[0].clone(), &profile.noise, 0)?;
     oracle.write_parameters(&init.layers[0])?;
     let train = &s.data.train;
     let order = epoch_order(s.hyper.seed, 0, train.len());

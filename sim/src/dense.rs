@@ -22,6 +22,12 @@ pub enum SimError {
     InputShape { width: usize, got: usize },
     #[error("no input loaded")]
     NoInput,
+    #[error("{what}: expected {expected} values, got {got}")]
+    BufferLength {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error("chunk {start}..{end} is outside the {count} parameters")]
     ChunkOutOfRange {
         start: usize,

@@ -2,6 +2,7 @@
 //! executes in hardware, with the same seeded perturbation and update arithmetic as firmware
 //! (`firmware_protocol::direction`).
 
+pub mod conv;
 pub mod dense;
 pub mod direction_cache;
 pub mod emulator;
@@ -10,5 +11,6 @@ pub mod noise;
 pub mod physical;
 pub mod profile;
 
+pub use conv::ConvBlock;
 pub use dense::DenseLayer;
 pub use noise::NoiseModel;

@@ -71,6 +71,10 @@ fn device_err(e: SimError) -> DeviceError {
             got: got as u32,
         },
         SimError::NoInput => DeviceError::NoInput,
+        SimError::BufferLength { expected, got, .. } => DeviceError::ShapeMismatch {
+            expected: expected as u32,
+            got: got as u32,
+        },
         SimError::ChunkOutOfRange { start, end, count } => DeviceError::ChunkOutOfRange {
             start: start as u32,
             end: end as u32,

@@ -65,7 +65,7 @@ pub fn open(spec: &BackendSpec, layers: &[LayerSpec]) -> Result<Vec<AnyOracle>, 
         BackendSpec::SimProfile(path) => {
             let profile = pnn_sim::profile::DeviceProfile::load(path)
                 .map_err(|e| OracleError::Backend(e.to_string()))?;
-            Ok(SimOracle::for_profile(layers, &profile)
+            Ok(SimOracle::for_profile(layers, &profile)?
                 .into_iter()
                 .map(AnyOracle::Sim)
                 .collect())

@@ -2,6 +2,7 @@
 
 use std::ops::Range;
 
+use pnn_sim::conv::{BnMode, ConvBlock, ConvShape};
 use pnn_sim::dense::SimError;
 use pnn_sim::profile::DeviceProfile;
 use pnn_sim::{DenseLayer, NoiseModel};
@@ -13,14 +14,37 @@ use crate::oracle::{
 
 pub struct SimOracle {
     spec: LayerSpec,
-    layer: DenseLayer,
+    layer: SimLayer,
     pairs: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// The simulated layer behind an oracle (boxed: the variants differ much in size).
+enum SimLayer {
+    Dense(Box<DenseLayer>),
+    Conv(Box<ConvBlock>),
 }
 
 impl SimOracle {
     pub fn new(spec: LayerSpec) -> Self {
         let layer = match spec.kind {
-            LayerKind::Dense { inputs, outputs } => DenseLayer::new(inputs, outputs),
+            LayerKind::Dense { inputs, outputs } => {
+                SimLayer::Dense(Box::new(DenseLayer::new(inputs, outputs)))
+            }
+            LayerKind::Conv {
+                in_channels,
+                out_channels,
+                height,
+                width,
+                proj_dim,
+                projection_seed,
+            } => SimLayer::Conv(Box::new(ConvBlock::new(ConvShape {
+                in_channels,
+                out_channels,
+                height,
+                width,
+                proj_dim,
+                projection_seed,
+            }))),
         };
         Self {
             spec,
@@ -30,23 +54,34 @@ impl SimOracle {
     }
 
     /// A layer on a device with the hardware effects of `noise`; `layer` (the layer's index in
-    /// the model) keys its faults and noise streams together with the profile's seed.
-    pub fn with_noise(spec: LayerSpec, noise: &NoiseModel, layer: usize) -> Self {
+    /// the model) keys its faults and noise streams together with the profile's seed. Conv
+    /// blocks are simulated ideal only: a profile with any effect switched on is refused for them.
+    pub fn with_noise(
+        spec: LayerSpec,
+        noise: &NoiseModel,
+        layer: usize,
+    ) -> Result<Self, OracleError> {
         let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
-        let layer = match spec.kind {
-            LayerKind::Dense { inputs, outputs } => {
-                DenseLayer::with_noise(inputs, outputs, noise, seed)
-            }
-        };
-        Self {
-            spec,
-            layer,
-            pairs: Vec::new(),
+        match spec.kind {
+            LayerKind::Dense { inputs, outputs } => Ok(Self {
+                layer: SimLayer::Dense(Box::new(DenseLayer::with_noise(
+                    inputs, outputs, noise, seed,
+                ))),
+                spec,
+                pairs: Vec::new(),
+            }),
+            LayerKind::Conv { .. } if noise.is_ideal() => Ok(Self::new(spec)),
+            LayerKind::Conv { .. } => Err(OracleError::Unsupported(
+                "hardware effects on convolutional blocks (the noise model covers dense layers)",
+            )),
         }
     }
 
     /// One oracle per layer of a model, on devices of `profile`.
-    pub fn for_profile(specs: &[LayerSpec], profile: &DeviceProfile) -> Vec<Self> {
+    pub fn for_profile(
+        specs: &[LayerSpec],
+        profile: &DeviceProfile,
+    ) -> Result<Vec<Self>, OracleError> {
         specs
             .iter()
             .enumerate()
@@ -54,18 +89,42 @@ impl SimOracle {
             .collect()
     }
 
-    /// The simulated layer (its device state, effective weights, clock).
-    pub fn layer(&self) -> &DenseLayer {
-        &self.layer
+    /// The simulated dense layer (its device state, effective weights, clock), if it is one.
+    pub fn layer(&self) -> Option<&DenseLayer> {
+        match &self.layer {
+            SimLayer::Dense(l) => Some(l),
+            SimLayer::Conv(_) => None,
+        }
     }
 
-    pub fn layer_mut(&mut self) -> &mut DenseLayer {
-        &mut self.layer
+    pub fn layer_mut(&mut self) -> Option<&mut DenseLayer> {
+        match &mut self.layer {
+            SimLayer::Dense(l) => Some(l),
+            SimLayer::Conv(_) => None,
+        }
     }
 
     /// Selects the fast path or the literal reference choreography of the simulated layer.
     pub fn set_choreography(&mut self, choreography: pnn_sim::dense::Choreography) {
-        self.layer.set_choreography(choreography);
+        match &mut self.layer {
+            SimLayer::Dense(l) => l.set_choreography(choreography),
+            SimLayer::Conv(b) => b.set_choreography(choreography),
+        }
+    }
+
+    /// The simulated CNN block, if this oracle is one (for inspecting BatchNorm state).
+    pub fn conv_block(&self) -> Option<&ConvBlock> {
+        match &self.layer {
+            SimLayer::Conv(b) => Some(b),
+            SimLayer::Dense(_) => None,
+        }
+    }
+
+    fn batch(&self) -> usize {
+        match &self.layer {
+            SimLayer::Dense(l) => l.batch(),
+            SimLayer::Conv(b) => b.batch(),
+        }
     }
 
     /// One oracle per layer of a model.
@@ -89,11 +148,18 @@ impl ForwardOracle for SimOracle {
     }
 
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {
-        self.layer.set_params(params).map_err(sim_err)
+        match &mut self.layer {
+            SimLayer::Dense(l) => l.set_params(params),
+            SimLayer::Conv(b) => b.set_params(params),
+        }
+        .map_err(sim_err)
     }
 
     fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
-        Ok(self.layer.params().to_vec())
+        Ok(match &self.layer {
+            SimLayer::Dense(l) => l.params().to_vec(),
+            SimLayer::Conv(b) => b.params().to_vec(),
+        })
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
@@ -103,17 +169,32 @@ impl ForwardOracle for SimOracle {
                 input.width, self.spec.input_width
             )));
         }
-        self.layer.load_input(&input.data).map_err(sim_err)
+        match &mut self.layer {
+            SimLayer::Dense(l) => l.load_input(&input.data),
+            SimLayer::Conv(b) => b.load_input(&input.data),
+        }
+        .map_err(sim_err)
     }
 
-    fn forward(&mut self, _mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
+    fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
         let mut data = Vec::new();
-        self.layer.forward(&mut data).map_err(sim_err)?;
-        let features = Activations::new(self.layer.batch(), self.spec.feature_width, data);
-        Ok(ForwardOutput {
-            features,
-            next: None,
-        })
+        let next = match &mut self.layer {
+            SimLayer::Dense(l) => {
+                l.forward(&mut data).map_err(sim_err)?;
+                None
+            }
+            SimLayer::Conv(b) => {
+                let mode = match mode {
+                    ForwardMode::Train => BnMode::Train,
+                    ForwardMode::Eval => BnMode::Eval,
+                };
+                let mut pooled = Vec::new();
+                b.forward(mode, &mut data, &mut pooled).map_err(sim_err)?;
+                Some(Activations::new(b.batch(), self.spec.output_width, pooled))
+            }
+        };
+        let features = Activations::new(self.batch(), self.spec.feature_width, data);
+        Ok(ForwardOutput { features, next })
     }
 
     fn evaluate_perturbed(
@@ -123,11 +204,13 @@ impl ForwardOracle for SimOracle {
         eps: f32,
         out: &mut Vec<PerturbedPair>,
     ) -> Result<(), OracleError> {
-        self.layer
-            .evaluate_perturbed(chunk, seeds, eps, &mut self.pairs)
-            .map_err(sim_err)?;
+        match &mut self.layer {
+            SimLayer::Dense(l) => l.evaluate_perturbed(chunk, seeds, eps, &mut self.pairs),
+            SimLayer::Conv(b) => b.evaluate_perturbed(chunk, seeds, eps, &mut self.pairs),
+        }
+        .map_err(sim_err)?;
         out.resize_with(seeds.len(), Default::default);
-        let (rows, width) = (self.layer.batch(), self.spec.feature_width);
+        let (rows, width) = (self.batch(), self.spec.feature_width);
         for ((plus, minus), (p, m)) in self.pairs.iter_mut().zip(out.iter_mut()) {
             // Swap buffers rather than copy: both sides keep their allocations for the next call.
             std::mem::swap(plus, &mut p.data);
@@ -143,8 +226,10 @@ impl ForwardOracle for SimOracle {
         scale: f32,
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError> {
-        self.layer
-            .apply_update(chunk, scale, terms)
-            .map_err(sim_err)
+        match &mut self.layer {
+            SimLayer::Dense(l) => l.apply_update(chunk, scale, terms),
+            SimLayer::Conv(b) => b.apply_update(chunk, scale, terms),
+        }
+        .map_err(sim_err)
     }
 }

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use pnn::backend::BackendSpec;
 use pnn::data::DatasetKind;
+use pnn::model::{ArchKind, DEFAULT_PROJ_DIM};
 use pnn::run::{RunConfig, RunError, run};
 use pnn::trainer::Hyper;
 
@@ -30,9 +31,16 @@ struct Args {
     /// mnist, fashion-mnist, cifar10 or cifar100.
     #[arg(long, default_value = "mnist")]
     dataset: DatasetKind,
-    /// Hidden widths, comma-separated (default per dataset, thesis Table 3: mnist 50,50).
-    #[arg(long, value_parser = parse_hidden)]
+    /// Architecture: mlp (thesis Table 3) or cnn (Table 4).
+    #[arg(long, default_value = "mlp")]
+    arch: ArchKind,
+    /// Hidden widths (mlp) or channels per block (cnn), comma-separated (default per dataset,
+    /// thesis Tables 3 and 4: mnist 50,50 / 32,32).
+    #[arg(long, visible_alias = "channels", value_parser = parse_hidden)]
     hidden: Option<Widths>,
+    /// CNN: projected features d per channel (section 4.4).
+    #[arg(long, default_value_t = DEFAULT_PROJ_DIM, value_parser = positive_usize)]
+    proj_dim: usize,
     /// Training epochs (the paper trains 200).
     #[arg(long, default_value_t = 200)]
     epochs: u32,
@@ -106,7 +114,9 @@ fn main() -> ExitCode {
     let config = RunConfig {
         dataset: args.dataset,
         data_dir: args.data_dir,
+        arch: args.arch,
         hidden: args.hidden.map(|w| w.0),
+        proj_dim: args.proj_dim,
         epochs: args.epochs,
         hyper: Hyper {
             lr: args.lr,

@@ -71,6 +71,17 @@ fn describe_spec(s: &LayerSpec) -> String {
         LayerKind::Dense { inputs, outputs } => {
             format!("dense {inputs}x{outputs} ({} parameters)", s.param_count)
         }
+        LayerKind::Conv {
+            in_channels,
+            out_channels,
+            height,
+            width,
+            proj_dim,
+            ..
+        } => format!(
+            "conv {in_channels}x{height}x{width} -> {out_channels} channels, d={proj_dim} ({} parameters)",
+            s.param_count
+        ),
     }
 }
 
@@ -95,6 +106,7 @@ fn matches(d: &LayerDescriptor, s: &LayerSpec) -> bool {
                 outputs: o,
             },
         ) => inputs as usize == *i && outputs as usize == *o,
+        _ => false,
     };
     let chunking = match (d.chunking, &s.chunk_units) {
         (Chunking::Flat, ChunkUnits::Flat) => true,

@@ -79,7 +79,18 @@ impl Transport for SerialTransport {
         // Not the short remainder a receive left behind: a slow line needs time to drain.
         self.set_timeout(self.write_timeout)?;
         self.port.write_all(bytes)?;
-        self.port.flush()
+        self.port.flush().map_err(|e| {
+            // serialport reports a failed tcdrain as a bare "flush failed" without the errno; a
+            // peer that hung up is told apart by a read that finds the line closed.
+            let mut probe = [0u8; 1];
+            let _ = self.port.set_timeout(Duration::from_millis(1));
+            self.timeout = Duration::from_millis(1);
+            match self.port.read(&mut probe) {
+                Ok(0) => ErrorKind::BrokenPipe.into(),
+                Err(r) if is_hangup(&r) => r,
+                _ => e,
+            }
+        })
     }
 
     fn receive(&mut self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {

@@ -1,0 +1,147 @@
+//! A CNN block behind the oracle boundary: a perturbed evaluation leaves no trace (thesis section
+//! 4.4: BatchNorm running statistics snapshotted and restored), and CNN training through the
+//! trainer is deterministic with the host's shadow equal to the device's parameters.
+
+use firmware_protocol::DirectionSeed;
+use firmware_protocol::direction::direction_values;
+use pnn::backend::sim::SimOracle;
+use pnn::chunking::weight_chunks;
+use pnn::model::{ModelSpec, initialise};
+use pnn::oracle::{Activations, ForwardMode, ForwardOracle, LayerSpec};
+use pnn::trainer::{Hyper, Trainer};
+use pnn_sim::dense::Choreography;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn gaussian(seed: u64, n: usize) -> Vec<f32> {
+    direction_values(DirectionSeed(seed), n).collect()
+}
+
+#[test]
+fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical() {
+    let spec = LayerSpec::conv(3, 6, (10, 8), 4, 99);
+    for choreography in [Choreography::Fast, Choreography::Reference] {
+        let mut oracle = SimOracle::new(spec.clone());
+        oracle.set_choreography(choreography);
+        // Parameters with BatchNorm scales and shifts away from 1 and 0.
+        oracle
+            .write_parameters(&gaussian(1, spec.param_count))
+            .unwrap();
+        let batch = 5;
+        let input = Activations::new(
+            batch,
+            spec.input_width,
+            gaussian(2, batch * spec.input_width),
+        );
+        oracle.load_input(&input).unwrap();
+        // Two clean training passes move the running statistics away from (0, 1).
+        oracle.forward(ForwardMode::Train).unwrap();
+        oracle.forward(ForwardMode::Train).unwrap();
+        let block = oracle.conv_block().unwrap();
+        let (mean, var) = (bits(block.running_mean()), bits(block.running_var()));
+        let params = bits(&oracle.read_parameters().unwrap());
+        let eval_before = oracle.forward(ForwardMode::Eval).unwrap();
+        // Every chunk of whole channels (3 channels of 30 parameters per chunk), 3 directions.
+        let chunks = weight_chunks(&spec.chunk_units, spec.param_count, 90);
+        assert_eq!(chunks.len(), 2);
+        let mut out = Vec::new();
+        for (k, chunk) in chunks.iter().enumerate() {
+            let seeds: Vec<_> = (0..3).map(|p| DirectionSeed(10 * k as u64 + p)).collect();
+            oracle
+                .evaluate_perturbed(chunk.clone(), &seeds, 1e-2, &mut out)
+                .unwrap();
+            assert_eq!(out.len(), 3);
+            assert_ne!(out[0].0, out[0].1, "the perturbation changed nothing");
+            assert_eq!(out[0].0.width, spec.feature_width);
+        }
+        let block = oracle.conv_block().unwrap();
+        assert_eq!(
+            mean,
+            bits(block.running_mean()),
+            "{choreography:?}: running mean"
+        );
+        assert_eq!(
+            var,
+            bits(block.running_var()),
+            "{choreography:?}: running variance"
+        );
+        assert_eq!(
+            params,
+            bits(&oracle.read_parameters().unwrap()),
+            "{choreography:?}: parameters"
+        );
+        // Observable through the oracle alone: evaluation reads the running statistics.
+        let eval_after = oracle.forward(ForwardMode::Eval).unwrap();
+        assert_eq!(
+            bits(&eval_before.features.data),
+            bits(&eval_after.features.data)
+        );
+        let next = eval_after.next.as_ref().expect("a conv block pools");
+        assert_eq!(bits(&eval_before.next.unwrap().data), bits(&next.data));
+        assert_eq!((next.rows, next.width), (batch, spec.output_width));
+    }
+}
+
+/// Trains a small two-block CNN on synthetic 1x12x12 images for a few batches.
+fn train(seed: u64) -> (String, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let model = ModelSpec {
+        input_width: 144,
+        hidden: vec![4, 6],
+        classes: 3,
+        arch: pnn::model::Arch::Cnn {
+            image: (1, 12, 12),
+            proj_dim: 5,
+            seed,
+        },
+    };
+    let specs = model.layer_specs();
+    let hyper = Hyper {
+        lr: 0.05,
+        directions: 3,
+        chunk_max: 40,
+        batch_size: 16,
+        seed,
+        ..Hyper::default()
+    };
+    let init = initialise(&specs, model.classes, seed);
+    let mut trainer = Trainer::new(SimOracle::for_layers(&specs), init, hyper).unwrap();
+    for b in 0..3 {
+        let x = gaussian(100 + b, 16 * 144);
+        let labels: Vec<u8> = (0..16).map(|i| ((i + b as usize) % 3) as u8).collect();
+        trainer
+            .train_batch(0, b as u32, Activations::new(16, 144, x), &labels)
+            .unwrap();
+    }
+    let shadow = trainer.layers().iter().map(|l| l.shadow.clone()).collect();
+    let device = trainer
+        .oracles_mut()
+        .iter_mut()
+        .map(|o| o.read_parameters().unwrap())
+        .collect();
+    (trainer.weights_sha256(), shadow, device)
+}
+
+#[test]
+fn cnn_training_is_seeded_and_the_shadow_equals_the_device() {
+    let (sha, shadow, device) = train(3);
+    assert_eq!(shadow, device, "host shadow and device parameters differ");
+    assert_eq!(sha, train(3).0);
+    assert_ne!(sha, train(4).0);
+    // The updates moved every layer's parameters.
+    let model = ModelSpec {
+        input_width: 144,
+        hidden: vec![4, 6],
+        classes: 3,
+        arch: pnn::model::Arch::Cnn {
+            image: (1, 12, 12),
+            proj_dim: 5,
+            seed: 3,
+        },
+    };
+    let init = initialise(&model.layer_specs(), 3, 3);
+    for (before, after) in init.layers.iter().zip(&shadow) {
+        assert_ne!(before, after);
+    }
+}
