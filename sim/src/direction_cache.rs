@@ -1,7 +1,8 @@
 //! Directions generated for a perturbed evaluation, kept until the update that follows it, so
-//! that the simulator draws each direction once per step rather than twice.
+//! that the simulator draws each direction once per step rather than twice (and, through
+//! `fill_direction_recent`, the host's shadow update copies them instead of drawing them again).
 
-use firmware_protocol::direction::fill_direction;
+use firmware_protocol::direction::fill_direction_recent;
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 #[derive(Default, Debug)]
@@ -22,7 +23,7 @@ impl DirectionCache {
         }
         for (seed, v) in seeds.iter().zip(&mut self.vectors) {
             v.resize(len, 0.0);
-            fill_direction(*seed, v);
+            fill_direction_recent(*seed, v);
         }
     }
 
