@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
-    let mut metrics_file = match settings.metrics.as_ref().map(File::create).transpose() {
+    let mut metrics_file = match settings.metrics.as_ref().map(create).transpose() {
         Ok(f) => f.map(BufWriter::new),
         Err(e) => {
             let path = settings.metrics.as_ref().unwrap().display();
@@ -74,6 +74,9 @@ fn main() -> ExitCode {
             }
         }
     };
+    if let Some(Err(e)) = settings.save.as_deref().map(create_parent) {
+        return fail(2, e);
+    }
     let mut saver = settings.save.clone().map(SaveModel::new);
     let progress = Progress::new(mode, multi, config.epochs);
     let result = match saver.as_mut() {
@@ -102,6 +105,19 @@ fn main() -> ExitCode {
         serde_json::to_string(&summary).expect("summary serialises")
     );
     ExitCode::SUCCESS
+}
+
+/// Creates `path`'s directory if needed (configs name files under `runs/`).
+fn create_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir),
+        _ => Ok(()),
+    }
+}
+
+fn create(path: &PathBuf) -> std::io::Result<File> {
+    create_parent(path)?;
+    File::create(path)
 }
 
 fn fail(code: u8, e: impl std::fmt::Display) -> ExitCode {
