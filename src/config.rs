@@ -260,8 +260,8 @@ impl ExperimentConfig {
     /// Parses config text; `origin` names it in errors. Options may be written bare (`epochs:
     /// 5`, RON's `implicit_some`).
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let options =
-            ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
         options.from_str(text).map_err(|e| {
             let line = e.span.start.line;
             let key = match &e.code {
@@ -386,7 +386,10 @@ mod tests {
             ..Default::default()
         };
         let run = file.overlay(cli).to_run_config().unwrap();
-        assert_eq!((run.epochs, run.hyper.directions, run.hyper.seed), (7, 2, 3));
+        assert_eq!(
+            (run.epochs, run.hyper.directions, run.hyper.seed),
+            (7, 2, 3)
+        );
     }
 
     #[test]
@@ -404,15 +407,24 @@ mod tests {
     #[test]
     fn an_unknown_key_names_the_key_and_the_line() {
         let msg = error("(\n  epochs: 3,\n  learning_rate: 0.1,\n)");
-        assert!(msg.contains("line 3") && msg.contains("learning_rate"), "{msg}");
+        assert!(
+            msg.contains("line 3") && msg.contains("learning_rate"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn a_wrong_type_names_the_key_and_the_line() {
         let msg = error("(\n  dataset: \"mnist\",\n  epochs: \"ten\",\n)");
-        assert!(msg.contains("line 3") && msg.contains("key `epochs`"), "{msg}");
+        assert!(
+            msg.contains("line 3") && msg.contains("key `epochs`"),
+            "{msg}"
+        );
         let msg = error("(\n  hidden: 50,\n)");
-        assert!(msg.contains("line 2") && msg.contains("key `hidden`"), "{msg}");
+        assert!(
+            msg.contains("line 2") && msg.contains("key `hidden`"),
+            "{msg}"
+        );
         let msg = error("(\n  lr: \"fast\",\n)");
         assert!(msg.contains("line 2") && msg.contains("key `lr`"), "{msg}");
     }
@@ -420,8 +432,16 @@ mod tests {
     #[test]
     fn an_invalid_value_names_the_key_and_the_line() {
         for (text, key, what) in [
-            ("(\n\n  dataset: \"imagenet\",\n)", "dataset", "unknown dataset"),
-            ("(\n\n  directions: 65,\n)", "directions", "between 1 and 64"),
+            (
+                "(\n\n  dataset: \"imagenet\",\n)",
+                "dataset",
+                "unknown dataset",
+            ),
+            (
+                "(\n\n  directions: 65,\n)",
+                "directions",
+                "between 1 and 64",
+            ),
             ("(\n\n  lr: -1.0,\n)", "lr", "positive"),
             ("(\n\n  hidden: [50, 0],\n)", "hidden", "at least 1"),
             ("(\n\n  batch_size: 0,\n)", "batch_size", "at least 1"),
@@ -430,7 +450,9 @@ mod tests {
         ] {
             let msg = error(text);
             assert!(
-                msg.contains("line 3") && msg.contains(&format!("key `{key}`")) && msg.contains(what),
+                msg.contains("line 3")
+                    && msg.contains(&format!("key `{key}`"))
+                    && msg.contains(what),
                 "{text}: {msg}"
             );
         }
@@ -442,6 +464,11 @@ mod tests {
         assert_eq!(c.arch, Some(Arch::Cnn));
         assert_eq!(c.proj_dim, Some(16));
         let mlp = parse("(arch: \"mlp\", proj_dim: 16)").unwrap();
-        assert!(mlp.to_run_config().unwrap_err().to_string().contains("proj_dim"));
+        assert!(
+            mlp.to_run_config()
+                .unwrap_err()
+                .to_string()
+                .contains("proj_dim")
+        );
     }
 }

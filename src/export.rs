@@ -140,6 +140,9 @@ pub enum ExportError {
     Format { path: PathBuf, what: String },
 }
 
+/// A tensor about to be written: name, shape, values.
+type NamedTensor<'a> = (String, Vec<usize>, &'a [f32]);
+
 const WRITER: &str = concat!("pnn ", env!("CARGO_PKG_VERSION"));
 
 impl SavedModel {
@@ -180,7 +183,7 @@ impl SavedModel {
     }
 
     /// The metadata document and the tensors (name, shape, values) in file order.
-    fn to_parts(&self) -> (ModelMeta, Vec<(String, Vec<usize>, &[f32])>) {
+    fn to_parts(&self) -> (ModelMeta, Vec<NamedTensor<'_>>) {
         let mut tensors = Vec::new();
         let mut layers = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -189,7 +192,11 @@ impl SavedModel {
             for (role, shape) in param_tensors(&layer.spec.kind) {
                 let n: usize = shape.iter().product();
                 let name = format!("layers.{l}.{role}");
-                tensors.push((name.clone(), shape.clone(), &layer.params[offset..offset + n]));
+                tensors.push((
+                    name.clone(),
+                    shape.clone(),
+                    &layer.params[offset..offset + n],
+                ));
                 offset += n;
                 params.push(TensorMeta {
                     name,
@@ -203,7 +210,11 @@ impl SavedModel {
                 role: "projection".into(),
                 shape: vec![p.rows, p.classes],
             };
-            tensors.push((projection.name.clone(), projection.shape.clone(), &p.data[..]));
+            tensors.push((
+                projection.name.clone(),
+                projection.shape.clone(),
+                &p.data[..],
+            ));
             layers.push(LayerMeta {
                 kind: KindMeta::of(&layer.spec.kind),
                 params,
@@ -345,7 +356,9 @@ impl SavedModel {
         if norm.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
             || norm.mean.iter().any(|m| !m.is_finite())
         {
-            return Err(bad("the normaliser has a non-finite mean or a std <= 0".into()));
+            return Err(bad(
+                "the normaliser has a non-finite mean or a std <= 0".into()
+            ));
         }
         meta.hyperparameters.validate().map_err(bad)?;
         if meta.layers.is_empty() {
@@ -636,13 +649,20 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&info["pnn_model"]).unwrap();
         assert_eq!(v["layers"][1]["kind"], "dense");
-        assert_eq!(v["layers"][1]["params"][0]["shape"], serde_json::json!([5, 7]));
+        assert_eq!(
+            v["layers"][1]["params"][0]["shape"],
+            serde_json::json!([5, 7])
+        );
     }
 
     #[test]
     fn garbage_and_mismatches_are_errors_not_panics() {
         let p = Path::new("x.safetensors");
-        for junk in [&b""[..], b"\x08\0\0\0\0\0\0\0{}", b"hello world, not a model"] {
+        for junk in [
+            &b""[..],
+            b"\x08\0\0\0\0\0\0\0{}",
+            b"hello world, not a model",
+        ] {
             assert!(SavedModel::from_bytes(junk, p).is_err());
         }
         // A file whose metadata says one shape and whose tensor has another.

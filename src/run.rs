@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use crate::backend::{self, BackendSpec};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
-use crate::metrics::{EpochMetrics, RunSummary};
 use crate::export::SavedModel;
+use crate::metrics::{EpochMetrics, RunSummary};
 use crate::model::{ModelSpec, initialise};
 use crate::observe::{BatchProgress, RunObserver};
 use crate::oracle::{Activations, ForwardOracle, OracleError};

@@ -91,7 +91,9 @@ fn synthetic_data() -> &'static Path {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.env_remove("RUST_LOG").output().expect("the binary runs")
+    cmd.env_remove("RUST_LOG")
+        .output()
+        .expect("the binary runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -102,7 +104,11 @@ fn text(bytes: &[u8]) -> String {
 fn only_summary<T: serde::de::DeserializeOwned>(out: &Output) -> T {
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "stdout must be the JSON line alone: {stdout:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout must be the JSON line alone: {stdout:?}"
+    );
     serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {}", lines[0]))
 }
 
@@ -126,7 +132,8 @@ fn every_shipped_config_parses_and_runs_for_one_batch() {
         let name = path.file_name().unwrap().to_string_lossy();
         let source = std::fs::read_to_string(path).unwrap();
         assert!(
-            source.contains("Reproduces thesis Table") || source.contains("Reproduces thesis Figure"),
+            source.contains("Reproduces thesis Table")
+                || source.contains("Reproduces thesis Figure"),
             "{name} does not say which result it reproduces"
         );
         let config = ExperimentConfig::load(path).unwrap_or_else(|e| panic!("{e}"));
@@ -175,7 +182,15 @@ fn command_line_flags_override_the_config_file() {
     let out = run(Command::new(TRAIN)
         .arg("--config")
         .arg(&cfg)
-        .args(["--epochs", "1", "--directions", "2", "--max-batches", "1", "-q"])
+        .args([
+            "--epochs",
+            "1",
+            "--directions",
+            "2",
+            "--max-batches",
+            "1",
+            "-q",
+        ])
         .arg("--data-dir")
         .arg(synthetic_data()));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -188,11 +203,18 @@ fn command_line_flags_override_the_config_file() {
 #[test]
 fn a_bad_config_is_an_error_naming_the_key_and_the_line() {
     let cfg = scratch().join("bad.ron");
-    std::fs::write(&cfg, "(\n    dataset: \"mnist\",\n    directions: \"four\",\n)\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "(\n    dataset: \"mnist\",\n    directions: \"four\",\n)\n",
+    )
+    .unwrap();
     let out = run(Command::new(TRAIN).arg("--config").arg(&cfg));
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
-    assert!(err.contains("line 3") && err.contains("key `directions`"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("key `directions`"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -209,7 +231,7 @@ fn progress_stays_off_stdout_and_quiet_silences_the_rest() {
         let out = Command::new(TRAIN)
             .args(["--progress", progress])
             .env("RUST_LOG", "debug")
-            .tap(&common)
+            .tap(common)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -217,10 +239,13 @@ fn progress_stays_off_stdout_and_quiet_silences_the_rest() {
         assert_eq!(s.epochs, 2);
         if progress != "bar" {
             let err = text(&out.stderr);
-            assert!(err.contains("epoch 1/2") && err.contains("epoch 2/2"), "{err}");
+            assert!(
+                err.contains("epoch 1/2") && err.contains("epoch 2/2"),
+                "{err}"
+            );
         }
     }
-    let out = run(Command::new(TRAIN).arg("--quiet").tap(&common));
+    let out = run(Command::new(TRAIN).arg("--quiet").tap(common));
     assert!(out.status.success());
     let _: RunSummary = only_summary(&out);
     assert_eq!(text(&out.stderr), "", "--quiet must leave stderr empty");
@@ -292,7 +317,10 @@ fn an_exported_model_reads_back_with_the_same_test_accuracy() {
     assert_eq!(e.test_samples, trained.test_samples);
     // The same parameters on the same backend: the same figures, to the last bit.
     assert_eq!(e.test_accuracy_cumulative, trained.test_accuracy_cumulative);
-    assert_eq!(e.test_accuracy_final_layer, trained.test_accuracy_final_layer);
+    assert_eq!(
+        e.test_accuracy_final_layer,
+        trained.test_accuracy_final_layer
+    );
     assert_eq!(e.test_loss_cumulative, trained.test_loss_cumulative);
     assert_eq!(e.test_accuracy_per_layer, trained.test_accuracy_per_layer);
     eprintln!(
@@ -360,7 +388,9 @@ fn metrics_file(name: &str, epochs: u32, layers: usize, offset: f64) -> PathBuf 
             epoch: e,
             train_seconds: 1.0,
             eval_seconds: 0.1,
-            train_local_loss: (0..layers).map(|l| 2.0 - 0.1 * (e + l as u32) as f64).collect(),
+            train_local_loss: (0..layers)
+                .map(|l| 2.0 - 0.1 * (e + l as u32) as f64)
+                .collect(),
             test_accuracy_cumulative: acc,
             test_accuracy_final_layer: acc - 0.02,
             test_loss_cumulative: 2.0 / e as f64,
@@ -422,18 +452,31 @@ fn pnn_report_draws_one_curve_per_run_and_mode() {
             "run-b (cumulative)",
             "run-b (final layer)",
         ] {
-            assert!(texts.iter().any(|t| t == label), "{file}: no legend {label}: {texts:?}");
+            assert!(
+                texts.iter().any(|t| t == label),
+                "{file}: no legend {label}: {texts:?}"
+            );
         }
     }
     let (curves, texts) = curves_and_texts(&out_dir.join("layers.svg"), epochs as usize);
-    assert_eq!(curves, 2 * layers * 2, "two runs x three layers x two panels");
+    assert_eq!(
+        curves,
+        2 * layers * 2,
+        "two runs x three layers x two panels"
+    );
     assert!(texts.iter().any(|t| t == "run-b L3"), "{texts:?}");
     let table = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
     assert_eq!(table, text(&out.stdout));
     let rows: Vec<&str> = table.lines().skip(2).collect();
     assert_eq!(rows.len(), 2, "{table}");
-    assert!(rows[0].starts_with("| P=4 | 4 | 0.7000 | 0.6800 |"), "{table}");
-    assert!(rows[1].starts_with("| run-b | 4 | 0.8000 | 0.7800 |"), "{table}");
+    assert!(
+        rows[0].starts_with("| P=4 | 4 | 0.7000 | 0.6800 |"),
+        "{table}"
+    );
+    assert!(
+        rows[1].starts_with("| run-b | 4 | 0.8000 | 0.7800 |"),
+        "{table}"
+    );
 }
 
 #[test]
