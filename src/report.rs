@@ -121,6 +121,12 @@ fn draw_panel<DB: DrawingBackend>(
     curves: &[Curve],
     y_from_zero: bool,
 ) -> Result<(), String> {
+    // Curves that rise (accuracy) leave the lower right free; falling ones (loss) the upper.
+    let legend_at = if y_from_zero {
+        SeriesLabelPosition::UpperRight
+    } else {
+        SeriesLabelPosition::LowerRight
+    };
     let pts = curves.iter().flat_map(|c| c.points.iter());
     let (mut x_max, mut y_min, mut y_max) = (1f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in pts {
@@ -150,6 +156,7 @@ fn draw_panel<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("epoch")
         .y_desc(y_desc)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| e.to_string())?;
@@ -159,18 +166,20 @@ fn draw_panel<DB: DrawingBackend>(
         } else {
             c.colour.stroke_width(2)
         };
+        // Markers where points are few, so that a run of one epoch still shows.
+        let marker = if c.points.len() <= 20 { 2 } else { 0 };
         chart
-            .draw_series(LineSeries::new(
-                c.points.iter().copied().filter(|p| p.1.is_finite()),
-                style,
-            ))
+            .draw_series(
+                LineSeries::new(c.points.iter().copied().filter(|p| p.1.is_finite()), style)
+                    .point_size(marker),
+            )
             .map_err(|e| e.to_string())?
             .label(c.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend_at)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
         .label_font(("sans-serif", 12))

@@ -64,9 +64,24 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
         }
         data.train.truncate(n);
     }
+    tracing::info!(
+        "{}: {} training and {} test samples from {}",
+        config.dataset,
+        data.train.len(),
+        data.test.len(),
+        dir.display()
+    );
     let model = ModelSpec::mlp(config.dataset, config.hidden.clone());
     let specs = model.layer_specs();
     let oracles = backend::open(&config.backend, &specs)?;
+    tracing::info!(
+        "backend {}: {} layers, hidden {:?}, {} MF parameters",
+        config.backend,
+        specs.len(),
+        model.hidden,
+        model.mf_parameter_count()
+    );
+    tracing::debug!(?config, "run configuration");
     run_with(config, &data, &model, oracles, observer)
 }
 
