@@ -178,6 +178,21 @@ impl SavedModel {
         self.layers.iter().map(|l| l.spec.clone()).collect()
     }
 
+    /// The same digest as [`Trainer::weights_sha256`] (every `W_l`, then every `M_l`, as
+    /// little-endian f32), so a file can be matched to the run summary that produced it.
+    pub fn weights_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for layer in &self.layers {
+            layer.params.iter().for_each(|w| h.update(w.to_le_bytes()));
+        }
+        for layer in &self.layers {
+            let m = &layer.projection.data;
+            m.iter().for_each(|w| h.update(w.to_le_bytes()));
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn projections(&self) -> Vec<Projection> {
         self.layers.iter().map(|l| l.projection.clone()).collect()
     }

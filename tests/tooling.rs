@@ -297,6 +297,7 @@ struct EvalSummary {
     test_accuracy_final_layer: f64,
     test_loss_cumulative: f64,
     test_accuracy_per_layer: Vec<f64>,
+    weights_sha256: String,
 }
 
 #[test]
@@ -315,6 +316,10 @@ fn an_exported_model_reads_back_with_the_same_test_accuracy() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let e: EvalSummary = only_summary(&out);
     assert_eq!(e.test_samples, trained.test_samples);
+    assert_eq!(
+        e.weights_sha256, trained.weights_sha256,
+        "the file holds other parameters"
+    );
     // The same parameters on the same backend: the same figures, to the last bit.
     assert_eq!(e.test_accuracy_cumulative, trained.test_accuracy_cumulative);
     assert_eq!(

@@ -61,6 +61,8 @@ struct EvalSummary {
     test_accuracy_per_layer: Vec<f64>,
     test_loss_per_layer: Vec<f64>,
     eval_seconds: f64,
+    /// The digest `pnn-train` printed for these parameters.
+    weights_sha256: String,
 }
 
 fn main() -> ExitCode {
@@ -145,6 +147,7 @@ fn main() -> ExitCode {
         test_accuracy_per_layer: eval.accuracy_per_layer,
         test_loss_per_layer: eval.loss_per_layer,
         eval_seconds: start.elapsed().as_secs_f64(),
+        weights_sha256: model.weights_sha256(),
     };
     println!("{}", serde_json::to_string(&summary).expect("serialises"));
     ExitCode::SUCCESS
