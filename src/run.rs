@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use crate::backend::{self, BackendSpec};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
+use crate::export::SavedModel;
 use crate::metrics::{EpochMetrics, RunSummary};
 use crate::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
+use crate::observe::{BatchProgress, RunObserver};
 use crate::oracle::{Activations, ForwardOracle, OracleError, WireStats};
 use crate::trainer::{Hyper, Trainer, epoch_order};
 
@@ -25,6 +27,8 @@ pub struct RunConfig {
     /// Train on the first N training samples only.
     pub limit_train: Option<usize>,
     pub backend: BackendSpec,
+    /// Train at most this many batches per epoch (smoke tests, quick looks).
+    pub max_batches: Option<usize>,
 }
 
 impl RunConfig {
@@ -39,6 +43,7 @@ impl RunConfig {
             hyper: Hyper::default(),
             limit_train: None,
             backend: BackendSpec::Sim,
+            max_batches: None,
         }
     }
 }
@@ -53,11 +58,9 @@ pub enum RunError {
     Oracle(#[from] OracleError),
 }
 
-/// Loads the data, builds the backend's oracles and trains; calls `on_epoch` after each epoch.
-pub fn run(
-    config: &RunConfig,
-    on_epoch: impl FnMut(&EpochMetrics),
-) -> Result<RunSummary, RunError> {
+/// Loads the data, builds the backend's oracles and trains, reporting to `observer` (a closure
+/// `FnMut(&EpochMetrics)` is one).
+pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary, RunError> {
     config.hyper.validate().map_err(RunError::Config)?;
     let model = ModelSpec::new(
         config.dataset,
@@ -75,9 +78,24 @@ pub fn run(
         }
         data.train.truncate(n);
     }
+    tracing::info!(
+        "{}: {} training and {} test samples from {}",
+        config.dataset,
+        data.train.len(),
+        data.test.len(),
+        dir.display()
+    );
     let specs = model.layer_specs();
     let oracles = backend::open(&config.backend, &specs)?;
-    run_with(config, &data, &model, oracles, on_epoch)
+    tracing::info!(
+        "backend {}: {} layers, hidden {:?}, {} MF parameters",
+        config.backend,
+        specs.len(),
+        model.hidden,
+        model.mf_parameter_count()
+    );
+    tracing::debug!(?config, "run configuration");
+    run_with(config, &data, &model, oracles, observer)
 }
 
 /// The training loop over any backend's oracles.
@@ -86,7 +104,7 @@ pub fn run_with<O: ForwardOracle>(
     data: &Dataset,
     model: &ModelSpec,
     oracles: Vec<O>,
-    mut on_epoch: impl FnMut(&EpochMetrics),
+    mut observer: impl RunObserver,
 ) -> Result<RunSummary, RunError> {
     let hyper = config.hyper.clone();
     let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
@@ -99,13 +117,26 @@ pub fn run_with<O: ForwardOracle>(
         let order = epoch_order(hyper.seed, epoch, data.train.len());
         let mut loss_sums = vec![0f64; model.hidden.len()];
         let mut batches = 0u32;
-        for (b, batch) in order.chunks(hyper.batch_size).enumerate() {
+        let planned = order
+            .len()
+            .div_ceil(hyper.batch_size)
+            .min(config.max_batches.unwrap_or(usize::MAX));
+        observer.epoch_started(epoch + 1, planned);
+        for (b, batch) in order.chunks(hyper.batch_size).take(planned).enumerate() {
             data.normalizer.batch(&data.train, batch, &mut x);
             let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
             let input = Activations::new(batch.len(), data.input_width(), x.clone());
             let losses = trainer.train_batch(epoch, b as u32, input, &labels)?;
             loss_sums.iter_mut().zip(&losses).for_each(|(s, l)| *s += l);
             batches += 1;
+            observer.batch_done(&BatchProgress {
+                epoch: epoch + 1,
+                batch: b + 1,
+                batches: planned,
+                samples: batch.len(),
+                local_loss: &losses,
+                oracle_evaluations: trainer.oracle_evaluations(),
+            });
         }
         let train_time = start.elapsed().as_secs_f64();
         train_seconds += train_time;
@@ -122,7 +153,7 @@ pub fn run_with<O: ForwardOracle>(
             &eval,
             trainer.oracle_evaluations(),
         );
-        on_epoch(&metrics);
+        observer.epoch_done(&metrics);
         last = Some(eval);
     }
     let eval = match last {
@@ -138,6 +169,14 @@ pub fn run_with<O: ForwardOracle>(
             bytes_down: a.bytes_down + b.bytes_down,
             round_trips: a.round_trips + b.round_trips,
         });
+    if observer.wants_model() {
+        observer.model_trained(&SavedModel::from_trainer(
+            &trainer,
+            &model.layer_specs(),
+            data,
+            config.epochs,
+        ));
+    }
     Ok(RunSummary {
         dataset: config.dataset.name().into(),
         backend: config.backend.to_string(),

@@ -30,7 +30,9 @@ fn two_epochs_on_mnist_learn() {
     // 235 batches x 2 epochs x (2 layers x (2P + 1)) oracle evaluations.
     assert_eq!(s["oracle_evaluations"], 235 * 2 * 2 * 9);
     assert_eq!(
-        err.lines().filter(|l| l.starts_with("epoch ")).count(),
+        err.lines()
+            .filter(|l| l.contains(" epoch ") && l.contains("test acc"))
+            .count(),
         2,
         "one line per epoch on stderr"
     );

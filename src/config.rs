@@ -1,0 +1,441 @@
+//! Experiment configs: the settings of a `pnn-train` run in a RON file (`--config FILE`), with
+//! command-line flags overriding the file.
+//!
+//! [`ExperimentConfig`] is both the RON schema and the set of `pnn-train` flags: one field per
+//! setting, every field optional, so a value comes from the command line, else the file, else the
+//! paper's default ([`ExperimentConfig::to_run_config`]). Keys are the flags' names with `_` for
+//! `-`. An unknown key, a wrong type or an invalid value is an error naming the file, the line
+//! and the key. Names (dataset, arch, backend) are strings; numbers and lists are plain RON:
+//!
+//! ```ron
+//! // Thesis Table 1, MNIST row, MF+DD (P = 4).
+//! (
+//!     dataset: "mnist",
+//!     arch: "mlp",
+//!     hidden: [50, 50],
+//!     epochs: 200,
+//!     batch_size: 256,
+//!     lr: 1e-3,
+//!     eps: 1e-3,
+//!     directions: 4,
+//!     chunk_max: 50000,
+//! )
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::backend::BackendSpec;
+use crate::data::DatasetKind;
+use crate::model::ArchKind;
+pub use crate::model::ArchKind as Arch;
+use crate::run::RunConfig;
+use crate::trainer::Hyper;
+
+/// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Widths(pub Vec<usize>);
+
+impl FromStr for Widths {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let widths = s
+            .split(',')
+            .map(|w| match w.trim().parse::<usize>() {
+                Ok(n) => Ok(n),
+                Err(_) => Err(format!(
+                    "'{w}' is not a width: expected comma-separated positive integers such as 50,50"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::checked(widths)
+    }
+}
+
+impl Widths {
+    fn checked(widths: Vec<usize>) -> Result<Self, String> {
+        if widths.is_empty() {
+            return Err("at least one hidden width is needed".into());
+        }
+        if widths.contains(&0) {
+            return Err("a hidden width must be at least 1".into());
+        }
+        Ok(Self(widths))
+    }
+}
+
+impl<'de> Deserialize<'de> for Widths {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::checked(Vec::<usize>::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The settings of a run: the RON schema of `--config` files and the `pnn-train` flags.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// mnist, fashion-mnist, cifar10 or cifar100 [default: mnist]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub dataset: Option<DatasetKind>,
+    /// Model family: mlp or cnn (thesis Appendix A) [default: mlp]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub arch: Option<Arch>,
+    /// Hidden widths (mlp) or channels per block (cnn), comma-separated [default per dataset,
+    /// Tables 3 and 4: mnist 50,50 / 32,32]
+    #[arg(long, visible_alias = "channels")]
+    #[serde(default)]
+    pub hidden: Option<Widths>,
+    /// CNN only: the random projection's dimension d per channel [default: 16, Table 4]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub proj_dim: Option<usize>,
+    /// Where the layers execute [default: sim]: `sim` (the ideal simulated PNN, in process),
+    /// `sim:<profile.ron>` (a device profile's hardware effects, e.g. `sim:devices/pcm.ron`) or
+    /// `serial:PATH[?baud=921600&timeout_ms=2000&retries=3]` (a device, or `pnn-emulate`'s pty)
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed")]
+    pub backend: Option<BackendSpec>,
+    /// Training epochs [default: 200, as the paper]
+    #[arg(long)]
+    #[serde(default)]
+    pub epochs: Option<u32>,
+    /// Batch size [default: 256]
+    #[arg(long, value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub batch_size: Option<usize>,
+    /// Learning rate eta [default: 1e-3]
+    #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
+    #[serde(default, deserialize_with = "de_positive_f32")]
+    pub lr: Option<f32>,
+    /// Perturbation magnitude of the central difference [default: 1e-3]
+    #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
+    #[serde(default, deserialize_with = "de_positive_f32")]
+    pub eps: Option<f32>,
+    /// Perturbation directions P per chunk, 1 to 64 [default: 4]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[serde(default, deserialize_with = "de_directions")]
+    pub directions: Option<u16>,
+    /// Largest chunk, in parameters (C_max) [default: 50000]
+    #[arg(long, value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub chunk_max: Option<usize>,
+    /// Seed of initialisation, shuffling and directions [default: 0]
+    #[arg(long)]
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Train on the first N training samples only
+    #[arg(long, value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub limit_train: Option<usize>,
+    /// Train at most N batches per epoch (smoke tests)
+    #[arg(long, value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub max_batches: Option<usize>,
+    /// Data directory (else $PNN_DATA_DIR, ./data, ../shared/data)
+    #[arg(long)]
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// Write one JSON object per epoch to this file
+    #[arg(long)]
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
+    /// Write the trained model to this file (safetensors, architecture in its metadata)
+    #[arg(long)]
+    #[serde(default)]
+    pub save: Option<PathBuf>,
+}
+
+fn positive_usize(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive integer")),
+    }
+}
+
+fn positive_f32(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(x) => Err(format!("must be a positive number, got {x}")),
+        Err(_) => Err(format!("'{s}' is not a number")),
+    }
+}
+
+fn de_parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match usize::deserialize(d)? {
+        0 => Err(serde::de::Error::custom("must be at least 1")),
+        n => Ok(Some(n)),
+    }
+}
+
+fn de_positive_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    let x = f32::deserialize(d)?;
+    if x.is_finite() && x > 0.0 {
+        Ok(Some(x))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "must be a positive number, got {x}"
+        )))
+    }
+}
+
+fn de_directions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    match u16::deserialize(d)? {
+        p @ 1..=64 => Ok(Some(p)),
+        p => Err(serde::de::Error::custom(format!(
+            "must be between 1 and 64, got {p}"
+        ))),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}, line {line}, column {column}: {}{message}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+    Parse {
+        origin: String,
+        line: usize,
+        column: usize,
+        /// The key whose value is wrong, where the error is about one.
+        key: Option<String>,
+        message: String,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl ExperimentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses config text; `origin` names it in errors. Options may be written bare (`epochs:
+    /// 5`, RON's `implicit_some`).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let options = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        options.from_str(text).map_err(|e| {
+            let line = e.span.start.line;
+            let key = match &e.code {
+                ron::Error::NoSuchStructField { found, .. } => Some(found.clone()),
+                ron::Error::DuplicateStructField { field, .. } => Some(field.to_string()),
+                _ => key_on_line(text, line),
+            };
+            ConfigError::Parse {
+                origin: origin.to_string(),
+                line,
+                column: e.span.start.col,
+                key,
+                message: e.code.to_string(),
+            }
+        })
+    }
+
+    /// `over`'s settings where it has them, else `self`'s: `file.overlay(command_line)`.
+    pub fn overlay(self, over: Self) -> Self {
+        Self {
+            dataset: over.dataset.or(self.dataset),
+            arch: over.arch.or(self.arch),
+            hidden: over.hidden.or(self.hidden),
+            proj_dim: over.proj_dim.or(self.proj_dim),
+            backend: over.backend.or(self.backend),
+            epochs: over.epochs.or(self.epochs),
+            batch_size: over.batch_size.or(self.batch_size),
+            lr: over.lr.or(self.lr),
+            eps: over.eps.or(self.eps),
+            directions: over.directions.or(self.directions),
+            chunk_max: over.chunk_max.or(self.chunk_max),
+            seed: over.seed.or(self.seed),
+            limit_train: over.limit_train.or(self.limit_train),
+            max_batches: over.max_batches.or(self.max_batches),
+            data_dir: over.data_dir.or(self.data_dir),
+            metrics: over.metrics.or(self.metrics),
+            save: over.save.or(self.save),
+        }
+    }
+
+    /// The run these settings describe, with the paper's defaults (section 4.5) for what is unset.
+    pub fn to_run_config(&self) -> Result<RunConfig, ConfigError> {
+        let dataset = self.dataset.unwrap_or(DatasetKind::Mnist);
+        let arch = self.arch.unwrap_or_default();
+        if arch == ArchKind::Mlp && self.proj_dim.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "proj_dim",
+                message: "applies to arch cnn only".into(),
+            });
+        }
+        let defaults = Hyper::default();
+        let mut run = RunConfig::new(dataset);
+        run.data_dir = self.data_dir.clone();
+        run.arch = arch;
+        run.proj_dim = self.proj_dim.unwrap_or(run.proj_dim);
+        run.hidden = self.hidden.as_ref().map(|w| w.0.clone());
+        run.epochs = self.epochs.unwrap_or(run.epochs);
+        run.hyper = Hyper {
+            lr: self.lr.unwrap_or(defaults.lr),
+            eps: self.eps.unwrap_or(defaults.eps),
+            directions: self.directions.map_or(defaults.directions, usize::from),
+            chunk_max: self.chunk_max.unwrap_or(defaults.chunk_max),
+            batch_size: self.batch_size.unwrap_or(defaults.batch_size),
+            seed: self.seed.unwrap_or(defaults.seed),
+        };
+        run.limit_train = self.limit_train;
+        run.max_batches = self.max_batches;
+        run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
+        Ok(run)
+    }
+}
+
+/// The key a RON line sets (`    name: value`), if it sets one.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let (key, _) = l.trim_start().split_once(':')?;
+    let key = key.trim();
+    let ident = !key.is_empty()
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !key.starts_with(|c: char| c.is_ascii_digit());
+    ident.then(|| key.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ExperimentConfig, ConfigError> {
+        ExperimentConfig::parse(text, "t.ron")
+    }
+
+    #[test]
+    fn a_full_config_parses_and_fills_a_run() {
+        let c = parse(
+            "// comment\n(\n  dataset: \"fashion-mnist\",\n  arch: \"mlp\",\n  hidden: [100, 100, 100],\n  epochs: 7,\n  batch_size: 128,\n  lr: 2e-3,\n  eps: 1e-3,\n  directions: 8,\n  chunk_max: 50000,\n  seed: 3,\n  backend: \"sim\",\n  metrics: \"m.jsonl\",\n)",
+        )
+        .unwrap();
+        let run = c.to_run_config().unwrap();
+        assert_eq!(run.dataset, DatasetKind::FashionMnist);
+        assert_eq!(run.hidden, Some(vec![100, 100, 100]));
+        assert_eq!(run.epochs, 7);
+        assert_eq!(run.hyper.batch_size, 128);
+        assert_eq!(run.hyper.lr, 2e-3);
+        assert_eq!(run.hyper.directions, 8);
+        assert_eq!(run.hyper.seed, 3);
+        assert_eq!(c.metrics, Some(PathBuf::from("m.jsonl")));
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_file() {
+        let file = parse("(epochs: 7, directions: 8, seed: 3)").unwrap();
+        let cli = ExperimentConfig {
+            directions: Some(2),
+            ..Default::default()
+        };
+        let run = file.overlay(cli).to_run_config().unwrap();
+        assert_eq!(
+            (run.epochs, run.hyper.directions, run.hyper.seed),
+            (7, 2, 3)
+        );
+    }
+
+    #[test]
+    fn an_empty_config_is_the_paper_defaults() {
+        let run = parse("()").unwrap().to_run_config().unwrap();
+        assert_eq!(run.hyper, Hyper::default());
+        assert_eq!(run.epochs, 200);
+        assert_eq!(run.dataset, DatasetKind::Mnist);
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_key_and_the_line() {
+        let msg = error("(\n  epochs: 3,\n  learning_rate: 0.1,\n)");
+        assert!(
+            msg.contains("line 3") && msg.contains("learning_rate"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key_and_the_line() {
+        let msg = error("(\n  dataset: \"mnist\",\n  epochs: \"ten\",\n)");
+        assert!(
+            msg.contains("line 3") && msg.contains("key `epochs`"),
+            "{msg}"
+        );
+        let msg = error("(\n  hidden: 50,\n)");
+        assert!(
+            msg.contains("line 2") && msg.contains("key `hidden`"),
+            "{msg}"
+        );
+        let msg = error("(\n  lr: \"fast\",\n)");
+        assert!(msg.contains("line 2") && msg.contains("key `lr`"), "{msg}");
+    }
+
+    #[test]
+    fn an_invalid_value_names_the_key_and_the_line() {
+        for (text, key, what) in [
+            (
+                "(\n\n  dataset: \"imagenet\",\n)",
+                "dataset",
+                "unknown dataset",
+            ),
+            (
+                "(\n\n  directions: 65,\n)",
+                "directions",
+                "between 1 and 64",
+            ),
+            ("(\n\n  lr: -1.0,\n)", "lr", "positive"),
+            ("(\n\n  hidden: [50, 0],\n)", "hidden", "at least 1"),
+            ("(\n\n  batch_size: 0,\n)", "batch_size", "at least 1"),
+            ("(\n\n  backend: \"gpu\",\n)", "backend", "unknown backend"),
+            ("(\n\n  arch: \"rnn\",\n)", "arch", "unknown architecture"),
+        ] {
+            let msg = error(text);
+            assert!(
+                msg.contains("line 3")
+                    && msg.contains(&format!("key `{key}`"))
+                    && msg.contains(what),
+                "{text}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn cnn_settings_parse() {
+        let c = parse("(arch: \"cnn\", proj_dim: 16)").unwrap();
+        assert_eq!(c.arch, Some(Arch::Cnn));
+        assert_eq!(c.proj_dim, Some(16));
+        let mlp = parse("(arch: \"mlp\", proj_dim: 16)").unwrap();
+        assert!(
+            mlp.to_run_config()
+                .unwrap_err()
+                .to_string()
+                .contains("proj_dim")
+        );
+    }
+}
