@@ -36,7 +36,7 @@ fn constant_layer(model: &NoiseModel, n_out: usize, bias: f32, batch: usize) -> 
 }
 
 /// `forward` `n` times; every output value of every pass.
-fn samples(l: &DenseLayer, n: usize) -> Vec<f32> {
+fn samples(l: &mut DenseLayer, n: usize) -> Vec<f32> {
     let mut all = Vec::new();
     let mut out = Vec::new();
     for _ in 0..n {
@@ -58,8 +58,8 @@ fn output_noise_has_the_std_the_profile_sets_relative_to_the_adc_bound() {
         }),
         ..Default::default()
     };
-    let l = constant_layer(&model, 16, 4.0, 64);
-    let (mean, std) = mean_std(&samples(&l, 100));
+    let mut l = constant_layer(&model, 16, 4.0, 64);
+    let (mean, std) = mean_std(&samples(&mut l, 100));
     assert!((mean - 4.0).abs() < 0.01, "mean {mean}");
     assert!((std / 0.4 - 1.0).abs() < 0.02, "std {std}, expected 0.4");
     // Without an ADC the std is the setting itself.
@@ -67,8 +67,8 @@ fn output_noise_has_the_std_the_profile_sets_relative_to_the_adc_bound() {
         output_noise: 0.3,
         ..Default::default()
     };
-    let l = constant_layer(&model, 16, 4.0, 64);
-    let (_, std) = mean_std(&samples(&l, 100));
+    let mut l = constant_layer(&model, 16, 4.0, 64);
+    let (_, std) = mean_std(&samples(&mut l, 100));
     assert!((std / 0.3 - 1.0).abs() < 0.02, "std {std}, expected 0.3");
 }
 
@@ -78,13 +78,13 @@ fn noise_is_redrawn_every_forward_and_seeded() {
         output_noise: 0.1,
         ..Default::default()
     };
-    let l = constant_layer(&model, 4, 2.0, 8);
+    let mut l = constant_layer(&model, 4, 2.0, 8);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     l.forward(&mut a).unwrap();
     l.forward(&mut b).unwrap();
     assert_ne!(a, b, "two forwards drew the same noise");
     // The same seed replays the same stream; another seed does not.
-    let again = constant_layer(&model, 4, 2.0, 8);
+    let mut again = constant_layer(&model, 4, 2.0, 8);
     let mut c = Vec::new();
     again.forward(&mut c).unwrap();
     assert_eq!(a, c);
@@ -111,7 +111,7 @@ fn input_noise_has_the_std_the_profile_sets_relative_to_the_dac_bound() {
     let mut l = DenseLayer::with_noise(1, 1, &model, 3);
     l.set_params(&[1.0, 5.0]).unwrap();
     l.load_input(&[0.5; 512]).unwrap();
-    let (mean, std) = mean_std(&samples(&l, 100));
+    let (mean, std) = mean_std(&samples(&mut l, 100));
     assert!((mean - 5.5).abs() < 0.002, "mean {mean}");
     assert!((std / 0.04 - 1.0).abs() < 0.02, "std {std}, expected 0.04");
 }
@@ -126,7 +126,7 @@ fn read_noise_is_multiplicative_in_the_weight() {
     let mut l = DenseLayer::with_noise(1, 3, &model, 5);
     l.set_params(&[1.0, 3.0, -2.0, 10.0, 10.0, 10.0]).unwrap();
     l.load_input(&[2.0; 256]).unwrap();
-    let all = samples(&l, 200);
+    let all = samples(&mut l, 200);
     for (i, w) in [1.0f64, 3.0, -2.0].into_iter().enumerate() {
         let column: Vec<f32> = all.iter().skip(i).step_by(3).copied().collect();
         let (mean, std) = mean_std(&column);
