@@ -68,8 +68,6 @@ pub enum Arch {
 /// Thesis section 4.4: d = 16 projected features per channel.
 pub const DEFAULT_PROJ_DIM: usize = 16;
 
-const PROJECTION_DOMAIN: u64 = 0x706E_6E2D_412D_6D61; // "pnn-A-ma"
-
 /// A model: its blocks (MLP or CNN), each with its projection `M_l` (Tables 3 and 4).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelSpec {
@@ -180,7 +178,6 @@ impl ModelSpec {
         } = self.arch
         {
             let (mut c_in, mut h, mut w) = (channels, height, width);
-            let base = mix(seed ^ PROJECTION_DOMAIN);
             return self
                 .hidden
                 .iter()
@@ -191,7 +188,7 @@ impl ModelSpec {
                         c_out,
                         (h, w),
                         proj_dim,
-                        mix(base.wrapping_add(l as u64)),
+                        pnn_sim::conv::block_projection_seed(seed, l),
                     );
                     (c_in, h, w) = (c_out, h / 2, w / 2);
                     spec

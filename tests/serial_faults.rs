@@ -12,12 +12,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
-use firmware_protocol::message::{Request, Response};
+use firmware_protocol::message::{PROTOCOL_VERSION, Request, Response};
 use pnn::backend::serial::{self, RetryPolicy, SerialOracle, SerialTransport};
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerSpec, OracleError, UpdateTerm,
 };
-use pnn_sim::emulator::{self, EmulatorConfig};
+use pnn_sim::emulator::{self, EmulatorConfig, LayerConfig};
 use serialport::{SerialPort, TTYPort};
 
 /// What the fake device does with one request, after the real server has executed it.
@@ -74,14 +74,15 @@ fn fake_device(mut script: impl FnMut(&Seen<'_>) -> Action + Send + 'static) -> 
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
     let thread = std::thread::spawn(move || {
-        let config = EmulatorConfig {
-            name: "fake".into(),
-            layers: vec![(N_IN, N_OUT)],
-            encoding: firmware_protocol::message::ActivationEncoding::F32,
-            max_batch: 64,
-            boot_id: 42,
-        };
-        let mut server = emulator::server(&config);
+        let mut config = EmulatorConfig::new(
+            "fake",
+            vec![LayerConfig::Dense {
+                inputs: N_IN,
+                outputs: N_OUT,
+            }],
+        );
+        (config.max_batch, config.boot_id) = (64, 42);
+        let mut server = emulator::server(&config).unwrap();
         let mut decoder = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
         let (mut payload, mut out) = (vec![0u8; MAX_PAYLOAD], vec![0u8; MAX_ENCODED + 1]);
         let mut buf = vec![0u8; 4096];
@@ -259,15 +260,15 @@ fn a_reply_with_another_sequence_number_is_discarded() {
     assert!(c.stale_replies >= 1 && c.retransmissions >= 1, "{c:?}");
 }
 
-#[test]
-fn a_wrong_protocol_version_is_a_clear_error() {
-    let (_fake, slave) = fake_device(|seen| {
+/// A device that answers the handshake with `version` instead of its own.
+fn device_speaking(version: u16) -> (Fake, TTYPort) {
+    fake_device(move |seen| {
         let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
         let (_, f) = dec.feed(seen.reply);
         let f = f.unwrap().unwrap();
         match f.decode::<Response>().unwrap() {
             Response::Hello(mut info) => {
-                info.protocol_version = 99;
+                info.protocol_version = version;
                 let (mut scratch, mut out) = (vec![0u8; 256], vec![0u8; 300]);
                 let n = frame::encode(seen.seq, &Response::Hello(info), &mut scratch, &mut out)
                     .unwrap();
@@ -275,12 +276,24 @@ fn a_wrong_protocol_version_is_a_clear_error() {
             }
             _ => Action::Reply,
         }
-    });
-    let err = connect(slave).err().expect("refused").to_string();
-    assert!(
-        err.contains("protocol version 99") && err.contains("version 1"),
-        "{err}"
-    );
+    })
+}
+
+#[test]
+fn a_wrong_protocol_version_is_a_clear_error() {
+    // A newer device, and an older one (version 1 firmware knows no CNN blocks).
+    for version in [99, PROTOCOL_VERSION - 1] {
+        let (_fake, slave) = device_speaking(version);
+        let err = connect(slave).err().expect("refused").to_string();
+        assert!(
+            err.contains(&format!("protocol version {version},"))
+                && err.contains(&format!("this host speaks version {PROTOCOL_VERSION}")),
+            "{err}"
+        );
+    }
+    // The same device speaking this host's version is accepted: the refusal is the version's.
+    let (_fake, slave) = device_speaking(PROTOCOL_VERSION);
+    assert!(connect(slave).is_ok());
 }
 
 #[test]

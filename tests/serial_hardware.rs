@@ -27,7 +27,11 @@ fn the_device_handshakes_and_every_layer_conforms() {
     let summary = device.summary().clone();
     eprintln!("device: {summary:?}");
     assert!(!summary.layers.is_empty(), "the device declares no layer");
-    let specs: Vec<_> = summary.layers.iter().map(layer_spec).collect();
+    let specs: Vec<_> = summary
+        .layers
+        .iter()
+        .map(|d| layer_spec(d).expect("the device describes its layers consistently"))
+        .collect();
     let mut oracles = device.oracles(&specs).expect("its own layers match");
     let rows = (summary.max_batch as usize).clamp(1, 8);
     for (l, o) in oracles.iter_mut().enumerate() {

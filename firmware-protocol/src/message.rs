@@ -27,7 +27,12 @@ use serde::{Deserialize, Serialize};
 use crate::direction::{DirectionSeed, UpdateTerm};
 
 /// Bumped with every change to the messages or the framing. Host and device must agree.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// - 1: dense layers.
+/// - 2: CNN blocks ([`LayerKind::Conv`]); a clean forward pass of a layer whose next-layer input
+///   differs from its features returns both ([`LayerDescriptor::forward_width`]). Every message
+///   of a dense layer keeps its version-1 bytes.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Most layers one device may hold.
 pub const MAX_LAYERS: usize = 16;
@@ -77,8 +82,11 @@ pub enum Request<'a> {
         #[serde(borrow)]
         terms: Packed<'a, UpdateTerm>,
     },
-    /// A clean forward pass on the cached input; the result buffer holds the features and, for
-    /// layers whose next-layer input differs from them, that input after them.
+    /// A clean forward pass on the cached input. The result buffer holds, per batch, the
+    /// features (rows x feature width) and, for layers whose next-layer input differs from them
+    /// (a CNN block pools), that input after them (rows x output width):
+    /// [`LayerDescriptor::forward_width`] values per row in all. `mode` selects BatchNorm's
+    /// statistics: the batch's (committed to the running statistics) or the running ones.
     Forward { layer: u8, mode: ForwardMode },
     /// The block of the result buffer that starts at byte `offset` of its encoding.
     ReadResult { offset: u32 },
@@ -176,17 +184,91 @@ impl LayerDescriptor {
         }
     }
 
+    /// A CNN block (thesis Appendix A, Table 4): Conv2d 3x3 (stride 1, padding 1) ->
+    /// BatchNorm2d -> ReLU on `in_channels` maps of `height` x `width`. Its features are the ReLU
+    /// output projected per output channel by the fixed `A_c` (proj_dim x HW, section 4.4) that
+    /// the device draws from `projection_seed`; its next-layer input is the ReLU output
+    /// max-pooled 2x2. Parameters per output channel, in order: conv weights (in_channels x 3 x
+    /// 3), conv bias, BatchNorm scale, BatchNorm shift; chunks are whole channels. Sizes that do
+    /// not fit a u32 saturate (a device holds no such layer).
+    pub const fn conv(
+        in_channels: u32,
+        out_channels: u32,
+        height: u32,
+        width: u32,
+        proj_dim: u32,
+        projection_seed: u64,
+        encoding: ActivationEncoding,
+    ) -> Self {
+        let per_channel = in_channels.saturating_mul(9).saturating_add(3);
+        Self {
+            kind: LayerKind::Conv {
+                in_channels,
+                out_channels,
+                height,
+                width,
+                proj_dim,
+                projection_seed,
+            },
+            param_count: out_channels.saturating_mul(per_channel),
+            feature_width: out_channels.saturating_mul(proj_dim),
+            output_width: out_channels
+                .saturating_mul(height / 2)
+                .saturating_mul(width / 2),
+            chunking: Chunking::Groups { size: per_channel },
+            encoding,
+        }
+    }
+
+    /// Values per sample of the layer's input (saturating).
     pub const fn input_width(&self) -> u32 {
         match self.kind {
             LayerKind::Dense { inputs, .. } => inputs,
+            LayerKind::Conv {
+                in_channels,
+                height,
+                width,
+                ..
+            } => in_channels.saturating_mul(height).saturating_mul(width),
+        }
+    }
+
+    /// Whether the next layer's input differs from the features (and so follows them in a
+    /// clean forward pass's result).
+    pub const fn has_separate_output(&self) -> bool {
+        match self.kind {
+            LayerKind::Dense { .. } => false,
+            LayerKind::Conv { .. } => true,
+        }
+    }
+
+    /// Values per sample of a clean forward pass's result: the features, then the next-layer
+    /// input where it differs from them (saturating).
+    pub const fn forward_width(&self) -> u32 {
+        if self.has_separate_output() {
+            self.feature_width.saturating_add(self.output_width)
+        } else {
+            self.feature_width
         }
     }
 }
 
+/// Variants are only ever appended, so a layer's encoding never changes with the version that
+/// added another kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LayerKind {
     /// Linear + ReLU.
     Dense { inputs: u32, outputs: u32 },
+    /// A CNN block (see [`LayerDescriptor::conv`]); protocol version 2.
+    Conv {
+        in_channels: u32,
+        out_channels: u32,
+        height: u32,
+        width: u32,
+        proj_dim: u32,
+        /// Names the block's fixed projection `A`; the host checks it is the model's.
+        projection_seed: u64,
+    },
 }
 
 /// How the device's parameters may be cut into chunks (thesis section 4.4).
@@ -695,6 +777,56 @@ mod tests {
         let e = ActivationEncoding::AdcU16 { scale: 0.001 };
         e.encode(1.5, &mut b);
         assert_eq!(e.decode(&b), 1500.0 * 0.001);
+    }
+
+    /// The dense layer's messages are those of protocol version 1, byte for byte: the conv
+    /// layer (version 2) added variants after them and changed no existing encoding.
+    #[test]
+    fn dense_messages_keep_their_version_1_bytes() {
+        let mut buf = [0u8; 64];
+        let d = LayerDescriptor::dense(784, 50, ActivationEncoding::F32);
+        let body = postcard::to_slice(&Response::Layer(d), &mut buf).unwrap();
+        assert_eq!(
+            body,
+            [1, 0, 0x90, 0x06, 0x32, 0xD2, 0xB2, 0x02, 0x32, 0x32, 0, 0]
+        );
+        let forward = Request::Forward {
+            layer: 1,
+            mode: ForwardMode::Eval,
+        };
+        assert_eq!(postcard::to_slice(&forward, &mut buf).unwrap(), [7, 1, 1]);
+    }
+
+    #[test]
+    fn a_conv_descriptor_round_trips_with_its_sizes() {
+        let d = LayerDescriptor::conv(1, 32, 28, 28, 16, u64::MAX - 3, ActivationEncoding::F32);
+        assert_eq!(d.param_count, 32 * (9 + 3));
+        assert_eq!(d.chunking, Chunking::Groups { size: 12 });
+        assert_eq!((d.input_width(), d.feature_width), (784, 512));
+        assert_eq!(
+            (d.output_width, d.forward_width()),
+            (32 * 14 * 14, 512 + 6272)
+        );
+        let dense = LayerDescriptor::dense(784, 50, ActivationEncoding::F32);
+        assert_eq!(dense.forward_width(), 50);
+        let mut buf = [0u8; 64];
+        let body = postcard::to_slice(&Response::Layer(d), &mut buf).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<Response>(body).unwrap(),
+            Response::Layer(d)
+        );
+        // Garbage sizes saturate instead of overflowing.
+        let huge = LayerDescriptor::conv(
+            u32::MAX,
+            u32::MAX,
+            u32::MAX,
+            9,
+            9,
+            0,
+            ActivationEncoding::F32,
+        );
+        assert_eq!((huge.param_count, huge.input_width()), (u32::MAX, u32::MAX));
+        assert_eq!(huge.forward_width(), u32::MAX);
     }
 
     #[test]

@@ -41,16 +41,34 @@ pub trait PhysicalLayer {
     fn load_input(&mut self, rows: usize, offset: usize, values: &[f32])
     -> Result<(), DeviceError>;
 
-    /// A clean forward pass on the cached batch: `out` is rows x feature width.
+    /// A clean forward pass on the cached batch: `out` is rows x feature width, followed, for a
+    /// layer whose next-layer input differs from its features (a CNN block), by rows x output
+    /// width ([`LayerDescriptor::forward_width`] values per row in all). In
+    /// [`ForwardMode::Train`] a CNN block normalises with the batch's statistics and commits them
+    /// to its running statistics; in [`ForwardMode::Eval`] it normalises with the running ones.
     fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError>;
+
+    /// The features (rows x feature width) of a training-mode pass under the parameters as
+    /// currently written, for the default [`PhysicalLayer::evaluate_perturbed`]. It must leave
+    /// no trace: a CNN block normalises with the batch's statistics but leaves its running
+    /// statistics untouched (thesis section 4.4). The default is `forward(Train, out)`, right for
+    /// a layer without such state whose result is its features alone (dense); a layer with a
+    /// separate next-layer input must override it (the default refuses with `Unsupported`).
+    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        if self.descriptor().has_separate_output() {
+            return Err(DeviceError::Unsupported);
+        }
+        self.forward(ForwardMode::Train, out)
+    }
 
     /// Algorithm 1, lines 6-9, for each seed: `out` receives the features under `W + eps v` then
     /// under `W - eps v` (rows x feature width each), `v` the normalised direction the seed names
     /// over `chunk`. Must leave the parameters bit-identical. `scratch` holds `2 * chunk.len()`
     /// values.
     ///
-    /// The default is the literal choreography: save the chunk, write `w + eps v`, forward, write
-    /// `w - eps v`, forward, write the saved values back.
+    /// The default is the literal choreography: save the chunk, write `w + eps v`, evaluate
+    /// ([`PhysicalLayer::forward_features`]), write `w - eps v`, evaluate, write the saved values
+    /// back.
     fn evaluate_perturbed(
         &mut self,
         chunk: Range<usize>,
@@ -73,7 +91,7 @@ pub trait PhysicalLayer {
                 perturbed.for_each(|(vi, w)| *vi = w + sign * eps * *vi);
                 result = self
                     .write_parameters(chunk.start, v)
-                    .and_then(|_| self.forward(ForwardMode::Train, target));
+                    .and_then(|_| self.forward_features(target));
                 fill_direction(*seed, v);
                 if result.is_err() {
                     break;
@@ -468,7 +486,7 @@ where
             Request::Forward { layer, mode } => {
                 let rows = self.input_rows(*layer)?;
                 let (l, d) = layer_of(&mut self.layers, *layer)?;
-                let len = rows * d.feature_width as usize;
+                let len = rows * d.forward_width() as usize;
                 let available = self.result.view().len() as u32;
                 let out = self.result.get(len).ok_or(DeviceError::OutOfMemory {
                     needed: len as u32,

@@ -115,6 +115,16 @@ impl ConvShape {
     }
 }
 
+/// Separates the run seed's use for the blocks' projection seeds from every other use.
+const BLOCK_PROJECTION_DOMAIN: u64 = 0x706E_6E2D_412D_6D61; // "pnn-A-ma"
+
+/// The projection seed of CNN block `block` (0-based) of a run seeded `run_seed`: the one rule
+/// the host's model (`pnn::model::ModelSpec`) and the emulator (`pnn-emulate --seed`) share, so
+/// a device draws the very `A` the in-process simulator draws.
+pub fn block_projection_seed(run_seed: u64, block: usize) -> u64 {
+    mix(mix(run_seed ^ BLOCK_PROJECTION_DOMAIN).wrapping_add(block as u64))
+}
+
 /// The fixed projection of a block: for each output channel `c`, `A_c` (d x HW, row-major) with
 /// entries `z / sqrt(HW)`, `z` the standard normal stream of
 /// `firmware_protocol::direction::direction_values` under the channel's seed (thesis section 4.4,

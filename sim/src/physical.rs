@@ -1,9 +1,11 @@
-//! The simulated layers as a firmware would present them: [`PhysicalLayer`] for [`DenseLayer`],
-//! served by `firmware_protocol::server::Server` in the emulator (`pnn-emulate`).
+//! The simulated layers as a firmware would present them: [`PhysicalLayer`] for [`DenseLayer`]
+//! ([`DeviceDense`]) and for [`ConvBlock`] ([`DeviceConv`]), served by
+//! `firmware_protocol::server::Server` in the emulator (`pnn-emulate`).
 //!
 //! The perturbed evaluation and the update are overridden with the simulator's own (the exact
 //! fast path and the cached-direction update), so a run through the emulator computes the very
-//! numbers `--backend sim` computes, bit for bit.
+//! numbers `--backend sim` computes, bit for bit. A dense layer may carry a profile's hardware
+//! effects ([`DeviceDense::with_noise`], keyed as `--backend sim:<profile>` keys them).
 
 use std::ops::Range;
 
@@ -11,7 +13,9 @@ use firmware_protocol::message::{ActivationEncoding, DeviceError, ForwardMode, L
 use firmware_protocol::server::PhysicalLayer;
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
-use crate::dense::{DenseLayer, SimError};
+use crate::conv::{BnMode, ConvBlock, ConvShape};
+use crate::dense::{Choreography, DenseLayer, SimError};
+use crate::noise::NoiseModel;
 
 /// A [`DenseLayer`] behind the device protocol. Parameter and input parts are staged here and
 /// handed to the layer whole (the layer takes whole vectors).
@@ -19,6 +23,9 @@ use crate::dense::{DenseLayer, SimError};
 pub struct DeviceDense {
     layer: DenseLayer,
     encoding: ActivationEncoding,
+    /// The hardware effects and the layer's device seed, to rebuild the power-on state.
+    noise: NoiseModel,
+    seed: u64,
     /// Parameters as programmed; `dirty` until handed to the layer.
     params: Vec<f32>,
     dirty: bool,
@@ -29,11 +36,26 @@ pub struct DeviceDense {
 
 impl DeviceDense {
     pub fn new(n_in: usize, n_out: usize, encoding: ActivationEncoding) -> Self {
-        let layer = DenseLayer::new(n_in, n_out);
+        Self::with_noise(n_in, n_out, encoding, &NoiseModel::default(), 0)
+    }
+
+    /// A layer with the hardware effects of `noise`, its faults and streams keyed by `seed`
+    /// (`crate::noise::layer_seed(profile seed, layer index)`, as the in-process simulator keys
+    /// the same layer of a model), via [`DenseLayer::with_noise`].
+    pub fn with_noise(
+        n_in: usize,
+        n_out: usize,
+        encoding: ActivationEncoding,
+        noise: &NoiseModel,
+        seed: u64,
+    ) -> Self {
+        let layer = DenseLayer::with_noise(n_in, n_out, noise, seed);
         Self {
             params: layer.params().to_vec(),
             layer,
             encoding,
+            noise: noise.clone(),
+            seed,
             dirty: false,
             input: Vec::new(),
             out: Vec::new(),
@@ -125,6 +147,9 @@ impl PhysicalLayer for DeviceDense {
         offset: usize,
         values: &[f32],
     ) -> Result<(), DeviceError> {
+        // Parameters written before this batch are written before it (a device's clock ticks
+        // at each batch: a write after the tick would drift differently).
+        self.flush();
         let total = rows * self.layer.n_in();
         if offset == 0 {
             self.input.clear();
@@ -194,8 +219,317 @@ impl PhysicalLayer for DeviceDense {
 
     fn reset(&mut self) {
         let choreography = self.layer.choreography();
-        *self = Self::new(self.layer.n_in(), self.layer.n_out(), self.encoding);
+        *self = Self::with_noise(
+            self.layer.n_in(),
+            self.layer.n_out(),
+            self.encoding,
+            &self.noise,
+            self.seed,
+        );
         self.layer.set_choreography(choreography);
+    }
+}
+
+/// A [`ConvBlock`] behind the device protocol (thesis section 4.4, Table 4): the projection `A`
+/// is drawn on the device from the shape's projection seed, so only the C*d features and the
+/// pooled next-layer input cross the link. Parameters and input parts are staged as for
+/// [`DeviceDense`].
+#[derive(Debug)]
+pub struct DeviceConv {
+    block: ConvBlock,
+    encoding: ActivationEncoding,
+    params: Vec<f32>,
+    dirty: bool,
+    input: Vec<f32>,
+    features: Vec<f32>,
+    next: Vec<f32>,
+    pairs: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl DeviceConv {
+    /// A block of `shape` with zero parameters and fresh running statistics; refuses a shape
+    /// [`ConvShape::check`] refuses, or one whose sizes do not fit the protocol's u32 fields.
+    pub fn new(shape: ConvShape, encoding: ActivationEncoding) -> Result<Self, String> {
+        shape.check()?;
+        let sizes = [
+            ("parameters", shape.param_count()),
+            ("input values per sample", shape.input_width()),
+            (
+                "result values per sample",
+                shape.feature_width() + shape.output_width(),
+            ),
+        ];
+        for (what, n) in sizes {
+            if u32::try_from(n).is_err() {
+                return Err(format!("a conv block with {n} {what} is too large"));
+            }
+        }
+        let block = ConvBlock::new(shape);
+        Ok(Self {
+            params: block.params().to_vec(),
+            block,
+            encoding,
+            dirty: false,
+            input: Vec::new(),
+            features: Vec::new(),
+            next: Vec::new(),
+            pairs: Vec::new(),
+        })
+    }
+
+    pub fn block(&self) -> &ConvBlock {
+        &self.block
+    }
+
+    pub fn block_mut(&mut self) -> &mut ConvBlock {
+        self.flush();
+        &mut self.block
+    }
+
+    fn flush(&mut self) {
+        if self.dirty {
+            self.block
+                .set_params(&self.params)
+                .expect("staged parameters have the block's length");
+            self.dirty = false;
+        }
+    }
+}
+
+impl PhysicalLayer for DeviceConv {
+    fn descriptor(&self) -> LayerDescriptor {
+        let s = self.block.shape();
+        LayerDescriptor::conv(
+            s.in_channels as u32,
+            s.out_channels as u32,
+            s.height as u32,
+            s.width as u32,
+            s.proj_dim as u32,
+            s.projection_seed,
+            self.encoding,
+        )
+    }
+
+    fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+        let end = offset + values.len();
+        let count = self.params.len();
+        let target = self
+            .params
+            .get_mut(offset..end)
+            .ok_or(DeviceError::ShapeMismatch {
+                expected: count as u32,
+                got: end as u32,
+            })?;
+        target.copy_from_slice(values);
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.flush();
+        let end = offset + out.len();
+        let p = self.block.params();
+        let src = p.get(offset..end).ok_or(DeviceError::ShapeMismatch {
+            expected: p.len() as u32,
+            got: end as u32,
+        })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn load_input(
+        &mut self,
+        rows: usize,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<(), DeviceError> {
+        self.flush();
+        let total = rows * self.block.shape().input_width();
+        if offset == 0 {
+            self.input.clear();
+        }
+        self.input.extend_from_slice(values);
+        if self.input.len() == total {
+            self.block.load_input(&self.input).map_err(device_err)?;
+        }
+        Ok(())
+    }
+
+    /// `out`: the features (rows x C*d), then the pooled next-layer input (rows x C*H/2*W/2).
+    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.flush();
+        let mode = match mode {
+            ForwardMode::Train => BnMode::Train,
+            ForwardMode::Eval => BnMode::Eval,
+        };
+        self.block
+            .forward(mode, &mut self.features, &mut self.next)
+            .map_err(device_err)?;
+        let f = self.features.len();
+        if f + self.next.len() != out.len() {
+            return Err(DeviceError::ShapeMismatch {
+                expected: out.len() as u32,
+                got: (f + self.next.len()) as u32,
+            });
+        }
+        out[..f].copy_from_slice(&self.features);
+        out[f..].copy_from_slice(&self.next);
+        Ok(())
+    }
+
+    /// A training-mode pass that leaves no trace: the running statistics it commits are put
+    /// back (section 4.4's snapshot and restore).
+    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.flush();
+        let saved = (
+            self.block.running_mean().to_vec(),
+            self.block.running_var().to_vec(),
+        );
+        let result = self
+            .block
+            .forward(BnMode::Train, &mut self.features, &mut self.next);
+        self.block
+            .set_running_stats(&saved.0, &saved.1)
+            .expect("the block's own statistics fit it");
+        result.map_err(device_err)?;
+        if self.features.len() != out.len() {
+            return Err(DeviceError::ShapeMismatch {
+                expected: out.len() as u32,
+                got: self.features.len() as u32,
+            });
+        }
+        out.copy_from_slice(&self.features);
+        Ok(())
+    }
+
+    fn evaluate_perturbed(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut [f32],
+        _scratch: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        self.flush();
+        self.block
+            .evaluate_perturbed(chunk, seeds, eps, &mut self.pairs)
+            .map_err(device_err)?;
+        let block = out.len() / (2 * seeds.len());
+        for ((plus, minus), dst) in self.pairs.iter().zip(out.chunks_exact_mut(2 * block)) {
+            let (p, m) = dst.split_at_mut(block);
+            p.copy_from_slice(plus);
+            m.copy_from_slice(minus);
+        }
+        Ok(())
+    }
+
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+        _scratch: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        self.flush();
+        self.block
+            .apply_update(chunk, scale, terms)
+            .map_err(device_err)?;
+        Ok(())
+    }
+
+    fn perturbation_scratch(&self, _chunk_len: usize) -> usize {
+        0
+    }
+
+    fn update_scratch(&self, _chunk_len: usize) -> usize {
+        0
+    }
+
+    /// Power-on: zero parameters, running mean 0 and variance 1, no input.
+    fn reset(&mut self) {
+        let choreography = self.block.choreography();
+        *self = Self::new(*self.block.shape(), self.encoding).expect("the shape was accepted");
+        self.block.set_choreography(choreography);
+    }
+}
+
+/// Any simulated layer the emulator serves (boxed: the variants differ much in size).
+#[derive(Debug)]
+pub enum DeviceLayer {
+    Dense(Box<DeviceDense>),
+    Conv(Box<DeviceConv>),
+}
+
+impl DeviceLayer {
+    pub fn set_choreography(&mut self, choreography: Choreography) {
+        match self {
+            Self::Dense(l) => l.layer_mut().set_choreography(choreography),
+            Self::Conv(b) => b.block_mut().set_choreography(choreography),
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $l:ident => $e:expr) => {
+        match $self {
+            DeviceLayer::Dense($l) => $e,
+            DeviceLayer::Conv($l) => $e,
+        }
+    };
+}
+
+/// Every method forwarded, the defaults included, so each layer's overrides are the ones run.
+impl PhysicalLayer for DeviceLayer {
+    fn descriptor(&self) -> LayerDescriptor {
+        each!(self, l => l.descriptor())
+    }
+    fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+        each!(self, l => l.write_parameters(offset, values))
+    }
+    fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
+        each!(self, l => l.read_parameters(offset, out))
+    }
+    fn load_input(
+        &mut self,
+        rows: usize,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<(), DeviceError> {
+        each!(self, l => l.load_input(rows, offset, values))
+    }
+    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
+        each!(self, l => l.forward(mode, out))
+    }
+    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        each!(self, l => l.forward_features(out))
+    }
+    fn evaluate_perturbed(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut [f32],
+        scratch: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        each!(self, l => l.evaluate_perturbed(chunk, seeds, eps, out, scratch))
+    }
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+        scratch: &mut [f32],
+    ) -> Result<(), DeviceError> {
+        each!(self, l => l.apply_update(chunk, scale, terms, scratch))
+    }
+    fn perturbation_scratch(&self, chunk_len: usize) -> usize {
+        each!(self, l => l.perturbation_scratch(chunk_len))
+    }
+    fn update_scratch(&self, chunk_len: usize) -> usize {
+        each!(self, l => l.update_scratch(chunk_len))
+    }
+    fn reset(&mut self) {
+        each!(self, l => l.reset())
     }
 }
 
@@ -225,6 +559,37 @@ impl PhysicalLayer for MinimalDense {
     }
     fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
         self.0.forward(mode, out)
+    }
+}
+
+/// [`MinimalDense`] for a CNN block: the protocol's default perturbation and update over the
+/// block's required methods (and its no-trace training pass).
+#[derive(Debug)]
+pub struct MinimalConv(pub DeviceConv);
+
+impl PhysicalLayer for MinimalConv {
+    fn descriptor(&self) -> LayerDescriptor {
+        self.0.descriptor()
+    }
+    fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+        self.0.write_parameters(offset, values)
+    }
+    fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.0.read_parameters(offset, out)
+    }
+    fn load_input(
+        &mut self,
+        rows: usize,
+        offset: usize,
+        values: &[f32],
+    ) -> Result<(), DeviceError> {
+        self.0.load_input(rows, offset, values)
+    }
+    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.0.forward(mode, out)
+    }
+    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.0.forward_features(out)
     }
 }
 
@@ -335,7 +700,12 @@ mod tests {
     }
 
     fn program<L: PhysicalLayer>(c: &mut Client<L>, n_in: usize, n_out: usize, rows: usize) {
-        let p: Vec<f32> = (0..n_in * n_out + n_out)
+        program_sizes(c, n_in * n_out + n_out, n_in, rows);
+    }
+
+    /// Programs `params` parameters and loads `rows` inputs of `n_in` values into layer 0.
+    fn program_sizes<L: PhysicalLayer>(c: &mut Client<L>, params: usize, n_in: usize, rows: usize) {
+        let p: Vec<f32> = (0..params)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0)
             .collect();
         for (k, part) in p.chunks(1000).enumerate() {
@@ -564,7 +934,11 @@ mod tests {
             n in 0usize..40,
             layer in 0u8..3,
         ) {
-            let mut c = Client::new(vec![DeviceDense::new(3, 2, ActivationEncoding::AdcU8 { scale: 0.1 })]);
+            let conv = ConvShape { in_channels: 1, out_channels: 2, height: 2, width: 3, proj_dim: 2, projection_seed: 5 };
+            let mut c = Client::new(vec![
+                DeviceLayer::Dense(Box::new(DeviceDense::new(3, 2, ActivationEncoding::AdcU8 { scale: 0.1 }))),
+                DeviceLayer::Conv(Box::new(DeviceConv::new(conv, ActivationEncoding::F32).unwrap())),
+            ]);
             let values: Vec<f32> = (0..n).map(|i| i as f32 - 5.0).collect();
             let seeds: Vec<DirectionSeed> = (0..n as u64).map(DirectionSeed).collect();
             let terms: Vec<UpdateTerm> = seeds.iter().map(|&seed| UpdateTerm { seed, derivative: 1.0 }).collect();
@@ -584,6 +958,7 @@ mod tests {
             // A batch first, so that evaluations get past the input check.
             let x = [0.5f32; 6];
             c.send(&Request::LoadInput { layer: 0, rows: 2, offset: 0, values: Packed::Items(&x) });
+            c.send(&Request::LoadInput { layer: 1, rows: 1, offset: 0, values: Packed::Items(&x) });
             for r in requests.iter().skip(kind as usize).chain(requests.iter()) {
                 let reply = c.send(r);
                 proptest::prop_assert!(postcard::from_bytes::<Response>(&reply).is_ok());
@@ -592,5 +967,285 @@ mod tests {
             let mut out = vec![0u8; 300];
             proptest::prop_assert!(c.server.respond(7, &body, &mut scratch, &mut out).is_ok());
         }
+    }
+}
+
+#[cfg(test)]
+mod conv_tests {
+    use super::*;
+    use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
+    use firmware_protocol::message::{Capabilities, ChunkRange, Packed, Request, Response};
+    use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
+
+    fn shape() -> ConvShape {
+        ConvShape {
+            in_channels: 2,
+            out_channels: 3,
+            height: 6,
+            width: 4,
+            proj_dim: 5,
+            projection_seed: 77,
+        }
+    }
+
+    /// Drives a server over one layer through the frame layer.
+    struct Client<L: PhysicalLayer> {
+        server: Server<'static, L, Vec<L>, Vec<f32>>,
+        io: ServerIo<Vec<u8>>,
+        seq: u16,
+    }
+
+    impl<L: PhysicalLayer> Client<L> {
+        fn new(layer: L) -> Self {
+            let config = DeviceConfig {
+                name: "conv",
+                boot_id: 1,
+                max_request: MAX_PAYLOAD as u32,
+                max_batch: 64,
+                max_directions: 8,
+                capabilities: Capabilities {
+                    seeded_perturbation: true,
+                    raw_parameter_writes: true,
+                    parameter_read_back: true,
+                },
+            };
+            Self {
+                server: Server::new(vec![layer], config, Vec::new(), Vec::new()),
+                io: ServerIo {
+                    decoder: FrameDecoder::new(vec![0; MAX_ENCODED]),
+                    payload: vec![0; MAX_PAYLOAD],
+                    out: vec![0; MAX_ENCODED + 1],
+                },
+                seq: 0,
+            }
+        }
+
+        fn send(&mut self, req: &Request<'_>) -> Vec<u8> {
+            self.seq += 1;
+            let mut scratch = vec![0u8; MAX_PAYLOAD];
+            let mut wire = vec![0u8; MAX_ENCODED + 1];
+            let n = frame::encode(self.seq, req, &mut scratch, &mut wire).unwrap();
+            let mut replies = Vec::new();
+            self.server
+                .serve(&mut self.io, &wire[..n], |b| {
+                    replies.extend_from_slice(b);
+                    Ok::<_, ()>(())
+                })
+                .unwrap();
+            let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
+            let (_, f) = dec.feed(&replies);
+            f.unwrap().unwrap().body.to_vec()
+        }
+
+        fn ack(&mut self, req: &Request<'_>) {
+            let body = self.send(req);
+            let reply = postcard::from_bytes::<Response>(&body).unwrap();
+            assert_eq!(reply, Response::Ack);
+        }
+
+        fn result(&mut self, req: &Request<'_>) -> Vec<f32> {
+            let mut bytes = Vec::new();
+            let mut body = self.send(req);
+            loop {
+                let Ok(Response::Result { total, data, .. }) = postcard::from_bytes(&body) else {
+                    panic!(
+                        "not a result: {:?}",
+                        postcard::from_bytes::<Response>(&body)
+                    );
+                };
+                bytes.extend_from_slice(data.bytes().unwrap());
+                if bytes.len() == total as usize {
+                    break;
+                }
+                body = self.send(&Request::ReadResult {
+                    offset: bytes.len() as u32,
+                });
+            }
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        }
+
+        fn program(&mut self, rows: usize) {
+            let s = shape();
+            // BatchNorm scales and shifts away from 1 and 0.
+            let p: Vec<f32> = (0..s.param_count())
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 80.0)
+                .collect();
+            self.ack(&Request::SetParameters {
+                layer: 0,
+                offset: 0,
+                values: Packed::Items(&p),
+            });
+            let x: Vec<f32> = (0..rows * s.input_width())
+                .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
+                .collect();
+            self.ack(&Request::LoadInput {
+                layer: 0,
+                rows: rows as u32,
+                offset: 0,
+                values: Packed::Items(&x),
+            });
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn forward(mode: ForwardMode) -> Request<'static> {
+        Request::Forward { layer: 0, mode }
+    }
+
+    #[test]
+    fn a_forward_pass_returns_the_features_then_the_pooled_input() {
+        let rows = 3;
+        let mut c = Client::new(DeviceConv::new(shape(), ActivationEncoding::F32).unwrap());
+        let d = c.server.layers()[0].descriptor();
+        assert_eq!(
+            d.chunking,
+            firmware_protocol::message::Chunking::Groups { size: 21 }
+        );
+        c.program(rows);
+        let got = c.result(&forward(ForwardMode::Train));
+        // The block itself, programmed alike.
+        let mut block = ConvBlock::new(shape());
+        block
+            .set_params(&c.server.layers_mut()[0].block_mut().params().to_vec())
+            .unwrap();
+        let x: Vec<f32> = (0..rows * shape().input_width())
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        block.load_input(&x).unwrap();
+        let (mut f, mut next) = (Vec::new(), Vec::new());
+        block.forward(BnMode::Train, &mut f, &mut next).unwrap();
+        assert_eq!(f.len(), rows * 15);
+        assert_eq!(next.len(), rows * 3 * 3 * 2);
+        assert_eq!(got.len(), rows * d.forward_width() as usize);
+        assert_eq!(bits(&got[..f.len()]), bits(&f));
+        assert_eq!(bits(&got[f.len()..]), bits(&next));
+        // Train committed the batch statistics; Eval reads them, as the block does.
+        let eval = c.result(&forward(ForwardMode::Eval));
+        block.forward(BnMode::Eval, &mut f, &mut next).unwrap();
+        assert_eq!(bits(&eval[..f.len()]), bits(&f));
+        assert_eq!(
+            bits(c.server.layers()[0].block().running_mean()),
+            bits(block.running_mean())
+        );
+    }
+
+    #[test]
+    fn the_conv_override_agrees_with_the_default_choreography_and_leaves_no_trace() {
+        let rows = 4;
+        let mut fast = Client::new(DeviceConv::new(shape(), ActivationEncoding::F32).unwrap());
+        let mut minimal = Client::new(MinimalConv(
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        ));
+        fast.program(rows);
+        minimal.program(rows);
+        // Running statistics away from (0, 1) first.
+        fast.result(&forward(ForwardMode::Train));
+        minimal.result(&forward(ForwardMode::Train));
+        let seeds = [DirectionSeed(5), DirectionSeed(6)];
+        let terms: Vec<UpdateTerm> = seeds
+            .iter()
+            .map(|&seed| UpdateTerm {
+                seed,
+                derivative: 0.7,
+            })
+            .collect();
+        let read = Request::ReadParameters { layer: 0 };
+        // Whole channels, one channel, and a chunk cut mid-channel (the device takes any).
+        for (start, end) in [(0, 63), (21, 42), (5, 30)] {
+            let chunk = ChunkRange { start, end };
+            let eval_before = fast.result(&forward(ForwardMode::Eval));
+            let params_before = fast.result(&read);
+            let request = Request::EvaluatePerturbed {
+                layer: 0,
+                chunk,
+                eps: 1e-2,
+                seeds: Packed::Items(&seeds),
+            };
+            let a = fast.result(&request);
+            let b = minimal.result(&request);
+            assert_eq!(a.len(), 2 * seeds.len() * rows * 15);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 2e-5, "{x} vs {y}");
+            }
+            // No trace: parameters, and the running statistics an Eval pass reads.
+            assert_eq!(bits(&fast.result(&read)), bits(&params_before));
+            assert_eq!(
+                bits(&fast.result(&forward(ForwardMode::Eval))),
+                bits(&eval_before)
+            );
+            let m = minimal.server.layers()[0].0.block();
+            let f = fast.server.layers()[0].block();
+            assert_eq!(bits(m.running_mean()), bits(f.running_mean()));
+            assert_eq!(bits(m.running_var()), bits(f.running_var()));
+            let update = Request::ApplyUpdate {
+                layer: 0,
+                chunk,
+                scale: 0.05,
+                terms: Packed::Items(&terms),
+            };
+            fast.ack(&update);
+            minimal.ack(&update);
+            assert_eq!(bits(&fast.result(&read)), bits(&minimal.result(&read)));
+        }
+    }
+
+    #[test]
+    fn a_conv_block_without_a_no_trace_pass_is_refused_by_the_default() {
+        /// Only the required methods: the default perturbation cannot run a conv block's
+        /// forward pass (it would commit running statistics and return the pooled input too).
+        struct Bare(DeviceConv);
+        impl PhysicalLayer for Bare {
+            fn descriptor(&self) -> LayerDescriptor {
+                self.0.descriptor()
+            }
+            fn write_parameters(&mut self, o: usize, v: &[f32]) -> Result<(), DeviceError> {
+                self.0.write_parameters(o, v)
+            }
+            fn read_parameters(&mut self, o: usize, v: &mut [f32]) -> Result<(), DeviceError> {
+                self.0.read_parameters(o, v)
+            }
+            fn load_input(&mut self, r: usize, o: usize, v: &[f32]) -> Result<(), DeviceError> {
+                self.0.load_input(r, o, v)
+            }
+            fn forward(&mut self, m: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
+                self.0.forward(m, out)
+            }
+        }
+        let mut c = Client::new(Bare(
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        ));
+        c.program(2);
+        let before = c.result(&Request::ReadParameters { layer: 0 });
+        let seeds = [DirectionSeed(1)];
+        let body = c.send(&Request::EvaluatePerturbed {
+            layer: 0,
+            chunk: ChunkRange { start: 0, end: 21 },
+            eps: 1e-2,
+            seeds: Packed::Items(&seeds),
+        });
+        assert_eq!(
+            postcard::from_bytes::<Response>(&body).unwrap(),
+            Response::Error(DeviceError::Unsupported)
+        );
+        // Restored all the same.
+        assert_eq!(c.result(&Request::ReadParameters { layer: 0 }), before);
+    }
+
+    #[test]
+    fn bad_conv_shapes_are_refused_at_construction() {
+        let mut s = shape();
+        s.height = 1;
+        assert!(DeviceConv::new(s, ActivationEncoding::F32).is_err());
+        let mut s = shape();
+        s.in_channels = 1 << 20;
+        s.height = 1 << 12;
+        let err = DeviceConv::new(s, ActivationEncoding::F32).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
     }
 }

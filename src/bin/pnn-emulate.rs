@@ -5,9 +5,12 @@
 //!
 //! ```text
 //! pnn-emulate --profile devices/ideal.ron --layers 784x50,50x50
+//! pnn-emulate --profile devices/pcm.ron --layers 784x50,50x50          # the profile's noise
+//! pnn-emulate --profile devices/ideal.ron --layers conv1x28x28:32,conv32x14x14:32 --seed 3
 //! ```
 //!
-//! Exit codes: 2 invalid arguments or profile, 4 the pseudo-terminal failed.
+//! Exit codes: 2 invalid arguments or profile (or layers the profile cannot serve), 4 the
+//! pseudo-terminal failed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,7 +18,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use firmware_protocol::message::ActivationEncoding;
-use pnn_sim::emulator::{self, EmulatorConfig};
+use pnn::model::DEFAULT_PROJ_DIM;
+use pnn_sim::emulator::{self, EmulatorConfig, LayerConfig};
 use pnn_sim::profile::DeviceProfile;
 
 #[derive(Parser, Debug)]
@@ -25,12 +29,21 @@ use pnn_sim::profile::DeviceProfile;
     about = "Serve a simulated PNN device on a pseudo-terminal; prints the path to open first"
 )]
 struct Args {
-    /// Device profile (RON), e.g. devices/ideal.ron; its name is the device's name.
+    /// Device profile (RON), e.g. devices/ideal.ron: the device's name, and the hardware effects
+    /// of its dense layers (keyed per layer as `--backend sim:<profile>` keys them).
     #[arg(long)]
     profile: PathBuf,
-    /// The device's dense layers, INPUTSxOUTPUTS each, comma-separated: 784x50,50x50.
+    /// The device's layers, comma-separated: INPUTSxOUTPUTS for a dense layer (784x50),
+    /// convCxHxW:OUT for a CNN block on C maps of H x W with OUT channels (conv1x28x28:32).
     #[arg(long, value_parser = parse_layers)]
     layers: Layers,
+    /// CNN blocks: projected features d per channel (pnn-train's --proj-dim).
+    #[arg(long, default_value_t = DEFAULT_PROJ_DIM, value_parser = positive_usize)]
+    proj_dim: usize,
+    /// CNN blocks: pnn-train's --seed of the runs this device serves; block l draws its fixed
+    /// projection A from the seed the model derives from it (the host checks they agree).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// How activations travel: f32, adc-u8:SCALE or adc-u16:SCALE (value = code * SCALE).
     #[arg(long, default_value = "f32", value_parser = emulator::parse_encoding)]
     encoding: ActivationEncoding,
@@ -46,10 +59,18 @@ struct Args {
 }
 
 #[derive(Clone, Debug)]
-struct Layers(Vec<(usize, usize)>);
+struct Layers(Vec<LayerConfig>);
 
 fn parse_layers(s: &str) -> Result<Layers, String> {
     emulator::parse_layers(s).map(Layers)
+}
+
+fn positive_usize(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive integer")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -67,6 +88,17 @@ fn main() -> ExitCode {
         encoding: args.encoding,
         max_batch: args.max_batch,
         boot_id: args.boot_id.unwrap_or_else(emulator::fresh_boot_id),
+        noise: profile.noise.clone(),
+        proj_dim: args.proj_dim,
+        seed: args.seed,
+    };
+    // Built before the pty exists, so that a device the profile cannot be is refused at once.
+    let mut server = match emulator::server(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     };
     let mut pty = match emulator::open_pty() {
         Ok(p) => p,
@@ -79,11 +111,19 @@ fn main() -> ExitCode {
     if std::io::stdout().flush().is_err() {
         return ExitCode::from(4);
     }
+    let layers: Vec<String> = config.layers.iter().map(|l| l.to_string()).collect();
     eprintln!(
-        "pnn-emulate: device '{}' (boot id {:#010x}), layers {:?}, serving on {}",
-        config.name, config.boot_id, config.layers, pty.path
+        "pnn-emulate: device '{}' (boot id {:#010x}), layers [{}]{}, serving on {}",
+        config.name,
+        config.boot_id,
+        layers.join(","),
+        if profile.noise.is_ideal() {
+            ""
+        } else {
+            " with the profile's hardware effects"
+        },
+        pty.path
     );
-    let mut server = emulator::server(&config);
     match emulator::serve(&mut pty.device, &mut server, args.verbose) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

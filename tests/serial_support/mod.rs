@@ -13,9 +13,14 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn spawn(layers: &str, extra: &[&str]) -> Self {
-        let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/devices/ideal.ron");
+        Self::spawn_profile("ideal", layers, extra)
+    }
+
+    /// An emulator of `devices/<profile>.ron`.
+    pub fn spawn_profile(profile: &str, layers: &str, extra: &[&str]) -> Self {
+        let profile = profile_path(profile);
         let mut child = Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
-            .args(["--profile", profile, "--layers", layers])
+            .args(["--profile", &profile, "--layers", layers])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -42,6 +47,11 @@ impl Drop for Emulator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The path of `devices/<name>.ron`.
+pub fn profile_path(name: &str) -> String {
+    format!("{}/devices/{name}.ron", env!("CARGO_MANIFEST_DIR"))
 }
 
 pub fn pnn_train(args: &[&str]) -> Output {

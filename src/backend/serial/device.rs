@@ -57,13 +57,44 @@ fn unexpected(request: &Request<'_>, body: &[u8]) -> OracleError {
     }
 }
 
-/// Describes a layer as `dense 784x50 (39250 parameters)`.
+/// Describes a layer as `dense 784x50 (39250 parameters)` or `conv 1x28x28 -> 32 channels,
+/// d=16, projection seed 0x... (384 parameters)`.
 pub fn describe(d: &LayerDescriptor) -> String {
     match d.kind {
         WireKind::Dense { inputs, outputs } => {
             format!("dense {inputs}x{outputs} ({} parameters)", d.param_count)
         }
+        WireKind::Conv {
+            in_channels,
+            out_channels,
+            height,
+            width,
+            proj_dim,
+            projection_seed,
+        } => describe_conv(
+            (in_channels, height, width),
+            out_channels,
+            proj_dim,
+            projection_seed,
+            d.param_count,
+        ),
     }
+}
+
+fn describe_conv(
+    (c, h, w): (
+        impl std::fmt::Display,
+        impl std::fmt::Display,
+        impl std::fmt::Display,
+    ),
+    out: impl std::fmt::Display,
+    proj_dim: impl std::fmt::Display,
+    seed: u64,
+    params: impl std::fmt::Display,
+) -> String {
+    format!(
+        "conv {c}x{h}x{w} -> {out} channels, d={proj_dim}, projection seed {seed:#018x} ({params} parameters)"
+    )
 }
 
 fn describe_spec(s: &LayerSpec) -> String {
@@ -77,24 +108,89 @@ fn describe_spec(s: &LayerSpec) -> String {
             height,
             width,
             proj_dim,
-            ..
-        } => format!(
-            "conv {in_channels}x{height}x{width} -> {out_channels} channels, d={proj_dim} ({} parameters)",
-            s.param_count
+            projection_seed,
+        } => describe_conv(
+            (in_channels, height, width),
+            out_channels,
+            proj_dim,
+            projection_seed,
+            s.param_count,
         ),
     }
 }
 
-/// The [`LayerSpec`] of a layer as the device describes it.
-pub fn layer_spec(d: &LayerDescriptor) -> LayerSpec {
+/// `flat`, or `whole groups of N`.
+fn describe_chunking(c: &Chunking) -> String {
+    match c {
+        Chunking::Flat => "flat chunks".into(),
+        Chunking::Groups { size } => format!("chunks of whole {size}-parameter groups"),
+    }
+}
+
+fn describe_units(u: &ChunkUnits) -> String {
+    match u {
+        ChunkUnits::Flat => "flat chunks".into(),
+        ChunkUnits::Groups(sizes) => match sizes.first() {
+            Some(&g) if sizes.iter().all(|&s| s == g) => {
+                format!("chunks of whole {g}-parameter groups")
+            }
+            _ => format!("chunks of whole groups {sizes:?}"),
+        },
+    }
+}
+
+/// The [`LayerSpec`] of a layer as the device describes it; a descriptor whose sizes disagree
+/// with its own kind (device garbage) is refused.
+pub fn layer_spec(d: &LayerDescriptor) -> Result<LayerSpec, OracleError> {
     let mut spec = match d.kind {
         WireKind::Dense { inputs, outputs } => LayerSpec::dense(inputs as usize, outputs as usize),
+        WireKind::Conv {
+            in_channels,
+            out_channels,
+            height,
+            width,
+            proj_dim,
+            projection_seed,
+        } => {
+            // A kind whose sizes overflow is one the descriptor's own sizes (u32) cannot match.
+            let fits = [
+                (in_channels as u128 * 9 + 3) * out_channels as u128,
+                in_channels as u128 * height as u128 * width as u128,
+                out_channels as u128 * proj_dim as u128,
+            ]
+            .iter()
+            .all(|&n| n <= u32::MAX as u128);
+            if !fits {
+                return Err(OracleError::Shape(format!(
+                    "the device describes a layer too large to hold: {}",
+                    describe(d)
+                )));
+            }
+            LayerSpec::conv(
+                in_channels as usize,
+                out_channels as usize,
+                (height as usize, width as usize),
+                proj_dim as usize,
+                projection_seed,
+            )
+        }
     };
-    if let Chunking::Groups { size } = d.chunking {
+    if let Chunking::Groups { size } = d.chunking
+        && !matches!(d.kind, WireKind::Conv { .. })
+    {
         let size = size.max(1) as usize;
         spec.chunk_units = ChunkUnits::Groups(vec![size; spec.param_count / size]);
     }
-    spec
+    if !matches(d, &spec) {
+        return Err(OracleError::Shape(format!(
+            "the device's description of a layer contradicts itself: {} with {}, {} features, {} outputs",
+            describe(d),
+            describe_chunking(&d.chunking),
+            d.feature_width,
+            d.output_width
+        )));
+    }
+    Ok(spec)
 }
 
 fn matches(d: &LayerDescriptor, s: &LayerSpec) -> bool {
@@ -106,6 +202,27 @@ fn matches(d: &LayerDescriptor, s: &LayerSpec) -> bool {
                 outputs: o,
             },
         ) => inputs as usize == *i && outputs as usize == *o,
+        (
+            WireKind::Conv {
+                in_channels,
+                out_channels,
+                height,
+                width,
+                proj_dim,
+                projection_seed,
+            },
+            LayerKind::Conv {
+                in_channels: ci,
+                out_channels: co,
+                height: h,
+                width: w,
+                proj_dim: pd,
+                projection_seed: ps,
+            },
+        ) => {
+            (in_channels as usize, out_channels as usize, height as usize) == (*ci, *co, *h)
+                && (width as usize, proj_dim as usize, projection_seed) == (*w, *pd, *ps)
+        }
         _ => false,
     };
     let chunking = match (d.chunking, &s.chunk_units) {
@@ -207,14 +324,31 @@ impl SerialDevice {
         }
         for (l, (d, s)) in device.iter().zip(model).enumerate() {
             if !matches(d, s) {
+                let mut hint = String::new();
+                if let (
+                    WireKind::Conv {
+                        projection_seed: device_seed,
+                        ..
+                    },
+                    LayerKind::Conv {
+                        projection_seed: model_seed,
+                        ..
+                    },
+                ) = (d.kind, &s.kind)
+                    && device_seed != *model_seed
+                {
+                    hint = format!(
+                        "; the device draws the block's fixed projection A from seed {device_seed:#018x}, the model from {model_seed:#018x} (pnn-emulate derives it from its --seed as pnn-train does from --seed: give both the same)"
+                    );
+                }
                 return Err(OracleError::Shape(format!(
-                    "layer {l}: device '{}' holds {} ({:?} chunks, {} features), the model needs {} ({:?} chunks, {} features)",
+                    "layer {l}: device '{}' holds {} ({}, {} features), the model needs {} ({}, {} features){hint}",
                     self.summary.name,
                     describe(d),
-                    d.chunking,
+                    describe_chunking(&d.chunking),
                     d.feature_width,
                     describe_spec(s),
-                    s.chunk_units,
+                    describe_units(&s.chunk_units),
                     s.feature_width
                 )));
             }
@@ -442,6 +576,8 @@ impl ForwardOracle for SerialOracle {
         Ok(())
     }
 
+    /// The features and, for a layer whose next-layer input differs from them (a CNN block),
+    /// that input: the device returns both in one result, features first.
     fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
         let request = Request::Forward {
             layer: self.layer,
@@ -452,13 +588,25 @@ impl ForwardOracle for SerialOracle {
         };
         let (rows, width, encoding) =
             (self.rows, self.spec.feature_width, self.descriptor.encoding);
-        let data = self.with_link(|link, values| {
-            fetch(link, &request, rows * width, encoding, values)?;
-            Ok(values.clone())
+        let next_width = if self.descriptor.has_separate_output() {
+            self.spec.output_width
+        } else {
+            0
+        };
+        let (features, next) = self.with_link(|link, values| {
+            fetch(
+                link,
+                &request,
+                rows * (width + next_width),
+                encoding,
+                values,
+            )?;
+            let (features, next) = values.split_at(rows * width);
+            Ok((features.to_vec(), next.to_vec()))
         })?;
         Ok(ForwardOutput {
-            features: Activations::new(rows, width, data),
-            next: None,
+            features: Activations::new(rows, width, features),
+            next: (next_width > 0).then(|| Activations::new(rows, next_width, next)),
         })
     }
 
