@@ -51,8 +51,9 @@ fn row_loss(row: &[f32], y: u8) -> f64 {
 #[inline(always)]
 pub fn exp_nonpositive(x: f64) -> f64 {
     const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // ln 2 split (as in fdlibm): the high part has trailing zero bits, so k * LN2_HI is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
     let x = x.max(-708.0);
     let t = x * std::f64::consts::LOG2_E + MAGIC;
     let k = t - MAGIC;

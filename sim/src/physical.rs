@@ -1112,7 +1112,7 @@ mod conv_tests {
         // The block itself, programmed alike.
         let mut block = ConvBlock::new(shape());
         block
-            .set_params(&c.server.layers_mut()[0].block_mut().params().to_vec())
+            .set_params(c.server.layers_mut()[0].block_mut().params())
             .unwrap();
         let x: Vec<f32> = (0..rows * shape().input_width())
             .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
