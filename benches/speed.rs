@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use pnn::backend::sim::SimOracle;
 use pnn::data::{Dataset, DatasetKind, Normalizer, Split, resolve_data_dir};
-use pnn::model::{ModelSpec, initialise};
+use pnn::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
 use pnn::oracle::Activations;
 use pnn::trainer::{Hyper, Trainer, epoch_order};
 use pnn_sim::dense::Choreography;
@@ -26,6 +26,7 @@ use rand::{RngExt, SeedableRng};
 struct Bench {
     name: &'static str,
     dataset: DatasetKind,
+    arch: ArchKind,
     random_data: bool,
     directions: usize,
     /// Batches of the reference path to time (None: a whole epoch).
@@ -36,6 +37,7 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "mnist-mlp-784-50-50-P1",
         dataset: DatasetKind::Mnist,
+        arch: ArchKind::Mlp,
         random_data: false,
         directions: 1,
         reference_batches: None,
@@ -43,6 +45,7 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "mnist-mlp-784-50-50-P4",
         dataset: DatasetKind::Mnist,
+        arch: ArchKind::Mlp,
         random_data: false,
         directions: 4,
         reference_batches: None,
@@ -50,6 +53,7 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "mnist-mlp-784-50-50-P8",
         dataset: DatasetKind::Mnist,
+        arch: ArchKind::Mlp,
         random_data: false,
         directions: 8,
         reference_batches: None,
@@ -57,6 +61,7 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "fashion-mlp-784-100x3-P4",
         dataset: DatasetKind::FashionMnist,
+        arch: ArchKind::Mlp,
         random_data: false,
         directions: 4,
         reference_batches: None,
@@ -64,9 +69,18 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "cifar10-shaped-mlp-3072-200x4-P4",
         dataset: DatasetKind::Cifar10,
+        arch: ArchKind::Mlp,
         random_data: true,
         directions: 4,
         reference_batches: Some(8),
+    },
+    Bench {
+        name: "mnist-cnn-32-32-P4",
+        dataset: DatasetKind::Mnist,
+        arch: ArchKind::Cnn,
+        random_data: false,
+        directions: 4,
+        reference_batches: Some(10),
     },
 ];
 
@@ -177,7 +191,8 @@ fn child(bench: &Bench) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let data = load(bench);
-    let model = ModelSpec::mlp(bench.dataset, None);
+    let model =
+        ModelSpec::new(bench.dataset, bench.arch, None, DEFAULT_PROJ_DIM, 0).expect("model");
     let hyper = Hyper {
         directions: bench.directions,
         ..Hyper::default()
