@@ -82,6 +82,17 @@ impl DeviceDense {
     }
 }
 
+/// Lays `(a+, a-)` per direction out as the protocol sends them: `a+` then `a-`, direction by
+/// direction.
+fn write_pairs(pairs: &[(Vec<f32>, Vec<f32>)], out: &mut [f32]) {
+    let block = out.len() / (2 * pairs.len().max(1));
+    for ((plus, minus), dst) in pairs.iter().zip(out.chunks_exact_mut(2 * block)) {
+        let (p, m) = dst.split_at_mut(block);
+        p.copy_from_slice(plus);
+        m.copy_from_slice(minus);
+    }
+}
+
 fn device_err(e: SimError) -> DeviceError {
     match e {
         SimError::ParameterCount { expected, got } => DeviceError::ShapeMismatch {
@@ -186,12 +197,7 @@ impl PhysicalLayer for DeviceDense {
         self.layer
             .evaluate_perturbed(chunk, seeds, eps, &mut self.pairs)
             .map_err(device_err)?;
-        let block = out.len() / (2 * seeds.len());
-        for ((plus, minus), dst) in self.pairs.iter().zip(out.chunks_exact_mut(2 * block)) {
-            let (p, m) = dst.split_at_mut(block);
-            p.copy_from_slice(plus);
-            m.copy_from_slice(minus);
-        }
+        write_pairs(&self.pairs, out);
         Ok(())
     }
 
@@ -414,12 +420,7 @@ impl PhysicalLayer for DeviceConv {
         self.block
             .evaluate_perturbed(chunk, seeds, eps, &mut self.pairs)
             .map_err(device_err)?;
-        let block = out.len() / (2 * seeds.len());
-        for ((plus, minus), dst) in self.pairs.iter().zip(out.chunks_exact_mut(2 * block)) {
-            let (p, m) = dst.split_at_mut(block);
-            p.copy_from_slice(plus);
-            m.copy_from_slice(minus);
-        }
+        write_pairs(&self.pairs, out);
         Ok(())
     }
 
