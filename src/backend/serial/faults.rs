@@ -175,10 +175,8 @@ impl<T: Transport> Transport for FaultyTransport<T> {
             }
             let start = out.len();
             out.extend_from_slice(frame);
-            for i in start..out.len() {
-                let mut b = out[i];
-                self.corrupt(&mut b);
-                out[i] = b;
+            for b in &mut out[start..] {
+                self.corrupt(b);
             }
         }
         if !self.config.max_delay.is_zero() {
