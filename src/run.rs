@@ -141,7 +141,9 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
 /// A path as one shell word.
 fn shell_word(path: &Path) -> String {
     let s = path.display().to_string();
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c))
+    {
         s
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))

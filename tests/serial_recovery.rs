@@ -89,7 +89,7 @@ fn a_noisy_line_and_a_resetting_device_leave_the_weights_bit_identical() {
     // Short timeouts: on a pseudo-terminal a reply takes well under a millisecond, and a
     // retransmission that crosses a slow reply is harmless (answered from the device's cache, or
     // recomputed identically, the late reply discarded as stale).
-    let backend = format!("serial:{}?timeout_ms=20&retries=50", emulator.path);
+    let backend = format!("serial:{}?timeout_ms=20&retries=100", emulator.path);
     let start = Instant::now();
     let serial = summary_of(&train(
         &[&RUN[..], &["--backend", &backend, "--quiet"]].concat(),

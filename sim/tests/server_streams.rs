@@ -188,3 +188,54 @@ proptest! {
         }
     }
 }
+
+/// A frame that fails its CRC is answered with a NAK under the number it carried, and the
+/// retransmission that follows is served normally.
+#[test]
+fn a_damaged_request_is_nakked_under_its_sequence_number() {
+    use firmware_protocol::message::DeviceError;
+    let config = EmulatorConfig {
+        name: "nak".into(),
+        layers: vec![(3, 2)],
+        encoding: ActivationEncoding::F32,
+        max_batch: 8,
+        boot_id: 1,
+    };
+    let mut server = emulator::server(&config);
+    let mut io = ServerIo {
+        decoder: FrameDecoder::new(vec![0u8; MAX_ENCODED]),
+        payload: vec![0u8; MAX_PAYLOAD],
+        out: vec![0u8; MAX_ENCODED + 1],
+    };
+    let good = request_frame(7, 0, 0, 0x1234); // DescribeLayer
+    let mut damaged = good.clone();
+    // A byte of the CRC (the last before the delimiter), changed to another non-zero value.
+    let at = damaged.len() - 2;
+    damaged[at] = if damaged[at] == 0x55 { 0x56 } else { 0x55 };
+    let mut replies = Vec::new();
+    for bytes in [&damaged, &good] {
+        server
+            .serve(&mut io, bytes, |r| {
+                replies.push(r.to_vec());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+    }
+    let mut decoder = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
+    let mut decoded = Vec::new();
+    for r in &replies {
+        let f = decoder.feed(r).1.unwrap().unwrap();
+        decoded.push((f.seq, f.body.to_vec()));
+    }
+    let response = |i: usize| postcard::from_bytes::<Response>(&decoded[i].1).unwrap();
+    assert_eq!(decoded.len(), 2);
+    assert_eq!(decoded[0].0, 0x1234);
+    assert_eq!(response(0), Response::Error(DeviceError::Corrupt));
+    assert_eq!(decoded[1].0, 0x1234);
+    assert!(
+        matches!(response(1), Response::Layer(_)),
+        "{:?}",
+        response(1)
+    );
+    assert_eq!(server.stats().naks, 1);
+}
