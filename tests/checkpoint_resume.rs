@@ -136,7 +136,11 @@ fn start_and_kill(args: &[&str], dir: &Path, span: Duration, scale: f64, draw: &
     let killed = status.signal() == Some(9);
     if killed {
         let at = Checkpoint::load(dir).unwrap().position;
-        eprintln!("  killed; resumes at epoch {}, batch {}", at.epoch + 1, at.batch);
+        eprintln!(
+            "  killed; resumes at epoch {}, batch {}",
+            at.epoch + 1,
+            at.batch
+        );
     } else {
         assert!(status.success(), "{status:?}");
     }

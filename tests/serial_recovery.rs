@@ -168,6 +168,8 @@ fn an_unplugged_device_leaves_a_checkpoint_that_a_new_device_finishes() {
         assert!(Instant::now() < deadline, "the run makes no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
+    // A little later, so that the cut falls between periodic checkpoints.
+    std::thread::sleep(Duration::from_millis(30));
     let unplugged = Instant::now();
     first.kill();
     let out = child.wait_with_output().unwrap();
@@ -183,6 +185,7 @@ fn an_unplugged_device_leaves_a_checkpoint_that_a_new_device_finishes() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     let saved = Checkpoint::load(&dir).unwrap();
+    assert!(saved.position.batch >= 4 || saved.position.epoch > 0);
     eprintln!(
         "saved at epoch {}, batch {}",
         saved.position.epoch + 1,
