@@ -12,12 +12,17 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::data::Dataset;
 use crate::metrics::EpochMetrics;
+use crate::model::ModelSpec;
 use crate::projection::Projection;
+use crate::run::RunConfig;
+use crate::trainer::HostState;
 
 const MAGIC: &[u8; 8] = b"PNNCKPT1";
 const HEADER: usize = 8 + 8 + 32;
 pub const FILE_NAME: &str = "checkpoint.pnn";
+const TEMP_PREFIX: &str = ".checkpoint.pnn-";
 
 /// What identifies a run: a checkpoint resumes only a run with the same identity.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -31,9 +36,12 @@ pub struct RunIdentity {
     pub train_samples: usize,
     /// The hyperparameters, seed included (JSON of `Hyper`, so a field added later still compares).
     pub hyper_json: String,
+    /// Batches per epoch at most (`--max-batches`), which changes the order of the updates.
+    pub max_batches: Option<usize>,
 }
 
-/// Where in the run the next step starts: epoch (0-based) and batch within it.
+/// Where in the run the next step starts: epoch (0-based) and batch within it. A batch equal to
+/// the epoch's number of batches means that its training is done and its evaluation is not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub epoch: u32,
@@ -59,6 +67,39 @@ pub struct Checkpoint {
     pub oracle_evaluations: u64,
     /// Metrics of the completed epochs.
     pub metrics: Vec<EpochMetrics>,
+    /// Each layer's state outside its parameters (BatchNorm running statistics), where it has some
+    /// (`ForwardOracle::read_layer_state`).
+    pub layer_state: Vec<Option<Vec<f32>>>,
+    /// Link traffic and recoveries so far, for backends with a link.
+    pub link: Option<LinkTotals>,
+    /// The settings the run was started with, as a config file (RON): `pnn-train --resume DIR`
+    /// needs nothing else.
+    pub settings: Option<String>,
+}
+
+/// A run's link counters, summed over the processes that carried it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkTotals {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub round_trips: u64,
+    pub retries: u64,
+    pub resyncs: u64,
+    pub reprograms: u64,
+}
+
+impl std::ops::Add for LinkTotals {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self {
+            bytes_up: self.bytes_up + o.bytes_up,
+            bytes_down: self.bytes_down + o.bytes_down,
+            round_trips: self.round_trips + o.round_trips,
+            retries: self.retries + o.retries,
+            resyncs: self.resyncs + o.resyncs,
+            reprograms: self.reprograms + o.reprograms,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +115,40 @@ pub enum CheckpointError {
     Mismatch { path: PathBuf, what: String },
 }
 
+impl CheckpointError {
+    /// There is no checkpoint file at all (as opposed to a damaged one).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+impl RunIdentity {
+    /// The identity of the run `config` describes, on `data`.
+    pub fn of(config: &RunConfig, model: &ModelSpec, data: &Dataset) -> Self {
+        let specs = model.layer_specs();
+        Self {
+            dataset: config.dataset.name().into(),
+            arch: model.arch_name().into(),
+            layer_params: specs.iter().map(|s| s.param_count).collect(),
+            layer_features: specs.iter().map(|s| s.feature_width).collect(),
+            classes: model.classes,
+            train_samples: data.train.len(),
+            hyper_json: serde_json::to_string(&config.hyper).expect("hyperparameters serialise"),
+            max_batches: config.max_batches,
+        }
+    }
+}
+
 impl Checkpoint {
+    /// The host's state the checkpoint holds.
+    pub fn host_state(&self) -> HostState {
+        HostState {
+            shadows: self.layers.clone(),
+            projections: self.projections.clone(),
+            oracle_evaluations: self.oracle_evaluations,
+        }
+    }
+
     pub fn path_in(dir: &Path) -> PathBuf {
         dir.join(FILE_NAME)
     }
@@ -87,7 +161,18 @@ impl Checkpoint {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        // Temporary files of writes that a crash cut short are of no use to anyone.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let mut file = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(dir)
+            .map_err(io)?;
         file.write_all(MAGIC).map_err(io)?;
         file.write_all(&(payload.len() as u64).to_le_bytes())
             .map_err(io)?;
@@ -171,6 +256,11 @@ impl Checkpoint {
             mine.hyper_json.clone(),
             identity.hyper_json.clone(),
         );
+        cmp(
+            "max batches per epoch",
+            format!("{:?}", mine.max_batches),
+            format!("{:?}", identity.max_batches),
+        );
         if diffs.is_empty() {
             Ok(())
         } else {
@@ -196,6 +286,7 @@ mod tests {
                 classes: 2,
                 train_samples: 10,
                 hyper_json: "{}".into(),
+                max_batches: None,
             },
             epochs: 3,
             position: Position { epoch: 1, batch: 4 },
@@ -213,6 +304,12 @@ mod tests {
             train_seconds: 1.5,
             oracle_evaluations: 99,
             metrics: Vec::new(),
+            layer_state: vec![None, Some(vec![0.5, 2.0])],
+            link: Some(LinkTotals {
+                retries: 3,
+                ..Default::default()
+            }),
+            settings: Some("(epochs: 3)".into()),
         }
     }
 

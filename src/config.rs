@@ -148,6 +148,25 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default)]
     pub save: Option<PathBuf>,
+    /// Evaluate on the first N test samples only
+    #[arg(long, value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub limit_test: Option<usize>,
+    /// Save a checkpoint in this directory at every epoch's end (written atomically), so that
+    /// `--resume` can continue the run
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    /// With --checkpoint: also save one every N batches
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive")]
+    pub checkpoint_every: Option<usize>,
+    /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
+    /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
+    /// unless --checkpoint says otherwise
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub resume: Option<PathBuf>,
 }
 
 fn positive_usize(s: &str) -> Result<usize, String> {
@@ -274,7 +293,53 @@ impl ExperimentConfig {
             data_dir: over.data_dir.or(self.data_dir),
             metrics: over.metrics.or(self.metrics),
             save: over.save.or(self.save),
+            limit_test: over.limit_test.or(self.limit_test),
+            checkpoint: over.checkpoint.or(self.checkpoint),
+            checkpoint_every: over.checkpoint_every.or(self.checkpoint_every),
+            resume: over.resume.or(self.resume),
         }
+    }
+
+    /// These settings as a config file that [`ExperimentConfig::parse`] reads back to the same
+    /// settings (`resume` left out: it says where a run comes from, not what it is). Checkpoints
+    /// store it, so that `--resume DIR` alone continues a run.
+    pub fn to_ron(&self) -> String {
+        let mut out = String::from("(\n");
+        let mut key = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                out.push_str(&format!("    {k}: {v},\n"));
+            }
+        };
+        let text = |s: String| ron::to_string(&s).expect("a string serialises");
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| text(p.display().to_string()));
+        key("dataset", self.dataset.map(|d| text(d.name().into())));
+        key("arch", self.arch.map(|a| text(a.to_string())));
+        key("hidden", self.hidden.as_ref().map(|w| format!("{:?}", w.0)));
+        key("proj_dim", self.proj_dim.map(|d| d.to_string()));
+        key(
+            "backend",
+            self.backend.as_ref().map(|b| text(backend_text(b))),
+        );
+        key("epochs", self.epochs.map(|e| e.to_string()));
+        key("batch_size", self.batch_size.map(|b| b.to_string()));
+        key("lr", self.lr.map(|x| format!("{x:?}")));
+        key("eps", self.eps.map(|x| format!("{x:?}")));
+        key("directions", self.directions.map(|p| p.to_string()));
+        key("chunk_max", self.chunk_max.map(|c| c.to_string()));
+        key("seed", self.seed.map(|s| s.to_string()));
+        key("limit_train", self.limit_train.map(|n| n.to_string()));
+        key("limit_test", self.limit_test.map(|n| n.to_string()));
+        key("max_batches", self.max_batches.map(|n| n.to_string()));
+        key("data_dir", path(&self.data_dir));
+        key("metrics", path(&self.metrics));
+        key("save", path(&self.save));
+        key("checkpoint", path(&self.checkpoint));
+        key(
+            "checkpoint_every",
+            self.checkpoint_every.map(|n| n.to_string()),
+        );
+        out.push(')');
+        out
     }
 
     /// The run these settings describe, with the paper's defaults (section 4.5) for what is unset.
@@ -303,9 +368,34 @@ impl ExperimentConfig {
             seed: self.seed.unwrap_or(defaults.seed),
         };
         run.limit_train = self.limit_train;
+        run.limit_test = self.limit_test;
         run.max_batches = self.max_batches;
+        if self.checkpoint_every.is_some() && self.checkpoint.is_none() && self.resume.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "checkpoint_every",
+                message: "needs a checkpoint directory (--checkpoint DIR)".into(),
+            });
+        }
+        // A resumed run goes on saving where it came from, unless told otherwise.
+        run.checkpoint = self.checkpoint.clone().or_else(|| self.resume.clone());
+        run.checkpoint_every = self.checkpoint_every;
+        run.resume = self.resume.clone();
         run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
         Ok(run)
+    }
+}
+
+/// A backend as `--backend` takes it, every option spelled out.
+fn backend_text(b: &BackendSpec) -> String {
+    match b {
+        BackendSpec::Serial(s) => format!(
+            "serial:{}?baud={}&timeout_ms={}&retries={}",
+            s.path,
+            s.baud,
+            s.timeout.as_millis(),
+            s.retries
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -423,6 +513,67 @@ mod tests {
                 "{text}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn settings_written_as_ron_read_back_the_same() {
+        let full = ExperimentConfig {
+            dataset: Some(DatasetKind::FashionMnist),
+            arch: Some(Arch::Cnn),
+            hidden: Some(Widths(vec![8, 16])),
+            proj_dim: Some(4),
+            backend: Some(
+                "serial:/dev/pts/3?baud=115200&timeout_ms=20&retries=7"
+                    .parse()
+                    .unwrap(),
+            ),
+            epochs: Some(3),
+            batch_size: Some(32),
+            lr: Some(1.7e-3),
+            eps: Some(0.1),
+            directions: Some(8),
+            chunk_max: Some(1000),
+            seed: Some(u64::MAX),
+            limit_train: Some(100),
+            max_batches: Some(5),
+            data_dir: Some(PathBuf::from("data dir/with \"quotes\"")),
+            metrics: Some(PathBuf::from("runs/m.jsonl")),
+            save: Some(PathBuf::from("runs/m.safetensors")),
+            limit_test: Some(50),
+            checkpoint: Some(PathBuf::from("runs/ckpt")),
+            checkpoint_every: Some(10),
+            resume: None,
+        };
+        for c in [full, ExperimentConfig::default()] {
+            let text = c.to_ron();
+            assert_eq!(parse(&text).unwrap(), c, "{text}");
+        }
+        let resumed = ExperimentConfig {
+            resume: Some(PathBuf::from("x")),
+            ..Default::default()
+        };
+        assert_eq!(
+            parse(&resumed.to_ron()).unwrap(),
+            ExperimentConfig::default()
+        );
+    }
+
+    #[test]
+    fn checkpoint_every_needs_a_directory_and_a_resumed_run_saves_where_it_came_from() {
+        let every = parse("(checkpoint_every: 5)").unwrap();
+        assert!(
+            every
+                .to_run_config()
+                .unwrap_err()
+                .to_string()
+                .contains("checkpoint_every")
+        );
+        let run = parse("(resume: \"runs/a\", checkpoint_every: 5)")
+            .unwrap()
+            .to_run_config()
+            .unwrap();
+        assert_eq!(run.checkpoint, Some(PathBuf::from("runs/a")));
+        assert_eq!(run.resume, Some(PathBuf::from("runs/a")));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod observe;
 pub mod oracle;
 pub mod progress;
 pub mod projection;
+pub mod recovery;
 pub mod report;
 pub mod run;
 pub mod study;

@@ -83,4 +83,13 @@ pub struct RunSummary {
     /// Request/reply exchanges with the device(s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round_trips: Option<u64>,
+    /// Requests sent again (after silence, a damaged reply or the device's NAK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u64>,
+    /// Damaged frames dropped, after which the host resynchronised at the next delimiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resyncs: Option<u64>,
+    /// Devices re-programmed from the shadow after a reset (`pnn::recovery`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprograms: Option<u64>,
 }

@@ -37,6 +37,14 @@ pub trait RunObserver {
     }
     /// The trained model, once, after the last epoch.
     fn model_trained(&mut self, _model: &SavedModel) {}
+    /// The run continues from a checkpoint; `history` holds the metrics of the epochs done
+    /// before. By default they are passed to [`RunObserver::epoch_done`] again, so that a
+    /// metrics file written from scratch ends up as an uninterrupted run's.
+    fn resumed(&mut self, history: &[EpochMetrics]) {
+        for m in history {
+            self.epoch_done(m);
+        }
+    }
 }
 
 impl<F: FnMut(&EpochMetrics)> RunObserver for F {
@@ -67,6 +75,9 @@ macro_rules! forward_all {
         fn model_trained(&mut self, model: &SavedModel) {
             $(if self.$field.wants_model() { self.$field.model_trained(model); })+
         }
+        fn resumed(&mut self, history: &[EpochMetrics]) {
+            $(self.$field.resumed(history);)+
+        }
     };
 }
 
@@ -96,5 +107,8 @@ impl<T: RunObserver + ?Sized> RunObserver for ByRef<'_, T> {
     }
     fn model_trained(&mut self, model: &SavedModel) {
         self.0.model_trained(model)
+    }
+    fn resumed(&mut self, history: &[EpochMetrics]) {
+        self.0.resumed(history)
     }
 }

@@ -162,6 +162,14 @@ pub struct WireStats {
     pub round_trips: u64,
 }
 
+/// How a device link has fared: retransmissions (after silence, damage or a NAK) and frames
+/// dropped as damaged, after which the receiver resynchronised at the next delimiter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkHealth {
+    pub retries: u64,
+    pub resyncs: u64,
+}
+
 /// One layer's forward evaluation, wherever it executes (see the module docs).
 ///
 /// Contract: `evaluate_perturbed` leaves no trace in the layer's state (parameters bit-identical
@@ -207,5 +215,31 @@ pub trait ForwardOracle {
     /// This oracle's share of its link's traffic, for backends with a link.
     fn wire_stats(&self) -> Option<WireStats> {
         None
+    }
+
+    /// This oracle's share of its link's retries and resyncs, for backends with a link.
+    fn link_health(&self) -> Option<LinkHealth> {
+        None
+    }
+
+    /// The device's current power-on session (its boot id), asked of the device, for backends
+    /// whose device can lose what was written to it (a reset, a brown-out). `None`, the default:
+    /// the layer never loses its state. A changed value means the device must be re-programmed
+    /// (see `crate::recovery`).
+    fn session(&mut self) -> Result<Option<u64>, OracleError> {
+        Ok(None)
+    }
+
+    /// The layer's state outside its parameters that training changes, flat: a conv block's
+    /// BatchNorm running statistics (means, then variances). `None`, the default: there is none.
+    /// Checkpoints and reset recovery save and restore it, so a layer that keeps such state must
+    /// implement this and [`ForwardOracle::write_layer_state`] for a resume to be exact.
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(None)
+    }
+
+    /// Restores what [`ForwardOracle::read_layer_state`] returned.
+    fn write_layer_state(&mut self, _state: &[f32]) -> Result<(), OracleError> {
+        Err(OracleError::Unsupported("writing layer state"))
     }
 }

@@ -197,6 +197,19 @@ impl RunObserver for Progress {
         }
     }
 
+    /// One line for the epochs done before, rather than their lines again.
+    fn resumed(&mut self, history: &[EpochMetrics]) {
+        if let Some(m) = history.last() {
+            self.last_evals = m.oracle_evaluations;
+            tracing::info!(
+                "{} epochs done before; last: test acc cumulative {:.4} final-layer {:.4}",
+                history.len(),
+                m.test_accuracy_cumulative,
+                m.test_accuracy_final_layer
+            );
+        }
+    }
+
     fn epoch_done(&mut self, m: &EpochMetrics) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();

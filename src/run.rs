@@ -1,16 +1,18 @@
 //! A whole training run, as `pnn-train` performs it; usable from library code too.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{self, BackendSpec};
+use crate::checkpoint::{Checkpoint, CheckpointError, LinkTotals, Position, RunIdentity};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
 use crate::export::SavedModel;
 use crate::metrics::{EpochMetrics, RunSummary};
 use crate::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
 use crate::observe::{BatchProgress, RunObserver};
-use crate::oracle::{Activations, ForwardOracle, OracleError, WireStats};
-use crate::trainer::{Hyper, Trainer, epoch_order};
+use crate::oracle::{Activations, ForwardOracle, LinkHealth, OracleError, WireStats};
+use crate::recovery::{Recovery, Snapshot};
+use crate::trainer::{EvalSums, Evaluation, Hyper, Trainer, epoch_order};
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -29,6 +31,16 @@ pub struct RunConfig {
     pub backend: BackendSpec,
     /// Train at most this many batches per epoch (smoke tests, quick looks).
     pub max_batches: Option<usize>,
+    /// Evaluate on the first N test samples only.
+    pub limit_test: Option<usize>,
+    /// Save a checkpoint here at every epoch's end (see [`crate::checkpoint`]).
+    pub checkpoint: Option<PathBuf>,
+    /// And every this many batches.
+    pub checkpoint_every: Option<usize>,
+    /// Continue the run whose checkpoint is here.
+    pub resume: Option<PathBuf>,
+    /// The settings as a config file, stored in checkpoints (`ExperimentConfig::to_ron`).
+    pub settings: Option<String>,
 }
 
 impl RunConfig {
@@ -44,6 +56,11 @@ impl RunConfig {
             limit_train: None,
             backend: BackendSpec::Sim,
             max_batches: None,
+            limit_test: None,
+            checkpoint: None,
+            checkpoint_every: None,
+            resume: None,
+            settings: None,
         }
     }
 }
@@ -56,6 +73,18 @@ pub enum RunError {
     Data(#[from] DataError),
     #[error(transparent)]
     Oracle(#[from] OracleError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The backend failed mid-run and the run was saved: `--resume dir` continues it.
+    #[error(
+        "{source}\nThe run is saved in {} at epoch {}, batch {} (all earlier batches done). Once the device is back, continue the run with:\n    pnn-train --resume {}\n(add --backend serial:PATH if the device's port has changed)",
+        dir.display(), position.epoch + 1, position.batch, shell_word(dir)
+    )]
+    Interrupted {
+        source: OracleError,
+        dir: PathBuf,
+        position: Position,
+    },
 }
 
 /// Loads the data, builds the backend's oracles and trains, reporting to `observer` (a closure
@@ -78,6 +107,9 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
         }
         data.train.truncate(n);
     }
+    if let Some(n) = config.limit_test {
+        data.test.truncate(n);
+    }
     tracing::info!(
         "{}: {} training and {} test samples from {}",
         config.dataset,
@@ -87,6 +119,14 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
     );
     let specs = model.layer_specs();
     let oracles = backend::open(&config.backend, &specs)?;
+    if let (Some(_), BackendSpec::SimProfile(path)) = (&config.resume, &config.backend) {
+        let noisy = pnn_sim::profile::DeviceProfile::load(path).is_ok_and(|p| !p.noise.is_ideal());
+        if noisy {
+            tracing::warn!(
+                "resuming on a simulated device with hardware effects: its noise streams, programming errors and drift clocks start afresh, so the run will not end bit-identical to an uninterrupted one"
+            );
+        }
+    }
     tracing::info!(
         "backend {}: {} layers, hidden {:?}, {} MF parameters",
         config.backend,
@@ -98,37 +138,320 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
     run_with(config, &data, &model, oracles, observer)
 }
 
-/// The training loop over any backend's oracles.
+/// A path as one shell word.
+fn shell_word(path: &Path) -> String {
+    let s = path.display().to_string();
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c))
+    {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Where a run stands between steps: what a checkpoint holds besides the host's state.
+struct RunState {
+    /// The next step.
+    position: Position,
+    /// The current epoch's sums of local losses, batches done and training time so far.
+    loss_sums: Vec<f64>,
+    batches: u32,
+    epoch_train_seconds: f64,
+    /// Training time of the completed epochs.
+    train_seconds: f64,
+    metrics: Vec<EpochMetrics>,
+    /// Link counters of the processes that ran the run before this one.
+    carried: Option<LinkTotals>,
+    /// Where the last checkpoint was saved, and at which position.
+    saved: Option<Position>,
+}
+
+impl RunState {
+    fn new(layers: usize, resumed: Option<&Checkpoint>) -> Self {
+        match resumed {
+            None => Self {
+                position: Position { epoch: 0, batch: 0 },
+                loss_sums: vec![0.0; layers],
+                batches: 0,
+                epoch_train_seconds: 0.0,
+                train_seconds: 0.0,
+                metrics: Vec::new(),
+                carried: None,
+                saved: None,
+            },
+            Some(c) => Self {
+                position: c.position,
+                loss_sums: c.epoch_loss_sums.clone(),
+                batches: c.epoch_batches,
+                epoch_train_seconds: c.epoch_train_seconds,
+                train_seconds: c.train_seconds,
+                metrics: c.metrics.clone(),
+                carried: c.link,
+                saved: Some(c.position),
+            },
+        }
+    }
+
+    fn checkpoint(
+        &self,
+        identity: &RunIdentity,
+        config: &RunConfig,
+        snapshot: Snapshot,
+        link: Option<LinkTotals>,
+    ) -> Checkpoint {
+        Checkpoint {
+            identity: identity.clone(),
+            epochs: config.epochs,
+            position: self.position,
+            layers: snapshot.host.shadows,
+            projections: snapshot.host.projections,
+            epoch_loss_sums: self.loss_sums.clone(),
+            epoch_batches: self.batches,
+            epoch_train_seconds: self.epoch_train_seconds,
+            train_seconds: self.train_seconds,
+            oracle_evaluations: snapshot.host.oracle_evaluations,
+            metrics: self.metrics.clone(),
+            layer_state: snapshot.layer_state,
+            link,
+            settings: config.settings.clone(),
+        }
+    }
+}
+
+/// The link counters of this process's layers, plus those carried over from earlier processes.
+fn link_totals<O: ForwardOracle>(
+    trainer: &Trainer<O>,
+    recovery: &Recovery,
+    carried: Option<LinkTotals>,
+) -> Option<LinkTotals> {
+    let oracles = trainer.oracles();
+    let wire = oracles
+        .iter()
+        .filter_map(|o| o.wire_stats())
+        .reduce(|a, b| WireStats {
+            bytes_up: a.bytes_up + b.bytes_up,
+            bytes_down: a.bytes_down + b.bytes_down,
+            round_trips: a.round_trips + b.round_trips,
+        });
+    let health = oracles
+        .iter()
+        .filter_map(|o| o.link_health())
+        .reduce(|a, b| LinkHealth {
+            retries: a.retries + b.retries,
+            resyncs: a.resyncs + b.resyncs,
+        });
+    if wire.is_none() && health.is_none() && !recovery.enabled() && carried.is_none() {
+        return None;
+    }
+    let (wire, health) = (wire.unwrap_or_default(), health.unwrap_or_default());
+    let now = LinkTotals {
+        bytes_up: wire.bytes_up,
+        bytes_down: wire.bytes_down,
+        round_trips: wire.round_trips,
+        retries: health.retries,
+        resyncs: health.resyncs,
+        reprograms: recovery.reprograms(),
+    };
+    Some(carried.unwrap_or_default() + now)
+}
+
+/// Saves a checkpoint, or says why not and goes on: the previous checkpoint stands, and losing
+/// the run over a full disk would be worse.
+fn save_or_warn(checkpoint: &Checkpoint, dir: &Path) -> bool {
+    match checkpoint.save(dir) {
+        Ok(()) => {
+            tracing::debug!(
+                "checkpoint saved in {} (epoch {}, batch {})",
+                dir.display(),
+                checkpoint.position.epoch + 1,
+                checkpoint.position.batch
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!("checkpoint not saved ({e}); the previous one stands");
+            false
+        }
+    }
+}
+
+/// The test-set evaluation, one batch per step, each repeated after a device reset.
+fn evaluate<O: ForwardOracle>(
+    trainer: &mut Trainer<O>,
+    recovery: &mut Recovery,
+    snapshot: Option<&Snapshot>,
+    data: &Dataset,
+) -> Result<Evaluation, OracleError> {
+    let mut sums = EvalSums::new(trainer.layers().len());
+    let indices: Vec<usize> = (0..data.test.len()).collect();
+    for batch in indices.chunks(trainer.hyper().batch_size) {
+        sums = recovery.run(trainer, snapshot, |t| {
+            let mut sums = sums.clone();
+            t.evaluate_batch(&data.test, &data.normalizer, batch, &mut sums)
+                .map(|()| sums)
+        })?;
+    }
+    Ok(sums.finish())
+}
+
+/// Where a run that has no checkpoint directory is saved when its device fails.
+fn rescue_dir() -> PathBuf {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    std::env::temp_dir().join(format!("pnn-rescue-{t}-{}", std::process::id()))
+}
+
+/// The training loop over any backend's oracles. Continues the run in `config.resume` if set,
+/// saves checkpoints into `config.checkpoint`, and survives device resets (`crate::recovery`);
+/// when a device fails for good, saves the last completed batch boundary and returns
+/// [`RunError::Interrupted`].
 pub fn run_with<O: ForwardOracle>(
     config: &RunConfig,
     data: &Dataset,
     model: &ModelSpec,
-    oracles: Vec<O>,
+    mut oracles: Vec<O>,
     mut observer: impl RunObserver,
 ) -> Result<RunSummary, RunError> {
     let hyper = config.hyper.clone();
-    let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
-    let mut trainer = Trainer::new(oracles, init, hyper.clone())?;
-    let mut train_seconds = 0.0;
-    let mut last = None;
+    let identity = RunIdentity::of(config, model, data);
+    let resumed = match config.resume.as_deref() {
+        Some(dir) => {
+            let c = Checkpoint::load(dir)?;
+            c.check_compatible(&identity, dir)?;
+            Some(c)
+        }
+        None => None,
+    };
+    // Sessions before programming: a reset during the programming shows at the first check.
+    let mut recovery = Recovery::new(&mut oracles)?;
+    let mut trainer = match &resumed {
+        Some(c) => {
+            // On a device, this re-programs it from the saved shadow.
+            let mut trainer = Trainer::from_state(oracles, c.host_state(), hyper.clone())?;
+            for (oracle, state) in trainer.oracles_mut().iter_mut().zip(&c.layer_state) {
+                if let Some(state) = state {
+                    oracle.write_layer_state(state)?;
+                }
+            }
+            trainer
+        }
+        None => {
+            let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
+            Trainer::new(oracles, init, hyper.clone())?
+        }
+    };
+    let layers = model.hidden.len();
+    let mut state = RunState::new(layers, resumed.as_ref());
+    let saver = config.checkpoint.as_deref();
+    if let Some(c) = &resumed {
+        tracing::info!(
+            "resuming from {} at epoch {}, batch {}",
+            config.resume.as_deref().unwrap_or(Path::new("")).display(),
+            c.position.epoch + 1,
+            c.position.batch
+        );
+        observer.resumed(&c.metrics);
+    } else if let Some(dir) = saver {
+        // A first checkpoint now: a directory that cannot take one shows at once, and a run
+        // cut short at any point has one to resume from.
+        let snapshot = Snapshot::take(&mut trainer)?;
+        let link = link_totals(&trainer, &recovery, None);
+        state
+            .checkpoint(&identity, config, snapshot, link)
+            .save(dir)?;
+        state.saved = Some(state.position);
+    }
+    drop(resumed);
+
+    // A failed step: saves the last completed batch boundary (`snapshot`, taken before the step)
+    // and says how to resume.
+    let interrupted = |source: OracleError,
+                       snapshot: Option<Snapshot>,
+                       state: &RunState,
+                       trainer: &Trainer<O>,
+                       recovery: &Recovery|
+     -> RunError {
+        let Some(snapshot) = snapshot else {
+            return match (saver, state.saved) {
+                (Some(dir), Some(position)) => RunError::Interrupted {
+                    source,
+                    dir: dir.to_path_buf(),
+                    position,
+                },
+                _ => RunError::Oracle(source),
+            };
+        };
+        let dir = saver.map_or_else(rescue_dir, Path::to_path_buf);
+        let link = link_totals(trainer, recovery, state.carried);
+        match state
+            .checkpoint(&identity, config, snapshot, link)
+            .save(&dir)
+        {
+            Ok(()) => RunError::Interrupted {
+                source,
+                dir,
+                position: state.position,
+            },
+            Err(e) => {
+                tracing::error!("the run could not be saved: {e}");
+                RunError::Oracle(source)
+            }
+        }
+    };
+
+    let mut last_eval: Option<Evaluation> = None;
     let mut x = Vec::new();
-    for epoch in 0..config.epochs {
+    for epoch in state.position.epoch..config.epochs {
         let start = Instant::now();
         let order = epoch_order(hyper.seed, epoch, data.train.len());
-        let mut loss_sums = vec![0f64; model.hidden.len()];
-        let mut batches = 0u32;
         let planned = order
             .len()
             .div_ceil(hyper.batch_size)
             .min(config.max_batches.unwrap_or(usize::MAX));
+        let first = if epoch == state.position.epoch {
+            state.position.batch as usize
+        } else {
+            0
+        };
+        if first == 0 {
+            state.loss_sums = vec![0f64; layers];
+            state.batches = 0;
+            state.epoch_train_seconds = 0.0;
+        }
+        state.position = Position {
+            epoch,
+            batch: first as u32,
+        };
+        let epoch_base = state.epoch_train_seconds;
         observer.epoch_started(epoch + 1, planned);
-        for (b, batch) in order.chunks(hyper.batch_size).take(planned).enumerate() {
+        for (b, batch) in order
+            .chunks(hyper.batch_size)
+            .take(planned)
+            .enumerate()
+            .skip(first)
+        {
             data.normalizer.batch(&data.train, batch, &mut x);
             let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
             let input = Activations::new(batch.len(), data.input_width(), x.clone());
-            let losses = trainer.train_batch(epoch, b as u32, input, &labels)?;
-            loss_sums.iter_mut().zip(&losses).for_each(|(s, l)| *s += l);
-            batches += 1;
+            let snapshot = recovery.snapshot(&mut trainer)?;
+            let step = recovery.run(&mut trainer, snapshot.as_ref(), |t| {
+                t.train_batch(epoch, b as u32, input.clone(), &labels)
+            });
+            let losses = match step {
+                Ok(losses) => losses,
+                Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
+            };
+            state
+                .loss_sums
+                .iter_mut()
+                .zip(&losses)
+                .for_each(|(s, l)| *s += l);
+            state.batches += 1;
+            state.position.batch = b as u32 + 1;
+            state.epoch_train_seconds = epoch_base + start.elapsed().as_secs_f64();
             observer.batch_done(&BatchProgress {
                 epoch: epoch + 1,
                 batch: b + 1,
@@ -137,38 +460,66 @@ pub fn run_with<O: ForwardOracle>(
                 local_loss: &losses,
                 oracle_evaluations: trainer.oracle_evaluations(),
             });
+            if let (Some(dir), Some(every)) = (saver, config.checkpoint_every)
+                && (b + 1).is_multiple_of(every)
+            {
+                let snapshot = Snapshot::take(&mut trainer)?;
+                let link = link_totals(&trainer, &recovery, state.carried);
+                let at = state.checkpoint(&identity, config, snapshot, link);
+                if save_or_warn(&at, dir) {
+                    state.saved = Some(state.position);
+                }
+            }
         }
-        let train_time = start.elapsed().as_secs_f64();
-        train_seconds += train_time;
+        state.epoch_train_seconds = epoch_base + start.elapsed().as_secs_f64();
         let eval_start = Instant::now();
-        let eval = trainer.evaluate(&data.test, &data.normalizer)?;
+        let snapshot = recovery.snapshot(&mut trainer)?;
+        let eval = match evaluate(&mut trainer, &mut recovery, snapshot.as_ref(), data) {
+            Ok(eval) => eval,
+            Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
+        };
         let metrics = EpochMetrics::new(
             epoch + 1,
-            train_time,
+            state.epoch_train_seconds,
             eval_start.elapsed().as_secs_f64(),
-            loss_sums
+            state
+                .loss_sums
                 .iter()
-                .map(|s| s / batches.max(1) as f64)
+                .map(|s| s / state.batches.max(1) as f64)
                 .collect(),
             &eval,
             trainer.oracle_evaluations(),
         );
         observer.epoch_done(&metrics);
-        last = Some(eval);
+        state.metrics.push(metrics);
+        state.train_seconds += state.epoch_train_seconds;
+        state.position = Position {
+            epoch: epoch + 1,
+            batch: 0,
+        };
+        state.loss_sums = vec![0f64; layers];
+        state.batches = 0;
+        state.epoch_train_seconds = 0.0;
+        last_eval = Some(eval);
+        if let Some(dir) = saver {
+            let snapshot = Snapshot::take(&mut trainer)?;
+            let link = link_totals(&trainer, &recovery, state.carried);
+            if save_or_warn(&state.checkpoint(&identity, config, snapshot, link), dir) {
+                state.saved = Some(state.position);
+            }
+        }
     }
-    let eval = match last {
+    let eval = match last_eval {
         Some(eval) => eval,
-        None => trainer.evaluate(&data.test, &data.normalizer)?,
+        None => {
+            let snapshot = recovery.snapshot(&mut trainer)?;
+            match evaluate(&mut trainer, &mut recovery, snapshot.as_ref(), data) {
+                Ok(eval) => eval,
+                Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
+            }
+        }
     };
-    let wire = trainer
-        .oracles_mut()
-        .iter()
-        .filter_map(|o| o.wire_stats())
-        .reduce(|a, b| WireStats {
-            bytes_up: a.bytes_up + b.bytes_up,
-            bytes_down: a.bytes_down + b.bytes_down,
-            round_trips: a.round_trips + b.round_trips,
-        });
+    let link = link_totals(&trainer, &recovery, state.carried);
     if observer.wants_model() {
         observer.model_trained(&SavedModel::from_trainer(
             &trainer,
@@ -177,6 +528,7 @@ pub fn run_with<O: ForwardOracle>(
             config.epochs,
         ));
     }
+    let train_seconds = state.train_seconds;
     Ok(RunSummary {
         dataset: config.dataset.name().into(),
         backend: config.backend.to_string(),
@@ -205,8 +557,11 @@ pub fn run_with<O: ForwardOracle>(
         },
         oracle_evaluations: trainer.oracle_evaluations(),
         weights_sha256: trainer.weights_sha256(),
-        wire_bytes_up: wire.map(|w| w.bytes_up),
-        wire_bytes_down: wire.map(|w| w.bytes_down),
-        round_trips: wire.map(|w| w.round_trips),
+        wire_bytes_up: link.map(|w| w.bytes_up),
+        wire_bytes_down: link.map(|w| w.bytes_down),
+        round_trips: link.map(|w| w.round_trips),
+        retries: link.map(|w| w.retries),
+        resyncs: link.map(|w| w.resyncs),
+        reprograms: link.map(|w| w.reprograms),
     })
 }

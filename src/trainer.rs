@@ -99,6 +99,48 @@ pub struct Evaluation {
     pub loss_per_layer: Vec<f64>,
 }
 
+/// The host's whole training state: every layer's shadow of `W_l`, every `M_l`, and the
+/// evaluation counter. Checkpoints store it; reset recovery rolls back to it (`crate::recovery`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostState {
+    pub shadows: Vec<Vec<f32>>,
+    pub projections: Vec<Projection>,
+    pub oracle_evaluations: u64,
+}
+
+/// An evaluation's running sums, batch by batch ([`Trainer::evaluate_batch`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalSums {
+    correct: Vec<usize>,
+    loss: Vec<f64>,
+    correct_cum: usize,
+    loss_cum: f64,
+    samples: usize,
+}
+
+impl EvalSums {
+    pub fn new(layers: usize) -> Self {
+        Self {
+            correct: vec![0; layers],
+            loss: vec![0.0; layers],
+            ..Default::default()
+        }
+    }
+
+    pub fn finish(&self) -> Evaluation {
+        let nf = self.samples.max(1) as f64;
+        let last = self.correct.len() - 1;
+        Evaluation {
+            accuracy_cumulative: self.correct_cum as f64 / nf,
+            accuracy_final_layer: self.correct[last] as f64 / nf,
+            loss_cumulative: self.loss_cum / nf,
+            loss_final_layer: self.loss[last] / nf,
+            accuracy_per_layer: self.correct.iter().map(|&c| c as f64 / nf).collect(),
+            loss_per_layer: self.loss.iter().map(|&l| l / nf).collect(),
+        }
+    }
+}
+
 const SHUFFLE_DOMAIN: u64 = 0x706E_6E2D_7368_7566; // "pnn-shuf"
 
 /// The order in which an epoch visits the first `n` training samples (seeded Fisher-Yates).
@@ -184,12 +226,69 @@ impl<O: ForwardOracle> Trainer<O> {
         })
     }
 
+    /// A trainer that continues from `state` (a checkpoint): the oracles are programmed from its
+    /// shadows, as [`Trainer::new`] does from initial parameters.
+    pub fn from_state(
+        oracles: Vec<O>,
+        state: HostState,
+        hyper: Hyper,
+    ) -> Result<Self, OracleError> {
+        let init = InitialParams {
+            layers: state.shadows,
+            projections: state.projections,
+        };
+        let mut trainer = Self::new(oracles, init, hyper)?;
+        trainer.evaluations = state.oracle_evaluations;
+        Ok(trainer)
+    }
+
+    pub fn host_state(&self) -> HostState {
+        HostState {
+            shadows: self.layers.iter().map(|l| l.shadow.clone()).collect(),
+            projections: self.layers.iter().map(|l| l.projection.clone()).collect(),
+            oracle_evaluations: self.evaluations,
+        }
+    }
+
+    /// Puts back a state from [`Trainer::host_state`] and programs every layer from it (a device
+    /// that lost its parameters is re-programmed from the shadow).
+    pub fn restore(&mut self, state: &HostState) -> Result<(), OracleError> {
+        let fits = state.shadows.len() == self.layers.len()
+            && state.projections.len() == self.layers.len()
+            && self
+                .layers
+                .iter()
+                .zip(&state.shadows)
+                .all(|(l, s)| l.shadow.len() == s.len())
+            && (self.layers.iter().zip(&state.projections))
+                .all(|(l, p)| l.projection.data.len() == p.data.len());
+        if !fits {
+            return Err(OracleError::Shape(
+                "the state to restore is of another model".into(),
+            ));
+        }
+        for ((layer, oracle), (shadow, projection)) in (self.layers.iter_mut())
+            .zip(&mut self.oracles)
+            .zip(state.shadows.iter().zip(&state.projections))
+        {
+            layer.shadow.copy_from_slice(shadow);
+            layer.projection.clone_from(projection);
+            oracle.write_parameters(shadow)?;
+        }
+        self.evaluations = state.oracle_evaluations;
+        Ok(())
+    }
+
     pub fn hyper(&self) -> &Hyper {
         &self.hyper
     }
 
     pub fn layers(&self) -> &[LayerState] {
         &self.layers
+    }
+
+    pub fn oracles(&self) -> &[O] {
+        &self.oracles
     }
 
     pub fn oracles_mut(&mut self) -> &mut [O] {
@@ -287,44 +386,53 @@ impl<O: ForwardOracle> Trainer<O> {
         split: &Split,
         normalizer: &Normalizer,
     ) -> Result<Evaluation, OracleError> {
-        let n = split.len();
-        let layers = self.layers.len();
+        let mut sums = EvalSums::new(self.layers.len());
+        let indices: Vec<usize> = (0..split.len()).collect();
+        for batch in indices.chunks(self.hyper.batch_size) {
+            self.evaluate_batch(split, normalizer, batch, &mut sums)?;
+        }
+        Ok(sums.finish())
+    }
+
+    /// Adds the samples `batch` of `split` to an evaluation's sums ([`Trainer::evaluate`] is
+    /// these batches in order, `hyper.batch_size` samples each). `sums` changes only on success.
+    pub fn evaluate_batch(
+        &mut self,
+        split: &Split,
+        normalizer: &Normalizer,
+        batch: &[usize],
+        sums: &mut EvalSums,
+    ) -> Result<(), OracleError> {
         let classes = self.classes;
-        let mut correct = vec![0usize; layers];
-        let mut loss = vec![0f64; layers];
-        let (mut correct_cum, mut loss_cum) = (0usize, 0f64);
-        let indices: Vec<usize> = (0..n).collect();
         let mut x = Vec::new();
         let mut g = Vec::new();
-        for batch in indices.chunks(self.hyper.batch_size) {
-            normalizer.batch(split, batch, &mut x);
-            let labels: Vec<u8> = batch.iter().map(|&i| split.labels[i]).collect();
-            let mut input = Activations::new(batch.len(), split.sample_len, x.clone());
-            let mut cumulative = vec![0f32; batch.len() * classes];
-            for (l, (oracle, state)) in self.oracles.iter_mut().zip(&self.layers).enumerate() {
-                oracle.load_input(&input)?;
-                let out = oracle.forward(ForwardMode::Eval)?;
-                state.projection.goodness(&out.features, &mut g);
-                loss[l] += cross_entropy(&g, classes, &labels) * batch.len() as f64;
-                correct[l] += count_correct(&g, classes, &labels);
-                cumulative.iter_mut().zip(&g).for_each(|(c, v)| *c += v);
-                input = match out.next {
-                    Some(next) => next,
-                    None => out.features,
-                };
-            }
-            loss_cum += cross_entropy(&cumulative, classes, &labels) * batch.len() as f64;
-            correct_cum += count_correct(&cumulative, classes, &labels);
+        normalizer.batch(split, batch, &mut x);
+        let labels: Vec<u8> = batch.iter().map(|&i| split.labels[i]).collect();
+        let mut input = Activations::new(batch.len(), split.sample_len, x);
+        let mut cumulative = vec![0f32; batch.len() * classes];
+        let mut per_layer = Vec::with_capacity(self.layers.len());
+        for (oracle, state) in self.oracles.iter_mut().zip(&self.layers) {
+            oracle.load_input(&input)?;
+            let out = oracle.forward(ForwardMode::Eval)?;
+            state.projection.goodness(&out.features, &mut g);
+            per_layer.push((
+                cross_entropy(&g, classes, &labels) * batch.len() as f64,
+                count_correct(&g, classes, &labels),
+            ));
+            cumulative.iter_mut().zip(&g).for_each(|(c, v)| *c += v);
+            input = match out.next {
+                Some(next) => next,
+                None => out.features,
+            };
         }
-        let nf = n.max(1) as f64;
-        Ok(Evaluation {
-            accuracy_cumulative: correct_cum as f64 / nf,
-            accuracy_final_layer: correct[layers - 1] as f64 / nf,
-            loss_cumulative: loss_cum / nf,
-            loss_final_layer: loss[layers - 1] / nf,
-            accuracy_per_layer: correct.iter().map(|&c| c as f64 / nf).collect(),
-            loss_per_layer: loss.iter().map(|&l| l / nf).collect(),
-        })
+        for (l, (loss, correct)) in per_layer.into_iter().enumerate() {
+            sums.loss[l] += loss;
+            sums.correct[l] += correct;
+        }
+        sums.loss_cum += cross_entropy(&cumulative, classes, &labels) * batch.len() as f64;
+        sums.correct_cum += count_correct(&cumulative, classes, &labels);
+        sums.samples += batch.len();
+        Ok(())
     }
 
     /// SHA-256 of every layer's parameters then every projection, as little-endian f32 bytes.

@@ -30,10 +30,17 @@ const CNN_RUN: [&str; 12] = [
     "7",
 ];
 
-const WIRE: [&str; 3] = ["wire_bytes_up", "wire_bytes_down", "round_trips"];
+const WIRE: [&str; 6] = [
+    "wire_bytes_up",
+    "wire_bytes_down",
+    "round_trips",
+    "retries",
+    "resyncs",
+    "reprograms",
+];
 
 /// The summary without what legitimately differs between backends: timings, the backend's name
-/// and the wire counters.
+/// and the wire and link-health counters.
 fn core(mut v: serde_json::Value) -> serde_json::Value {
     let o = v.as_object_mut().unwrap();
     for key in ["backend", "train_seconds", "seconds_per_epoch"]

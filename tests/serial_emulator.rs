@@ -30,12 +30,19 @@ fn serial_training_matches_sim_bit_for_bit() {
         assert!(sim.get(key).is_none(), "sim reports no {key}");
         assert!(serial[key].as_u64().unwrap() > 0, "serial reports {key}");
     }
+    // The link's health: counted (a clean line needs no recovery), absent on sim.
+    let health = ["retries", "resyncs", "reprograms"];
+    for key in health {
+        assert!(sim.get(key).is_none(), "sim reports no {key}");
+        assert_eq!(serial[key].as_u64(), Some(0), "serial reports {key}");
+    }
     // Everything but timings, the backend's name and the wire counters is identical.
     let strip = |mut v: serde_json::Value| {
         let o = v.as_object_mut().unwrap();
         for key in ["backend", "train_seconds", "seconds_per_epoch"]
             .iter()
             .chain(&wire)
+            .chain(&health)
         {
             o.remove(*key);
         }
@@ -87,6 +94,8 @@ fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
     use std::io::{BufRead, BufReader};
     let mut emulator = Emulator::spawn("784x50,50x50", &[]);
     let backend = format!("serial:{}?timeout_ms=500", emulator.path);
+    // Where the run is saved when its device goes (else a directory under the system's temp).
+    let saved = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"))
         .args([
             "--backend",
@@ -96,6 +105,7 @@ fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
             "--epochs",
             "20",
         ])
+        .args(["--checkpoint", saved.path().to_str().unwrap()])
         .args(["--limit-train", "4096", "--seed", "1"])
         .env("RUST_LOG", "pnn=info")
         .stdout(std::process::Stdio::null())
@@ -125,6 +135,7 @@ fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
     let stderr = reader.join().unwrap();
     assert_eq!(status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("closed the link"), "{stderr}");
+    assert!(stderr.contains("pnn-train --resume"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     // No hang: far less than even one retry cycle.
     assert!(killed_at.elapsed() < Duration::from_secs(5));

@@ -133,6 +133,8 @@ pub struct FrameDecoder<B> {
     buf: B,
     len: usize,
     overflow: bool,
+    /// The sequence number the last frame carried, when it failed its CRC.
+    damaged: Option<u16>,
 }
 
 impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
@@ -142,7 +144,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
             buf,
             len: 0,
             overflow: false,
+            damaged: None,
         }
+    }
+
+    /// The sequence number carried by the frame [`FrameDecoder::feed`] just rejected for its CRC
+    /// (`None` after any other outcome). The frame is damaged, so the number may be too; a device
+    /// uses it to ask for a retransmission at once (a NAK), a host that gets a wrong one ignores
+    /// it as a stale reply.
+    pub fn damaged_seq(&self) -> Option<u16> {
+        self.damaged
     }
 
     /// Forgets a partly received frame.
@@ -161,6 +172,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
     /// or why it was rejected. Call again with the rest of `input`.
     pub fn feed<'s>(&'s mut self, input: &[u8]) -> (usize, Option<Result<Frame<'s>, FrameError>>) {
         let mut i = 0;
+        self.damaged = None;
         while i < input.len() {
             let rest = &input[i..];
             let Some(z) = rest.iter().position(|&b| b == 0) else {
@@ -180,10 +192,14 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> FrameDecoder<B> {
             let len = self.len;
             self.len = 0;
             let buf = &mut self.buf.as_mut()[..len];
-            let result = match cobs::decode_in_place(buf) {
-                Ok(n) if n <= len => check_payload(&buf[..n]),
-                _ => Err(FrameError::Cobs),
+            let n = match cobs::decode_in_place(buf) {
+                Ok(n) if n <= len => n,
+                _ => return (i, Some(Err(FrameError::Cobs))),
             };
+            let result = check_payload(&buf[..n]);
+            if result == Err(FrameError::Crc) {
+                self.damaged = Some(u16::from_le_bytes([buf[0], buf[1]]));
+            }
             return (i, Some(result));
         }
         (i, None)

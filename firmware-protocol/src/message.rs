@@ -382,6 +382,10 @@ pub enum DeviceError {
     Hardware {
         code: u16,
     },
+    /// A negative acknowledgement: a frame arrived with a bad CRC (sent under the sequence number
+    /// the damaged frame carried, which may itself be damaged). The host retransmits at once
+    /// instead of waiting out its timeout; see [`crate::server::Server::serve`].
+    Corrupt,
 }
 
 impl fmt::Display for DeviceError {
@@ -414,6 +418,7 @@ impl fmt::Display for DeviceError {
             Self::NoResult => write!(f, "no result to read at that offset"),
             Self::Unsupported => write!(f, "the device lacks this capability"),
             Self::Hardware { code } => write!(f, "hardware fault, code {code}"),
+            Self::Corrupt => write!(f, "the request arrived corrupted"),
         }
     }
 }

@@ -9,6 +9,10 @@
 //! perturbation and update have default implementations in terms of those, which a device (or
 //! the simulator's exact fast path) may replace.
 //!
+//! A frame that fails its CRC is answered with a NAK (`Error(Corrupt)` under the sequence number
+//! the damaged frame carried), so that on a noisy line the host retransmits at once instead of
+//! after its timeout; frames that are not even valid COBS are dropped silently.
+//!
 //! No allocation is needed: buffers are handed in as slices ([`Buffer`] for `&mut [f32]`), or as
 //! `Vec`s that grow on demand with the `alloc` feature.
 
@@ -200,6 +204,8 @@ pub struct ServerStats {
     pub bad_frames: u64,
     /// Retransmitted state-changing requests answered from the cache.
     pub retransmissions: u64,
+    /// Negative acknowledgements sent for frames that failed their CRC.
+    pub naks: u64,
 }
 
 /// The device-side dispatcher (see the module docs).
@@ -268,6 +274,13 @@ where
         self.stats
     }
 
+    /// Declares a smaller largest request than the configuration's (a device with small receive
+    /// buffers, or a noisy line, where short frames get through more often). Replies are bounded
+    /// by the payload buffer handed to [`Server::serve`].
+    pub fn set_max_request(&mut self, bytes: u32) {
+        self.config.max_request = bytes;
+    }
+
     /// Feeds received bytes; every reply is passed to `write` as one complete frame.
     pub fn serve<E, IoB>(
         &mut self,
@@ -283,7 +296,21 @@ where
             input = &input[n..];
             match frame {
                 None => {}
-                Some(Err(_)) => self.stats.bad_frames += 1,
+                Some(Err(e)) => {
+                    self.stats.bad_frames += 1;
+                    // A NAK under the damaged frame's sequence number: the host retransmits at
+                    // once rather than after its timeout (it ignores a NAK whose number was hit).
+                    let nak = io.decoder.damaged_seq().filter(|_| e == FrameError::Crc);
+                    if let Some(seq) = nak {
+                        let reply = Response::Error(DeviceError::Corrupt);
+                        if let Ok(len) =
+                            frame::encode(seq, &reply, io.payload.as_mut(), io.out.as_mut())
+                        {
+                            self.stats.naks += 1;
+                            write(&io.out.as_ref()[..len])?;
+                        }
+                    }
+                }
                 Some(Ok(frame)) => {
                     let len =
                         self.respond(frame.seq, frame.body, io.payload.as_mut(), io.out.as_mut());

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
-    PerturbedPair, UpdateTerm, WireStats,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, LinkHealth,
+    OracleError, PerturbedPair, UpdateTerm, WireStats,
 };
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
@@ -136,5 +136,21 @@ impl ForwardOracle for AnyOracle {
 
     fn wire_stats(&self) -> Option<WireStats> {
         dispatch!(self, o => o.wire_stats())
+    }
+
+    fn link_health(&self) -> Option<LinkHealth> {
+        dispatch!(self, o => o.link_health())
+    }
+
+    fn session(&mut self) -> Result<Option<u64>, OracleError> {
+        dispatch!(self, o => o.session())
+    }
+
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        dispatch!(self, o => o.read_layer_state())
+    }
+
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        dispatch!(self, o => o.write_layer_state(state))
     }
 }

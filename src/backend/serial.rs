@@ -8,6 +8,7 @@
 //! down in the encoding the device declares. See `devices/README.md` for the device side.
 
 pub mod device;
+pub mod faults;
 pub mod link;
 
 use std::time::Duration;

@@ -232,4 +232,32 @@ impl ForwardOracle for SimOracle {
         }
         .map_err(sim_err)
     }
+
+    /// A conv block's BatchNorm running statistics: the means, then the variances.
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(match &self.layer {
+            SimLayer::Dense(_) => None,
+            SimLayer::Conv(b) => Some([b.running_mean(), b.running_var()].concat()),
+        })
+    }
+
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        match &mut self.layer {
+            SimLayer::Dense(_) if state.is_empty() => Ok(()),
+            SimLayer::Dense(_) => Err(OracleError::Shape(format!(
+                "{} values of layer state for a dense layer, which keeps none",
+                state.len()
+            ))),
+            SimLayer::Conv(b) => {
+                let (mean, var) = state.split_at(state.len() / 2);
+                if mean.len() != var.len() {
+                    return Err(OracleError::Shape(format!(
+                        "{} values of BatchNorm state: expected means and variances, as many of each",
+                        state.len()
+                    )));
+                }
+                b.set_running_stats(mean, var).map_err(sim_err)
+            }
+        }
+    }
 }

@@ -9,15 +9,29 @@
 //! pnn-emulate --profile devices/ideal.ron --layers conv1x28x28:32,conv32x14x14:32 --seed 3
 //! ```
 //!
+//! A bad line and a flaky device on purpose (`pnn::backend::serial::faults`): every byte damaged
+//! with probability `--corrupt-rate`, every frame lost with `--drop-rate`, replies held back up to
+//! `--delay-ms`, and a power-cycle at every `--reset-every`-th request (parameters and input
+//! forgotten, a new boot id), all drawn from `--fault-seed`. `--max-frame` makes frames short,
+//! as a noisy line needs:
+//!
+//! ```text
+//! pnn-emulate --profile devices/ideal.ron --layers 784x50,50x50 \
+//!     --corrupt-rate 1e-3 --drop-rate 0.01 --reset-every 3000 --max-frame 256
+//! ```
+//!
 //! Exit codes: 2 invalid arguments or profile (or layers the profile cannot serve), 4 the
 //! pseudo-terminal failed.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
+use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::message::ActivationEncoding;
+use pnn::backend::serial::faults::{self, FaultConfig, FaultyTransport, PortTransport};
 use pnn::model::DEFAULT_PROJ_DIM;
 use pnn_sim::emulator::{self, EmulatorConfig, LayerConfig};
 use pnn_sim::profile::DeviceProfile;
@@ -53,9 +67,27 @@ struct Args {
     /// Boot id reported in the handshake (default: drawn at start).
     #[arg(long)]
     boot_id: Option<u32>,
-    /// Log dropped replies to stderr.
+    /// Log dropped replies (and resets) to stderr.
     #[arg(long)]
     verbose: bool,
+    /// Probability that a byte is damaged (a bit flipped), in each direction.
+    #[arg(long, default_value_t = 0.0)]
+    corrupt_rate: f64,
+    /// Probability that a frame is lost, in each direction.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Hold every reply back a random time up to this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Power-cycle the device at every N-th request received (that request is lost).
+    #[arg(long, value_name = "N")]
+    reset_every: Option<u64>,
+    /// Seed of the faults.
+    #[arg(long, default_value_t = 0)]
+    fault_seed: u64,
+    /// Largest frame payload, in bytes, each way (the device declares it; 128 to 65536).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(128..=65536))]
+    max_frame: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +107,17 @@ fn positive_usize(s: &str) -> Result<usize, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let check = FaultConfig {
+        corrupt_rate: args.corrupt_rate,
+        drop_rate: args.drop_rate,
+        reset_every: args.reset_every,
+        ..Default::default()
+    }
+    .validate();
+    if let Err(e) = check {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let profile = match DeviceProfile::load(&args.profile) {
         Ok(p) => p,
         Err(e) => {
@@ -124,7 +167,25 @@ fn main() -> ExitCode {
         },
         pty.path
     );
-    match emulator::serve(&mut pty.device, &mut server, args.verbose) {
+    let faults = FaultConfig {
+        seed: args.fault_seed,
+        corrupt_rate: args.corrupt_rate,
+        drop_rate: args.drop_rate,
+        max_delay: Duration::from_millis(args.delay_ms),
+        reset_every: args.reset_every,
+    };
+    let served = if faults.is_clean() && args.max_frame.is_none() {
+        emulator::serve(&mut pty.device, &mut server, args.verbose)
+    } else {
+        eprintln!(
+            "pnn-emulate: faults {faults:?}, frames of at most {:?} bytes",
+            args.max_frame
+        );
+        let max_frame = args.max_frame.map_or(MAX_PAYLOAD, |m| m as usize);
+        let mut transport = FaultyTransport::new(PortTransport::new(&mut pty.device), faults);
+        faults::serve_device(&mut transport, &config, max_frame, args.verbose).map(|_| ())
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: serving on {} failed: {e}", pty.path);

@@ -104,7 +104,8 @@ fn main() -> ExitCode {
             return ExitCode::from(match e {
                 RunError::Config(_) => 2,
                 RunError::Data(_) => 3,
-                RunError::Oracle(_) => 4,
+                RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
+                RunError::Checkpoint(_) => 6,
             });
         }
     };

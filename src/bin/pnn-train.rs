@@ -3,8 +3,14 @@
 //! Settings come from the flags, else from `--config FILE` (RON, see `pnn::config`), else the
 //! paper's defaults. Progress goes to stderr; stdout carries the summary alone.
 //!
-//! Exit codes: 0 success, 2 invalid arguments or config, 3 data error, 4 backend or device error,
-//! 5 the model could not be saved.
+//! With `--checkpoint DIR` the run is saved as it goes; `--resume DIR` continues it, with the
+//! settings saved in the checkpoint (any given on the command line or in `--config` override
+//! them), bit-identical to an uninterrupted run. A device that fails for good mid-run ends the
+//! run with a checkpoint and the command that continues it.
+//!
+//! Exit codes: 0 success, 2 invalid arguments or config, 3 data error, 4 backend or device error
+//! (the message says how to resume where the run was saved), 5 the model could not be saved,
+//! 6 a checkpoint could not be read (missing, damaged, of another run) or written.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -12,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use pnn::checkpoint::Checkpoint;
 use pnn::config::ExperimentConfig;
 use pnn::export::SaveModel;
 use pnn::observe::{ByRef, NoObserver};
@@ -47,17 +54,32 @@ fn main() -> ExitCode {
         args.progress.resolve()
     };
     let multi = init_tracing(mode);
-    let settings = match &args.config {
+    let mut settings = match &args.config {
         Some(path) => match ExperimentConfig::load(path) {
             Ok(file) => file.overlay(args.settings),
             Err(e) => return fail(2, e),
         },
         None => args.settings,
     };
-    let config = match settings.to_run_config() {
+    if let Some(dir) = settings.resume.clone() {
+        // The saved settings, under those given now.
+        let saved = match Checkpoint::load(&dir) {
+            Ok(c) => c.settings,
+            Err(e) => return fail(6, e),
+        };
+        if let Some(text) = saved {
+            let origin = format!("saved in {}", Checkpoint::path_in(&dir).display());
+            match ExperimentConfig::parse(&text, &origin) {
+                Ok(saved) => settings = saved.overlay(settings),
+                Err(e) => return fail(6, e),
+            }
+        }
+    }
+    let mut config = match settings.to_run_config() {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    config.settings = Some(settings.to_ron());
     let mut metrics_file = match settings.metrics.as_ref().map(create).transpose() {
         Ok(f) => f.map(BufWriter::new),
         Err(e) => {
@@ -98,7 +120,8 @@ fn main() -> ExitCode {
             let code = match e {
                 RunError::Config(_) => 2,
                 RunError::Data(_) => 3,
-                RunError::Oracle(_) => 4,
+                RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
+                RunError::Checkpoint(_) => 6,
             };
             return fail(code, e);
         }

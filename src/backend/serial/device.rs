@@ -14,7 +14,7 @@ use firmware_protocol::message::{
 use super::link::{Link, LinkError, name};
 use crate::oracle::{
     Activations, ChunkUnits, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind,
-    LayerSpec, OracleError, PerturbedPair, UpdateTerm, WireStats,
+    LayerSpec, LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
 };
 
 /// Room for a request's fields around its bulk values, in bytes (generous).
@@ -373,6 +373,7 @@ impl SerialDevice {
                 } else {
                     WireStats::default()
                 },
+                health: LinkHealth::default(),
                 values: Vec::new(),
             })
             .collect())
@@ -403,6 +404,8 @@ pub struct SerialOracle {
     rows: usize,
     /// This oracle's share of the link's traffic.
     stats: WireStats,
+    /// This oracle's share of the link's retries and resyncs.
+    health: LinkHealth,
     values: Vec<f32>,
 }
 
@@ -425,9 +428,13 @@ impl SerialOracle {
         f: impl FnOnce(&mut Link, &mut Vec<f32>) -> Result<T, OracleError>,
     ) -> Result<T, OracleError> {
         let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        let before = link.counters().wire;
+        let counters = link.counters();
+        let before = counters.wire;
         let result = f(&mut link, &mut self.values);
-        let after = link.counters().wire;
+        let now = link.counters();
+        self.health.retries += now.retransmissions - counters.retransmissions;
+        self.health.resyncs += now.corrupt_frames - counters.corrupt_frames;
+        let after = now.wire;
         self.stats.bytes_up += after.bytes_up - before.bytes_up;
         self.stats.bytes_down += after.bytes_down - before.bytes_down;
         self.stats.round_trips += after.round_trips - before.round_trips;
@@ -665,6 +672,15 @@ impl ForwardOracle for SerialOracle {
 
     fn wire_stats(&self) -> Option<WireStats> {
         Some(self.stats)
+    }
+
+    fn link_health(&self) -> Option<LinkHealth> {
+        Some(self.health)
+    }
+
+    /// The boot id, from a `Hello`: a device that reset has a new one (see `crate::recovery`).
+    fn session(&mut self) -> Result<Option<u64>, OracleError> {
+        self.with_link(|link, _| super::faults::boot_id(link).map(|id| Some(id as u64)))
     }
 }
 

@@ -5,6 +5,7 @@
 //! Behaviour on bad input from the device side:
 //! - garbage bytes, or a frame that fails COBS or its CRC (corrupted, truncated): dropped; the
 //!   request is retransmitted at once under the same sequence number;
+//! - a NAK (the device got the request with a bad CRC): retransmitted at once;
 //! - a reply with another sequence number (a late reply to an earlier request): discarded, and
 //!   the wait goes on;
 //! - silence (no reply within the timeout): the request is retransmitted;
@@ -18,7 +19,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
 use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
-use firmware_protocol::message::Request;
+use firmware_protocol::message::{DeviceError, Request, Response};
 
 use crate::oracle::WireStats;
 
@@ -155,6 +156,17 @@ pub struct LinkCounters {
     pub retransmissions: u64,
     pub corrupt_frames: u64,
     pub stale_replies: u64,
+    /// Negative acknowledgements: the device received a request corrupted and said so.
+    pub naks: u64,
+}
+
+/// Whether a reply body is the device's NAK (`Error(Corrupt)`, see `firmware_protocol::server`).
+fn is_nak(body: &[u8]) -> bool {
+    body.len() < 8
+        && matches!(
+            postcard::from_bytes::<Response>(body),
+            Ok(Response::Error(DeviceError::Corrupt))
+        )
 }
 
 /// How long to wait and how often to retry.
@@ -288,6 +300,11 @@ impl Link {
                 Some(Err(e)) => {
                     self.counters.corrupt_frames += 1;
                     tracing::debug!(seq, error = %e, "dropped a bad frame");
+                    return Ok(false);
+                }
+                Some(Ok(f)) if f.seq == seq && is_nak(f.body) => {
+                    self.counters.naks += 1;
+                    tracing::debug!(seq, "the device received the request corrupted");
                     return Ok(false);
                 }
                 Some(Ok(f)) if f.seq != seq => {
