@@ -10,13 +10,10 @@ pub fn data_dir_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         // An explicit choice is final: falling back silently would train on other data.
         return vec![dir.to_path_buf()];
     }
-    let mut dirs = Vec::new();
     if let Some(env) = std::env::var_os("PNN_DATA_DIR").filter(|v| !v.is_empty()) {
         return vec![PathBuf::from(env)];
     }
-    dirs.push(PathBuf::from("data"));
-    dirs.push(PathBuf::from("../shared/data"));
-    dirs
+    vec![PathBuf::from("data"), PathBuf::from("../shared/data")]
 }
 
 /// The first candidate directory that exists.

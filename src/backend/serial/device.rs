@@ -60,41 +60,10 @@ fn unexpected(request: &Request<'_>, body: &[u8]) -> OracleError {
 /// Describes a layer as `dense 784x50 (39250 parameters)` or `conv 1x28x28 -> 32 channels,
 /// d=16, projection seed 0x... (384 parameters)`.
 pub fn describe(d: &LayerDescriptor) -> String {
-    match d.kind {
-        WireKind::Dense { inputs, outputs } => {
-            format!("dense {inputs}x{outputs} ({} parameters)", d.param_count)
-        }
-        WireKind::Conv {
-            in_channels,
-            out_channels,
-            height,
-            width,
-            proj_dim,
-            projection_seed,
-        } => describe_conv(
-            (in_channels, height, width),
-            out_channels,
-            proj_dim,
-            projection_seed,
-            d.param_count,
-        ),
+    match layer_spec(d) {
+        Ok(spec) => describe_spec(&spec),
+        Err(e) => format!("an inconsistent layer description ({e})"),
     }
-}
-
-fn describe_conv(
-    (c, h, w): (
-        impl std::fmt::Display,
-        impl std::fmt::Display,
-        impl std::fmt::Display,
-    ),
-    out: impl std::fmt::Display,
-    proj_dim: impl std::fmt::Display,
-    seed: u64,
-    params: impl std::fmt::Display,
-) -> String {
-    format!(
-        "conv {c}x{h}x{w} -> {out} channels, d={proj_dim}, projection seed {seed:#018x} ({params} parameters)"
-    )
 }
 
 fn describe_spec(s: &LayerSpec) -> String {
@@ -109,12 +78,10 @@ fn describe_spec(s: &LayerSpec) -> String {
             width,
             proj_dim,
             projection_seed,
-        } => describe_conv(
-            (in_channels, height, width),
-            out_channels,
-            proj_dim,
-            projection_seed,
-            s.param_count,
+        } => format!(
+            "conv {in_channels}x{height}x{width} -> {out_channels} channels, d={proj_dim}, \
+             projection seed {projection_seed:#018x} ({} parameters)",
+            s.param_count
         ),
     }
 }
