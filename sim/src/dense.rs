@@ -211,6 +211,16 @@ impl DenseLayer {
         lo..hi
     }
 
+    /// The outputs whose weights (not bias) are in `chunk`: the rows of `W` the chunk covers, the
+    /// only ones its perturbation needs a product for (a bias entry moves its output by itself).
+    fn weight_rows_of(&self, chunk: &Range<usize>) -> Range<usize> {
+        let nw = self.n_out * self.n_in;
+        if chunk.start >= nw {
+            return 0..0;
+        }
+        chunk.start / self.n_in..chunk.end.min(nw).div_ceil(self.n_in)
+    }
+
     /// Brings the cached clean pre-activation up to date (only its stale outputs).
     fn refresh_preactivation(&mut self) {
         let Some(rows) = self.stale.take() else {
@@ -431,7 +441,10 @@ impl DenseLayer {
         let (n_in, n_out, batch) = (self.n_in, self.n_out, self.batch);
         let nw = n_out * n_in;
         let outputs = self.outputs_of(&chunk);
-        let k = outputs.len();
+        // The product covers only the rows of W in the chunk: a chunk that reaches into the
+        // bias touches every output, but through the bias alone outside these rows.
+        let rows = self.weight_rows_of(&chunk);
+        let k = rows.len();
         let p_count = seeds.len();
         let device = self.device.as_deref();
         // What `±eps v` of the targets does to the effective weights, exactly: `±eps s v` where
@@ -440,9 +453,9 @@ impl DenseLayer {
         let linear = device.is_none_or(|d| d.weights_linear());
         let identity = device.is_none_or(|d| d.weights_identity());
         let blocks = if linear { p_count } else { 2 * p_count };
-        // The weight part of each direction, laid into (outputs x n_in) blocks, stacked.
+        // The weight part of each direction, laid into (rows x n_in) blocks, stacked.
         let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
-        let offset = weight_part.start.saturating_sub(outputs.start * n_in);
+        let offset = weight_part.start.saturating_sub(rows.start * n_in);
         let width = weight_part.len();
         self.stacked.clear();
         self.stacked.resize(blocks * k * n_in, 0.0);
@@ -494,7 +507,7 @@ impl DenseLayer {
         let bias_part = chunk.start.max(nw) - nw..chunk.end.max(nw) - nw;
         let stage = device.filter(|d| d.has_output_stage());
         let relu_now = stage.is_none();
-        let mut bias_add = vec![0f32; k];
+        let mut bias_add = vec![0f32; outputs.len()];
         for (p, (seed, (plus, minus))) in seeds.iter().zip(out.iter_mut()).enumerate() {
             let v = self
                 .directions
@@ -522,7 +535,15 @@ impl DenseLayer {
                     for o in untouched {
                         row[o] = if relu_now { z[o].max(0.0) } else { z[o] };
                     }
+                    // dz over the touched outputs: the product's rows, zero on bias-only ones.
                     let dz = &self.dz[(b * blocks + block) * k..(b * blocks + block + 1) * k];
+                    let dz = outputs.clone().map(|o| {
+                        if rows.contains(&o) {
+                            dz[o - rows.start]
+                        } else {
+                            0.0
+                        }
+                    });
                     let touched = row[outputs.clone()]
                         .iter_mut()
                         .zip(&z[outputs.clone()])
@@ -608,7 +629,8 @@ impl DenseLayer {
         let (n_in, n_out) = (self.n_in, self.n_out);
         let nw = n_out * n_in;
         let outputs = self.outputs_of(chunk);
-        let k = outputs.len();
+        let rows = self.weight_rows_of(chunk);
+        let k = rows.len();
         let p_count = terms.len();
         let weight_len = chunk.end.min(nw).saturating_sub(chunk.start.min(nw));
         let bias_part = chunk.start.max(nw) - nw..chunk.end.max(nw) - nw;
@@ -622,10 +644,14 @@ impl DenseLayer {
             })
             .collect();
         for (b, z) in self.z0.chunks_exact_mut(n_out).enumerate() {
-            for (j, o) in outputs.clone().enumerate() {
+            for o in outputs.clone() {
                 let mut g = 0f32;
                 for (p, t) in terms.iter().enumerate() {
-                    let mut d = self.dz[(b * p_count + p) * k + j];
+                    let mut d = if rows.contains(&o) {
+                        self.dz[(b * p_count + p) * k + o - rows.start]
+                    } else {
+                        0.0
+                    };
                     if bias_part.contains(&o) {
                         d += biases[p][o - bias_part.start];
                     }
