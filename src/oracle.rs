@@ -86,6 +86,43 @@ impl LayerSpec {
     }
 }
 
+impl LayerSpec {
+    /// The feature columns that perturbing the parameters in `chunk` can change: a dense
+    /// layer's outputs whose weight rows or bias entries the chunk covers, a conv block's
+    /// projected features of the channels it covers. Every other feature keeps its clean value.
+    pub fn touched_features(&self, chunk: &Range<usize>) -> Range<usize> {
+        if chunk.is_empty() {
+            return 0..0;
+        }
+        match self.kind {
+            LayerKind::Dense { inputs, outputs } => {
+                let nw = inputs * outputs;
+                let (mut lo, mut hi) = (outputs, 0);
+                if chunk.start < nw {
+                    lo = chunk.start / inputs;
+                    hi = chunk.end.min(nw).div_ceil(inputs);
+                }
+                if chunk.end > nw {
+                    lo = lo.min(chunk.start.max(nw) - nw);
+                    hi = hi.max(chunk.end - nw);
+                }
+                lo.min(outputs)..hi.min(outputs)
+            }
+            LayerKind::Conv {
+                in_channels,
+                out_channels,
+                proj_dim,
+                ..
+            } => {
+                let per_channel = in_channels * 9 + 3;
+                let first = (chunk.start / per_channel).min(out_channels);
+                let end = chunk.end.div_ceil(per_channel).min(out_channels);
+                first * proj_dim..end * proj_dim
+            }
+        }
+    }
+}
+
 /// How a layer's parameters may be cut into chunks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChunkUnits {
@@ -139,6 +176,19 @@ impl ForwardOutput {
 
 /// `(a+, a-)` of one direction: the features under `W + eps v` and `W - eps v`.
 pub type PerturbedPair = (Activations, Activations);
+
+/// A perturbed evaluation given over the features it can change only (see
+/// [`ForwardOracle::evaluate_perturbed_columns`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PerturbedColumns {
+    /// [`LayerSpec::touched_features`] of the chunk.
+    pub touched: Range<usize>,
+    /// `(a+, a-)` per seed, each rows x `touched.len()`: the touched columns only.
+    pub pairs: Vec<PerturbedPair>,
+    /// The clean features of the current parameters (rows x feature width), which every
+    /// evaluation equals outside `touched`.
+    pub clean: Activations,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OracleError {
@@ -203,6 +253,22 @@ pub trait ForwardOracle {
         eps: f32,
         out: &mut Vec<PerturbedPair>,
     ) -> Result<(), OracleError>;
+
+    /// [`ForwardOracle::evaluate_perturbed`] for a backend that knows its evaluations leave
+    /// every feature outside `spec().touched_features(&chunk)` at its clean value, bit for bit
+    /// (an exact simulation: no noise drawn per evaluation): fills `out` with the touched
+    /// columns and the clean features, and returns `true`, sparing the full features of every
+    /// evaluation and the host the products over the untouched ones. `false`, the default: the
+    /// backend cannot say, `out` is untouched, and the caller uses `evaluate_perturbed`.
+    fn evaluate_perturbed_columns(
+        &mut self,
+        _chunk: Range<usize>,
+        _seeds: &[DirectionSeed],
+        _eps: f32,
+        _out: &mut PerturbedColumns,
+    ) -> Result<bool, OracleError> {
+        Ok(false)
+    }
 
     /// `W[chunk] -= scale * sum_p dd_p v_p` (Algorithm 1, line 12).
     fn apply_update(

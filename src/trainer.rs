@@ -22,7 +22,8 @@ use crate::data::{Normalizer, Split};
 use crate::loss::{argmax_rows, cross_entropy};
 use crate::model::InitialParams;
 use crate::oracle::{
-    Activations, ForwardMode, ForwardOracle, OracleError, PerturbedPair, UpdateTerm,
+    Activations, ForwardMode, ForwardOracle, OracleError, PerturbedColumns, PerturbedPair,
+    UpdateTerm,
 };
 use crate::projection::Projection;
 
@@ -165,6 +166,8 @@ pub struct Trainer<O> {
 #[derive(Default)]
 struct Scratch {
     pairs: Vec<PerturbedPair>,
+    columns: PerturbedColumns,
+    base: Vec<f32>,
     goodness: Vec<f32>,
     perturbed: Vec<f32>,
     delta: Vec<f32>,
@@ -327,20 +330,26 @@ impl<O: ForwardOracle> Trainer<O> {
                 .seed()
             };
             oracle.load_input(&input)?;
+            let spec = oracle.spec().clone();
             let s = &mut self.scratch;
             // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
             for (k, chunk) in state.weight_chunks.iter().enumerate() {
                 let seeds: Vec<_> = (0..hyper.directions)
                     .map(|p| key(ParamGroup::Weights, k, p))
                     .collect();
-                oracle.evaluate_perturbed(chunk.clone(), &seeds, hyper.eps, &mut s.pairs)?;
                 self.evaluations += 2 * seeds.len() as u64;
                 s.terms.clear();
-                for (seed, (plus, minus)) in seeds.iter().zip(&s.pairs) {
-                    state.projection.goodness(plus, &mut s.goodness);
-                    let l_plus = cross_entropy(&s.goodness, self.classes, labels);
-                    state.projection.goodness(minus, &mut s.goodness);
-                    let l_minus = cross_entropy(&s.goodness, self.classes, labels);
+                let losses = perturbed_losses(
+                    oracle,
+                    &spec,
+                    &state.projection,
+                    chunk,
+                    &seeds,
+                    hyper.eps,
+                    labels,
+                    s,
+                )?;
+                for (seed, (l_plus, l_minus)) in seeds.iter().zip(losses) {
                     let derivative = ((l_plus - l_minus) / (2.0 * hyper.eps as f64)) as f32;
                     s.terms.push(UpdateTerm {
                         seed: *seed,
@@ -450,6 +459,81 @@ impl<O: ForwardOracle> Trainer<O> {
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Lines 6-9 of Algorithm 1 on one chunk: `(L+, L-)` per seed.
+///
+/// A chunk changes only the features [`LayerSpec::touched_features`] names, so the goodness is
+/// computed as `G = a[:, outside] M[outside] + a[:, touched] M[touched]`. A backend that can
+/// promise the untouched features are the clean ones gives the touched columns alone and the
+/// first term is computed once for all evaluations; any other backend gives whole features and
+/// both terms are computed per evaluation. The two ways perform the same operations on the same
+/// values wherever the promise holds, so they give the same losses bit for bit; where the
+/// features are not split (a chunk touching all of them) the goodness is one product.
+#[allow(clippy::too_many_arguments)]
+fn perturbed_losses<O: ForwardOracle>(
+    oracle: &mut O,
+    spec: &crate::oracle::LayerSpec,
+    projection: &Projection,
+    chunk: &Range<usize>,
+    seeds: &[firmware_protocol::DirectionSeed],
+    eps: f32,
+    labels: &[u8],
+    s: &mut Scratch,
+) -> Result<Vec<(f64, f64)>, OracleError> {
+    let classes = projection.classes;
+    let touched = spec.touched_features(chunk);
+    let split = touched.len() < spec.feature_width;
+    let mut losses = Vec::with_capacity(seeds.len());
+    if split && oracle.evaluate_perturbed_columns(chunk.clone(), seeds, eps, &mut s.columns)? {
+        let c = &s.columns;
+        if c.touched != touched
+            || c.pairs.len() != seeds.len()
+            || c.clean.width != spec.feature_width
+        {
+            return Err(OracleError::Shape(format!(
+                "the backend's perturbed columns {:?} are not the chunk's {touched:?}",
+                c.touched
+            )));
+        }
+        projection.goodness_outside(&c.clean, &touched, &mut s.base);
+        for (plus, minus) in &c.pairs {
+            let mut loss = |a: &Activations| {
+                s.goodness.clone_from(&s.base);
+                projection.add_goodness_of(
+                    &a.data,
+                    a.rows,
+                    touched.len(),
+                    &touched,
+                    &mut s.goodness,
+                );
+                cross_entropy(&s.goodness, classes, labels)
+            };
+            losses.push((loss(plus), loss(minus)));
+        }
+        return Ok(losses);
+    }
+    oracle.evaluate_perturbed(chunk.clone(), seeds, eps, &mut s.pairs)?;
+    for (plus, minus) in &s.pairs {
+        let mut loss = |a: &Activations| {
+            if split {
+                projection.goodness_outside(a, &touched, &mut s.goodness);
+                let ld = a.width;
+                projection.add_goodness_of(
+                    &a.data[touched.start..],
+                    a.rows,
+                    ld,
+                    &touched,
+                    &mut s.goodness,
+                );
+            } else {
+                projection.goodness(a, &mut s.goodness);
+            }
+            cross_entropy(&s.goodness, classes, labels)
+        };
+        losses.push((loss(plus), loss(minus)));
+    }
+    Ok(losses)
 }
 
 fn count_correct(logits: &[f32], classes: usize, labels: &[u8]) -> usize {

@@ -374,10 +374,41 @@ impl DenseLayer {
         out.resize_with(seeds.len(), Default::default);
         let full_forward = self.device.as_ref().is_some_and(|d| d.needs_full_forward());
         match self.choreography {
-            Choreography::Fast if !full_forward => self.perturbed_fast(chunk, seeds, eps, out),
+            Choreography::Fast if !full_forward => {
+                self.perturbed_fast(chunk, seeds, eps, out, false)
+            }
             _ => self.perturbed_reference(chunk, seeds, eps, out),
         }
         Ok(())
+    }
+
+    /// [`DenseLayer::evaluate_perturbed`] over the outputs the chunk touches only (each pair
+    /// batch x touched outputs), with the clean activations of the current parameters in
+    /// `clean` (batch x n_out), which every evaluation equals elsewhere: for an ideal layer on
+    /// the fast path, where that holds bit for bit. Returns `false`, computing nothing, for any
+    /// other layer (a device draws noise per evaluation; the reference runs the literal
+    /// choreography).
+    pub fn evaluate_perturbed_columns(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut Vec<(Vec<f32>, Vec<f32>)>,
+        clean: &mut Vec<f32>,
+    ) -> Result<bool, SimError> {
+        self.check_chunk(&chunk)?;
+        if self.batch == 0 {
+            return Err(SimError::NoInput);
+        }
+        if self.device.is_some() || self.choreography != Choreography::Fast {
+            return Ok(false);
+        }
+        self.directions.prepare(seeds, chunk.len());
+        out.resize_with(seeds.len(), Default::default);
+        self.perturbed_fast(chunk, seeds, eps, out, true);
+        clean.clear();
+        clean.extend(self.z0.iter().map(|z| z.max(0.0)));
+        Ok(true)
     }
 
     /// The literal choreography: perturb the chunk by `+eps v`, evaluate, by `-eps v`, evaluate,
@@ -436,6 +467,7 @@ impl DenseLayer {
         seeds: &[DirectionSeed],
         eps: f32,
         out: &mut [(Vec<f32>, Vec<f32>)],
+        compact: bool,
     ) {
         self.refresh_preactivation();
         let (n_in, n_out, batch) = (self.n_in, self.n_out, self.batch);
@@ -525,15 +557,23 @@ impl DenseLayer {
             }
             for (s, sign, target) in [(0, 1.0f32, &mut *plus), (1, -1.0, &mut *minus)] {
                 let block = if linear { p } else { 2 * p + s };
-                target.resize(batch * n_out, 0.0);
+                // Compact: the touched outputs only; else every output, the untouched ones clean.
+                let (width, at) = if compact {
+                    (outputs.len(), 0)
+                } else {
+                    (n_out, outputs.start)
+                };
+                target.resize(batch * width, 0.0);
                 for ((row, z), b) in target
-                    .chunks_exact_mut(n_out)
+                    .chunks_exact_mut(width)
                     .zip(self.z0.chunks_exact(n_out))
                     .zip(0..)
                 {
-                    let untouched = (0..outputs.start).chain(outputs.end..n_out);
-                    for o in untouched {
-                        row[o] = if relu_now { z[o].max(0.0) } else { z[o] };
+                    if !compact {
+                        let untouched = (0..outputs.start).chain(outputs.end..n_out);
+                        for o in untouched {
+                            row[o] = if relu_now { z[o].max(0.0) } else { z[o] };
+                        }
                     }
                     // dz over the touched outputs: the product's rows, zero on bias-only ones.
                     let dz = &self.dz[(b * blocks + block) * k..(b * blocks + block + 1) * k];
@@ -544,7 +584,7 @@ impl DenseLayer {
                             0.0
                         }
                     });
-                    let touched = row[outputs.clone()]
+                    let touched = row[at..at + outputs.len()]
                         .iter_mut()
                         .zip(&z[outputs.clone()])
                         .zip(dz)

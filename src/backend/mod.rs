@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use crate::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, LinkHealth,
-    OracleError, PerturbedPair, UpdateTerm, WireStats,
+    OracleError, PerturbedColumns, PerturbedPair, UpdateTerm, WireStats,
 };
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
@@ -123,6 +123,16 @@ impl ForwardOracle for AnyOracle {
         out: &mut Vec<PerturbedPair>,
     ) -> Result<(), OracleError> {
         dispatch!(self, o => o.evaluate_perturbed(chunk, seeds, eps, out))
+    }
+
+    fn evaluate_perturbed_columns(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut PerturbedColumns,
+    ) -> Result<bool, OracleError> {
+        dispatch!(self, o => o.evaluate_perturbed_columns(chunk, seeds, eps, out))
     }
 
     fn apply_update(

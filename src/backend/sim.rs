@@ -9,7 +9,7 @@ use pnn_sim::{DenseLayer, NoiseModel};
 
 use crate::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind, LayerSpec,
-    OracleError, PerturbedPair, UpdateTerm,
+    OracleError, PerturbedColumns, PerturbedPair, UpdateTerm,
 };
 
 pub struct SimOracle {
@@ -218,6 +218,41 @@ impl ForwardOracle for SimOracle {
             (p.rows, p.width, m.rows, m.width) = (rows, width, rows, width);
         }
         Ok(())
+    }
+
+    fn evaluate_perturbed_columns(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut PerturbedColumns,
+    ) -> Result<bool, OracleError> {
+        let SimLayer::Dense(l) = &mut self.layer else {
+            return Ok(false);
+        };
+        let touched = self.spec.touched_features(&chunk);
+        let mut clean = std::mem::take(&mut out.clean.data);
+        let done = l
+            .evaluate_perturbed_columns(chunk, seeds, eps, &mut self.pairs, &mut clean)
+            .map_err(sim_err)?;
+        let (rows, width) = (l.batch(), self.spec.feature_width);
+        out.clean = Activations {
+            rows,
+            width,
+            data: clean,
+        };
+        if !done {
+            return Ok(false);
+        }
+        out.pairs.resize_with(seeds.len(), Default::default);
+        for ((plus, minus), (p, m)) in self.pairs.iter_mut().zip(out.pairs.iter_mut()) {
+            std::mem::swap(plus, &mut p.data);
+            std::mem::swap(minus, &mut m.data);
+            (p.rows, p.width) = (rows, touched.len());
+            (m.rows, m.width) = (rows, touched.len());
+        }
+        out.touched = touched;
+        Ok(true)
     }
 
     fn apply_update(
