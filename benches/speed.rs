@@ -158,15 +158,15 @@ fn time_batches(
     let order = epoch_order(hyper.seed, 0, data.train.len());
     let all: Vec<&[usize]> = order.chunks(hyper.batch_size).collect();
     let count = batches.unwrap_or(all.len()).min(all.len());
-    let mut x = Vec::new();
+    let mut input = Activations::default();
     let flops0 = flops_so_far();
     let start = Instant::now();
     for (b, batch) in all[..count].iter().enumerate() {
-        data.normalizer.batch(&data.train, batch, &mut x);
+        data.normalizer
+            .batch_activations(&data.train, batch, &mut input);
         let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
-        let input = Activations::new(batch.len(), data.input_width(), x.clone());
         trainer
-            .train_batch(0, b as u32, input, &labels)
+            .train_batch(0, b as u32, &input, &labels)
             .expect("training step");
     }
     (

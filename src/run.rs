@@ -403,7 +403,7 @@ pub fn run_with<O: ForwardOracle>(
     };
 
     let mut last_eval: Option<Evaluation> = None;
-    let mut x = Vec::new();
+    let mut input = Activations::default();
     for epoch in state.position.epoch..config.epochs {
         let start = Instant::now();
         let order = epoch_order(hyper.seed, epoch, data.train.len());
@@ -433,12 +433,12 @@ pub fn run_with<O: ForwardOracle>(
             .enumerate()
             .skip(first)
         {
-            data.normalizer.batch(&data.train, batch, &mut x);
+            data.normalizer
+                .batch_activations(&data.train, batch, &mut input);
             let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
-            let input = Activations::new(batch.len(), data.input_width(), x.clone());
             let snapshot = recovery.snapshot(&mut trainer)?;
             let step = recovery.run(&mut trainer, snapshot.as_ref(), |t| {
-                t.train_batch(epoch, b as u32, input.clone(), &labels)
+                t.train_batch(epoch, b as u32, &input, &labels)
             });
             let losses = match step {
                 Ok(losses) => losses,

@@ -85,15 +85,16 @@ pub fn oracles(model: &ModelSpec, profile: &DeviceProfile) -> Result<Vec<SimOrac
 pub fn train(s: &SetupRef, profile: &DeviceProfile) -> Result<Trainer<SimOracle>, OracleError> {
     let init = initialise(&s.model.layer_specs(), s.model.classes, s.hyper.seed);
     let mut trainer = Trainer::new(oracles(s.model, profile)?, init, s.hyper.clone())?;
-    let mut x = Vec::new();
+    let mut input = Activations::default();
     let train = &s.data.train;
     for epoch in 0..s.epochs {
         let order = epoch_order(s.hyper.seed, epoch, train.len());
         for (b, batch) in order.chunks(s.hyper.batch_size).enumerate() {
-            s.data.normalizer.batch(train, batch, &mut x);
+            s.data
+                .normalizer
+                .batch_activations(train, batch, &mut input);
             let labels: Vec<u8> = batch.iter().map(|&i| train.labels[i]).collect();
-            let input = Activations::new(batch.len(), s.data.input_width(), x.clone());
-            trainer.train_batch(epoch, b as u32, input, &labels)?;
+            trainer.train_batch(epoch, b as u32, &input, &labels)?;
         }
     }
     Ok(trainer)

@@ -310,11 +310,12 @@ impl<O: ForwardOracle> Trainer<O> {
         &mut self,
         epoch: u32,
         batch: u32,
-        input: Activations,
+        input: &Activations,
         labels: &[u8],
     ) -> Result<Vec<f64>, OracleError> {
         let hyper = self.hyper.clone();
-        let mut input = input;
+        // Layer l > 0 reads the features layer l - 1 produced.
+        let mut produced: Option<Activations> = None;
         let mut losses = Vec::with_capacity(self.layers.len());
         for (l, (oracle, state)) in self.oracles.iter_mut().zip(&mut self.layers).enumerate() {
             let key = |group, chunk: usize, index: usize| {
@@ -329,7 +330,7 @@ impl<O: ForwardOracle> Trainer<O> {
                 }
                 .seed()
             };
-            oracle.load_input(&input)?;
+            oracle.load_input(produced.as_ref().unwrap_or(input))?;
             let spec = oracle.spec().clone();
             let s = &mut self.scratch;
             // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
@@ -381,10 +382,10 @@ impl<O: ForwardOracle> Trainer<O> {
                 |j, p| key(ParamGroup::Projection, j, p),
                 s,
             ));
-            input = match out.next {
+            produced = Some(match out.next {
                 Some(next) => next,
                 None => out.features,
-            };
+            });
         }
         Ok(losses)
     }

@@ -111,7 +111,7 @@ fn train(seed: u64) -> (String, Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let x = gaussian(100 + b, 16 * 144);
         let labels: Vec<u8> = (0..16).map(|i| ((i + b as usize) % 3) as u8).collect();
         trainer
-            .train_batch(0, b as u32, Activations::new(16, 144, x), &labels)
+            .train_batch(0, b as u32, &Activations::new(16, 144, x), &labels)
             .unwrap();
     }
     let shadow = trainer.layers().iter().map(|l| l.shadow.clone()).collect();

@@ -67,7 +67,7 @@ fn train_with(
         data.normalizer.batch(&data.train, batch, &mut x);
         let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
         let input = Activations::new(batch.len(), data.input_width(), x.clone());
-        losses.extend(trainer.train_batch(0, b as u32, input, &labels).unwrap());
+        losses.extend(trainer.train_batch(0, b as u32, &input, &labels).unwrap());
     }
     let params = trainer
         .layers()

@@ -179,7 +179,7 @@ fn one_update_step_lowers_the_local_loss_in_expectation() {
             )
             .unwrap();
             let losses = t
-                .train_batch(0, 0, Activations::new(BATCH, N_IN, p.x.clone()), &p.labels)
+                .train_batch(0, 0, &Activations::new(BATCH, N_IN, p.x.clone()), &p.labels)
                 .unwrap();
             losses[0] - before
         })

@@ -135,7 +135,7 @@ fn a_training_step_sends_each_input_once_per_layer() {
     let labels: Vec<u8> = (0..rows).map(|i| (i % 10) as u8).collect();
     let before = total(&mut trainer);
     trainer
-        .train_batch(0, 0, input(rows, 784), &labels)
+        .train_batch(0, 0, &input(rows, 784), &labels)
         .unwrap();
     let step = delta(before, total(&mut trainer));
     // The minimum: each layer's input once (f32), P seeds and P update terms per chunk (one

@@ -7,6 +7,7 @@ mod cifar;
 mod idx;
 mod locate;
 
+use crate::oracle::Activations;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -216,7 +217,7 @@ impl Normalizer {
     /// Normalises the images at `indices` of `split` into `out` (len(indices) x sample_len).
     pub fn batch(&self, split: &Split, indices: &[usize], out: &mut Vec<f32>) {
         out.clear();
-        out.reserve(indices.len() * split.sample_len);
+        out.resize(indices.len() * split.sample_len, 0.0);
         // The 256 values a pixel can take, per channel, each computed exactly as the formula.
         let tables: Vec<[f32; 256]> = self
             .mean
@@ -224,10 +225,24 @@ impl Normalizer {
             .zip(&self.std)
             .map(|(&m, &s)| std::array::from_fn(|p| (p as f32 / 255.0 - m) / s))
             .collect();
-        for &i in indices {
-            for (table, px) in tables.iter().zip(split.image(i).chunks_exact(self.plane)) {
-                out.extend(px.iter().map(|&p| table[p as usize]));
+        for (&i, sample) in indices.iter().zip(out.chunks_exact_mut(split.sample_len)) {
+            let planes = split.image(i).chunks_exact(self.plane);
+            for ((table, px), dst) in tables
+                .iter()
+                .zip(planes)
+                .zip(sample.chunks_exact_mut(self.plane))
+            {
+                for (d, &p) in dst.iter_mut().zip(px) {
+                    *d = table[p as usize];
+                }
             }
         }
+    }
+
+    /// [`Normalizer::batch`] into `out` as a batch of activations (its buffer reused).
+    pub fn batch_activations(&self, split: &Split, indices: &[usize], out: &mut Activations) {
+        self.batch(split, indices, &mut out.data);
+        out.rows = indices.len();
+        out.width = split.sample_len;
     }
 }
