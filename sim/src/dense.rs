@@ -52,6 +52,8 @@ pub struct DenseLayer {
     /// The chunk's stacked directions (P x outputs x n_in) and their products with the input.
     stacked: Vec<f32>,
     dz: Vec<f32>,
+    /// Rows per direction block of `dz` (the chunk's rows of W, and any rows its bias lies in).
+    dz_rows: usize,
     /// The chunk and seeds whose products `dz` holds, while `z0` is current for that chunk's
     /// outputs: the update that follows moves `z0` by a combination of them (ideal device only).
     last_fast: Option<(Range<usize>, Vec<DirectionSeed>)>,
@@ -100,6 +102,7 @@ impl DenseLayer {
             stale: Some(0..n_out),
             stacked: Vec::new(),
             dz: Vec::new(),
+            dz_rows: 0,
             last_fast: None,
             choreography: Choreography::default(),
             device: None,
@@ -370,14 +373,16 @@ impl DenseLayer {
         if self.batch == 0 {
             return Err(SimError::NoInput);
         }
-        self.directions.prepare(seeds, chunk.len());
         out.resize_with(seeds.len(), Default::default);
         let full_forward = self.device.as_ref().is_some_and(|d| d.needs_full_forward());
         match self.choreography {
             Choreography::Fast if !full_forward => {
                 self.perturbed_fast(chunk, seeds, eps, out, false)
             }
-            _ => self.perturbed_reference(chunk, seeds, eps, out),
+            _ => {
+                self.directions.prepare(seeds, chunk.len());
+                self.perturbed_reference(chunk, seeds, eps, out)
+            }
         }
         Ok(())
     }
@@ -403,7 +408,6 @@ impl DenseLayer {
         if self.device.is_some() || self.choreography != Choreography::Fast {
             return Ok(false);
         }
-        self.directions.prepare(seeds, chunk.len());
         out.resize_with(seeds.len(), Default::default);
         self.perturbed_fast(chunk, seeds, eps, out, true);
         clean.clear();
@@ -489,20 +493,35 @@ impl DenseLayer {
         let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
         let offset = weight_part.start.saturating_sub(rows.start * n_in);
         let width = weight_part.len();
-        self.stacked.clear();
-        self.stacked.resize(blocks * k * n_in, 0.0);
+        // Rows of the product per block. Where the device computes with the targets themselves,
+        // the directions are drawn straight into the stacked layout and the product runs on the
+        // cache's buffer: a chunk's bias part (after the last row of W) then lies in extra rows,
+        // whose products are computed and not used.
+        let laid_out = identity && !weight_part.is_empty();
+        let kk = if laid_out {
+            k + (chunk.len() - width).div_ceil(n_in)
+        } else {
+            k
+        };
+        if laid_out {
+            self.directions
+                .prepare_laid_out(seeds, chunk.len(), offset, kk * n_in);
+        } else {
+            self.directions.prepare(seeds, chunk.len());
+            self.stacked.clear();
+            self.stacked.resize(blocks * k * n_in, 0.0);
+        }
         for (p, seed) in seeds.iter().enumerate() {
             let v = self
                 .directions
                 .get(*seed, chunk.len())
-                .expect("prepared by the caller");
-            if weight_part.is_empty() {
+                .expect("prepared above");
+            if weight_part.is_empty() || laid_out {
                 continue;
             }
             let v = &v[..width];
             let block_at = |b: usize| b * k * n_in + offset..b * k * n_in + offset + width;
             match device {
-                _ if identity => self.stacked[block_at(p)].copy_from_slice(v),
                 Some(d) if linear => {
                     let block = &mut self.stacked[block_at(p)];
                     for ((s, vi), i) in block.iter_mut().zip(v).zip(weight_part.clone()) {
@@ -518,18 +537,24 @@ impl DenseLayer {
                         }
                     }
                 }
-                None => unreachable!("no device is the identity"),
+                None => unreachable!("the identity lays its directions out"),
             }
         }
-        // dz (batch x blocks*k) = x · stackedᵀ: one fused product for all directions.
-        self.dz.resize(batch * blocks * k, 0.0);
+        // dz (batch x blocks*kk) = x · stackedᵀ: one fused product for all directions.
+        self.dz.resize(batch * blocks * kk, 0.0);
+        self.dz_rows = kk;
         if !weight_part.is_empty() {
+            let stacked = if laid_out {
+                self.directions.laid_out()
+            } else {
+                &self.stacked
+            };
             matmul_a_bt(
                 batch,
-                blocks * k,
+                blocks * kk,
                 n_in,
                 &self.input,
-                &self.stacked,
+                stacked,
                 &mut self.dz,
                 false,
             );
@@ -576,7 +601,7 @@ impl DenseLayer {
                         }
                     }
                     // dz over the touched outputs: the product's rows, zero on bias-only ones.
-                    let dz = &self.dz[(b * blocks + block) * k..(b * blocks + block + 1) * k];
+                    let dz = &self.dz[(b * blocks + block) * kk..][..k];
                     let dz = outputs.clone().map(|o| {
                         if rows.contains(&o) {
                             dz[o - rows.start]
@@ -670,7 +695,7 @@ impl DenseLayer {
         let nw = n_out * n_in;
         let outputs = self.outputs_of(chunk);
         let rows = self.weight_rows_of(chunk);
-        let k = rows.len();
+        let kk = self.dz_rows;
         let p_count = terms.len();
         let weight_len = chunk.end.min(nw).saturating_sub(chunk.start.min(nw));
         let bias_part = chunk.start.max(nw) - nw..chunk.end.max(nw) - nw;
@@ -688,7 +713,7 @@ impl DenseLayer {
                 let mut g = 0f32;
                 for (p, t) in terms.iter().enumerate() {
                     let mut d = if rows.contains(&o) {
-                        self.dz[(b * p_count + p) * k + o - rows.start]
+                        self.dz[(b * p_count + p) * kk + o - rows.start]
                     } else {
                         0.0
                     };

@@ -1,6 +1,10 @@
 //! Directions generated for a perturbed evaluation, kept until the update that follows it, so
 //! that the simulator draws each direction once per step rather than twice (and, through
 //! `fill_direction_recent`, the host's shadow update copies them instead of drawing them again).
+//!
+//! The directions lie in one buffer, direction `p` at `p * stride + offset`, zeros around: laid
+//! out so, the buffer is itself the stacked matrix a fused product needs (a dense layer's chunk
+//! as whole rows of `W`), and no copy into one is made.
 
 use firmware_protocol::direction::fill_direction_recent;
 use firmware_protocol::{DirectionSeed, UpdateTerm};
@@ -8,21 +12,43 @@ use firmware_protocol::{DirectionSeed, UpdateTerm};
 #[derive(Default, Debug)]
 pub struct DirectionCache {
     len: usize,
+    offset: usize,
+    stride: usize,
     seeds: Vec<DirectionSeed>,
-    vectors: Vec<Vec<f32>>,
+    data: Vec<f32>,
 }
 
 impl DirectionCache {
-    /// Fills the cache with the directions of `seeds` for chunks of length `len`.
+    /// Fills the cache with the directions of `seeds` for chunks of length `len`, one after
+    /// the other.
     pub fn prepare(&mut self, seeds: &[DirectionSeed], len: usize) {
+        self.prepare_laid_out(seeds, len, 0, len);
+    }
+
+    /// [`DirectionCache::prepare`], direction `p` at `p * stride + offset` of
+    /// [`DirectionCache::laid_out`] and zeros in the rest of each `stride`.
+    pub fn prepare_laid_out(
+        &mut self,
+        seeds: &[DirectionSeed],
+        len: usize,
+        offset: usize,
+        stride: usize,
+    ) {
+        assert!(
+            offset + len <= stride,
+            "a direction does not fit its stride"
+        );
         self.len = len;
+        self.offset = offset;
+        self.stride = stride;
         self.seeds.clear();
         self.seeds.extend_from_slice(seeds);
-        if self.vectors.len() < seeds.len() {
-            self.vectors.resize_with(seeds.len(), Vec::new);
-        }
-        for (seed, v) in seeds.iter().zip(&mut self.vectors) {
-            v.resize(len, 0.0);
+        self.data.resize(seeds.len() * stride, 0.0);
+        for (seed, slot) in seeds.iter().zip(self.data.chunks_exact_mut(stride)) {
+            let (head, rest) = slot.split_at_mut(offset);
+            let (v, tail) = rest.split_at_mut(len);
+            head.fill(0.0);
+            tail.fill(0.0);
             fill_direction_recent(*seed, v);
         }
     }
@@ -33,7 +59,12 @@ impl DirectionCache {
             return None;
         }
         let i = self.seeds.iter().position(|s| *s == seed)?;
-        Some(&self.vectors[i][..len])
+        Some(&self.data[i * self.stride + self.offset..][..len])
+    }
+
+    /// The whole buffer: as many strides as directions.
+    pub fn laid_out(&self) -> &[f32] {
+        &self.data[..self.seeds.len() * self.stride]
     }
 
     /// Prepares the directions of an update's terms unless every one is cached already.
@@ -42,5 +73,32 @@ impl DirectionCache {
             let seeds: Vec<DirectionSeed> = terms.iter().map(|t| t.seed).collect();
             self.prepare(&seeds, len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firmware_protocol::direction::fill_direction;
+
+    #[test]
+    fn laid_out_directions_are_the_seeded_ones_with_zeros_around() {
+        let seeds = [DirectionSeed(5), DirectionSeed(9)];
+        let mut cache = DirectionCache::default();
+        // A used cache: stale values must not survive in the padding.
+        cache.prepare(&[DirectionSeed(1), DirectionSeed(2), DirectionSeed(3)], 40);
+        cache.prepare_laid_out(&seeds, 17, 3, 25);
+        let laid = cache.laid_out();
+        assert_eq!(laid.len(), 50);
+        for (p, seed) in seeds.iter().enumerate() {
+            let mut want = vec![0f32; 17];
+            fill_direction(*seed, &mut want);
+            let slot = &laid[p * 25..(p + 1) * 25];
+            assert_eq!(&slot[3..20], &want[..]);
+            assert!(slot[..3].iter().chain(&slot[20..]).all(|&x| x == 0.0));
+            assert_eq!(cache.get(*seed, 17), Some(&want[..]));
+        }
+        assert_eq!(cache.get(DirectionSeed(5), 16), None);
+        assert_eq!(cache.get(DirectionSeed(1), 17), None);
     }
 }
