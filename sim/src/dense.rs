@@ -565,6 +565,8 @@ impl DenseLayer {
         let stage = device.filter(|d| d.has_output_stage());
         let relu_now = stage.is_none();
         let mut bias_add = vec![0f32; outputs.len()];
+        let mut dz_touched = vec![0f32; outputs.len()];
+        let dz_at = rows.start.saturating_sub(outputs.start);
         for (p, (seed, (plus, minus))) in seeds.iter().zip(out.iter_mut()).enumerate() {
             let v = self
                 .directions
@@ -601,18 +603,12 @@ impl DenseLayer {
                         }
                     }
                     // dz over the touched outputs: the product's rows, zero on bias-only ones.
-                    let dz = &self.dz[(b * blocks + block) * kk..][..k];
-                    let dz = outputs.clone().map(|o| {
-                        if rows.contains(&o) {
-                            dz[o - rows.start]
-                        } else {
-                            0.0
-                        }
-                    });
+                    dz_touched[dz_at..dz_at + k]
+                        .copy_from_slice(&self.dz[(b * blocks + block) * kk..][..k]);
                     let touched = row[at..at + outputs.len()]
                         .iter_mut()
                         .zip(&z[outputs.clone()])
-                        .zip(dz)
+                        .zip(&dz_touched)
                         .zip(&bias_add);
                     match (linear, relu_now) {
                         (true, true) => touched.for_each(|(((a, z), d), vb)| {
@@ -708,21 +704,31 @@ impl DenseLayer {
                     .expect("evaluated just before")[weight_len..]
             })
             .collect();
-        for (b, z) in self.z0.chunks_exact_mut(n_out).enumerate() {
-            for o in outputs.clone() {
-                let mut g = 0f32;
-                for (p, t) in terms.iter().enumerate() {
-                    let mut d = if rows.contains(&o) {
-                        self.dz[(b * p_count + p) * kk + o - rows.start]
-                    } else {
-                        0.0
-                    };
-                    if bias_part.contains(&o) {
-                        d += biases[p][o - bias_part.start];
-                    }
-                    g += t.derivative * d;
+        // Per touched output: the bias part of each direction (zero off it) and, per sample,
+        // the product's values (zero on bias-only outputs), so the loops below run branch-free.
+        let len = outputs.len();
+        let mut vb = vec![0f32; p_count * len];
+        for (p, v) in biases.iter().enumerate() {
+            for (j, o) in outputs.clone().enumerate() {
+                if bias_part.contains(&o) {
+                    vb[p * len + j] = v[o - bias_part.start];
                 }
-                z[o] -= scale * g;
+            }
+        }
+        let at = rows.start.saturating_sub(outputs.start);
+        let (mut g, mut d) = (vec![0f32; len], vec![0f32; len]);
+        for (b, z) in self.z0.chunks_exact_mut(n_out).enumerate() {
+            g.fill(0.0);
+            for (p, t) in terms.iter().enumerate() {
+                d[at..at + rows.len()]
+                    .copy_from_slice(&self.dz[(b * p_count + p) * kk..][..rows.len()]);
+                let vb = &vb[p * len..(p + 1) * len];
+                for ((g, d), vb) in g.iter_mut().zip(&d).zip(vb) {
+                    *g += t.derivative * (d + vb);
+                }
+            }
+            for (z, g) in z[outputs.clone()].iter_mut().zip(&g) {
+                *z -= scale * g;
             }
         }
         self.last_fast = None;
