@@ -40,8 +40,9 @@ const COLUMNS: usize = 128;
 /// # Speed
 /// Blocks of 16 rows are transposed (up to 128 classes at a time) so that row `i` of a block is
 /// lane `i` of the vector loops, and all of the above runs on 16 rows at once: each row's sum
-/// stays in class order. With AVX2 (detected at run time), about 3x the speed of the row by
-/// row version this replaced (`cargo bench --bench loss`).
+/// stays in class order. On Zen 3 with AVX2 (detected at run time), 256 x 10 logits take
+/// 4.7 us, 3.7x less than the row-by-row version this replaced; 1.7x less without AVX2
+/// (`cargo bench --bench loss`).
 pub fn cross_entropy(logits: &[f32], classes: usize, labels: &[u8]) -> f64 {
     check(logits, classes, labels);
     #[cfg(target_arch = "x86_64")]
@@ -247,7 +248,7 @@ const EXP_TAYLOR: [f64; 14] = [
 /// below 1e-300 in absolute terms under `x = -708` (where it returns `e^-708`; NaN also gives
 /// `e^-708`). Range reduction `x = k ln 2 + r`, `|r| <= ln 2 / 2`, rounding by the 1.5 * 2^52
 /// trick; `e^r` by its Taylor series to `r^13` (Horner); `2^k` assembled in the exponent bits.
-/// Branch-free, so it vectorises ([`exp_lanes`] is the same for four lanes at a time).
+/// Branch-free, so it vectorises (`exp_lanes` is the same for four lanes at a time).
 pub fn exp_nonpositive(x: f64) -> f64 {
     let s = Portable;
     s.to_array(exp_lanes(s, [s.splat(x)])[0])[0]
@@ -293,7 +294,7 @@ fn exp_lanes<S: Simd, const N: usize>(s: S, x: [S::V; N]) -> [S::V; N] {
 /// `ln(1 + f) = f - hfsq + s (hfsq + R(s^2))` with `hfsq = f^2 / 2` and `R` the degree-7 Remez
 /// polynomial in `s^2` of fdlibm (coefficients `LG1`..`LG7`), then `+ k ln 2` in two parts.
 /// Plain f64 arithmetic and integer operations on the bits, no branch, so it vectorises
-/// ([`ln_lanes`]). The log-sum-exp takes it on `[1, classes]`, where its relative error is
+/// (`ln_lanes`). The log-sum-exp takes it on `[1, classes]`, where its relative error is
 /// below 1e-15 (tested against `f64::ln`).
 pub fn ln_normal(x: f64) -> f64 {
     let s = Portable;
