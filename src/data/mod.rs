@@ -225,7 +225,16 @@ impl Normalizer {
             .zip(&self.std)
             .map(|(&m, &s)| std::array::from_fn(|p| (p as f32 / 255.0 - m) / s))
             .collect();
-        for (&i, sample) in indices.iter().zip(out.chunks_exact_mut(split.sample_len)) {
+        for (n, (&i, sample)) in indices
+            .iter()
+            .zip(out.chunks_exact_mut(split.sample_len))
+            .enumerate()
+        {
+            // Samples come in shuffled order, each from anywhere in the split: ask for the next
+            // one's bytes while this one is converted, or every sample starts with a cache miss.
+            if let Some(&next) = indices.get(n + 1) {
+                prefetch(split.image(next));
+            }
             let planes = split.image(i).chunks_exact(self.plane);
             for ((table, px), dst) in tables
                 .iter()
@@ -245,4 +254,20 @@ impl Normalizer {
         out.rows = indices.len();
         out.width = split.sample_len;
     }
+}
+
+/// A hint to bring `bytes` into the cache (a no-op where there is no such instruction).
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch never faults, and the pointer is inside `bytes` anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
