@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod noise;
 pub mod physical;
 pub mod profile;
+pub mod sparse;
 
 pub use conv::ConvBlock;
 pub use dense::DenseLayer;

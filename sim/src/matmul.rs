@@ -16,6 +16,11 @@ pub fn flops_so_far() -> u64 {
     FLOPS.load(Ordering::Relaxed)
 }
 
+/// Adds the floating-point operations of a product computed outside [`gemm_into`].
+pub(crate) fn count_flops(flops: u64) {
+    FLOPS.fetch_add(flops, Ordering::Relaxed);
+}
+
 /// A row-major matrix view: `rows x cols` with row stride `ld`.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
