@@ -112,7 +112,7 @@ impl GaussianStream {
     fn fill_fresh(&mut self, out: &mut [f32]) {
         let whole = out.len() / (2 * BLOCK) * (2 * BLOCK);
         let (blocks, rest) = out.split_at_mut(whole);
-        fill_blocks(self.state, blocks);
+        fill_blocks_portable(self.state, blocks);
         self.state = self
             .state
             .wrapping_add(((whole / 2) as u64).wrapping_mul(GAMMA));
@@ -129,25 +129,8 @@ impl GaussianStream {
 /// Pairs per block of the vectorised generator.
 const BLOCK: usize = 16;
 
-/// Fills whole blocks of `2 * BLOCK` values, pair `i` from `mix(base + (i + 1) GAMMA)`. Uses AVX2
-/// where the CPU has it: the same IEEE operations in the same order, so the same bits.
-fn fill_blocks(base: u64, out: &mut [f32]) {
-    #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { fill_blocks_avx2(base, out) };
-        }
-    }
-    fill_blocks_portable(base, out)
-}
-
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-unsafe fn fill_blocks_avx2(base: u64, out: &mut [f32]) {
-    fill_blocks_portable(base, out)
-}
-
+/// Fills whole blocks of `2 * BLOCK` values, pair `i` from `mix(base + (i + 1) GAMMA)`: the
+/// reference generator, and the one of targets without [`avx2`].
 #[inline(always)]
 fn fill_blocks_portable(base: u64, out: &mut [f32]) {
     for (b, block) in out.chunks_exact_mut(2 * BLOCK).enumerate() {
@@ -244,6 +227,246 @@ pub fn sincos_turn(k2: u32) -> (f32, f32) {
     (if neg_cos { -x } else { x }, if neg_sin { -y } else { y })
 }
 
+/// The generator and step 4 in AVX2 intrinsics, 8 pairs (16 values) per step: the very IEEE
+/// operations of the portable code, in the same order (divisions stay divisions, no FMA), so the
+/// same bits. The 64-bit products of `mix`, which AVX2 lacks, are put together exactly from
+/// 32x32-bit ones, and the sum of squares is taken while the values are generated, in the lanes
+/// (`j mod 8`) and the order of [`inverse_norm_of`].
+///
+/// The intrinsics are safe to call inside these `#[target_feature(enable = "avx2")]` functions
+/// (Rust 1.87); Rust 1.85 and 1.86 hold them unsafe, hence the `allow` below. Memory accesses
+/// through pointers stay in `unsafe` blocks.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(unsafe_op_in_unsafe_fn)]
+mod avx2 {
+    use super::{DirectionSeed, GAMMA, finish_norm, normalise};
+    use core::arch::x86_64::*;
+
+    /// Values per step of the kernel: 8 pairs.
+    const STEP: usize = 16;
+
+    /// [`super::fill_direction`], bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
+        let lanes = fill_raw(seed, out);
+        normalise(out, finish_norm(lanes));
+    }
+
+    /// Writes the raw values `z` of steps 2 and 3 into `out` and returns the eight partial sums
+    /// of step 4, `lanes[l] = sum of z_j^2 over j = l mod 8` in increasing `j`, as
+    /// [`super::inverse_norm_of`] adds them.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fill_raw(seed: DirectionSeed, out: &mut [f32]) -> [f64; 8] {
+        // The SplitMix64 counters of pairs 0..4 and 4..8 of a step: `seed + (i + 1) GAMMA`.
+        let counter = |i: u64| seed.0.wrapping_add((i + 1).wrapping_mul(GAMMA)) as i64;
+        let mut c0 = _mm256_setr_epi64x(counter(0), counter(1), counter(2), counter(3));
+        let mut c1 = _mm256_setr_epi64x(counter(4), counter(5), counter(6), counter(7));
+        let advance = _mm256_set1_epi64x(8u64.wrapping_mul(GAMMA) as i64);
+        // Partial sums of lanes 0..4 and 4..8.
+        let mut sum0 = _mm256_setzero_pd();
+        let mut sum1 = _mm256_setzero_pd();
+        let mut steps = out.chunks_exact_mut(STEP);
+        for step in &mut steps {
+            let (lo, hi) = values16(c0, c1);
+            c0 = _mm256_add_epi64(c0, advance);
+            c1 = _mm256_add_epi64(c1, advance);
+            // SAFETY: `step` holds STEP = 16 f32, written as two unaligned runs of 8.
+            unsafe {
+                _mm256_storeu_ps(step.as_mut_ptr(), lo);
+                _mm256_storeu_ps(step.as_mut_ptr().add(8), hi);
+            }
+            // Values j = 16s + l (lo) and 16s + 8 + l (hi) go to lane l, in that order.
+            (sum0, sum1) = add_squares(sum0, sum1, lo);
+            (sum0, sum1) = add_squares(sum0, sum1, hi);
+        }
+        let mut lanes = [0f64; 8];
+        // SAFETY: `lanes` holds 8 f64, written as two unaligned runs of 4.
+        unsafe {
+            _mm256_storeu_pd(lanes.as_mut_ptr(), sum0);
+            _mm256_storeu_pd(lanes.as_mut_ptr().add(4), sum1);
+        }
+        // The last `len mod 16` values: one more step into scratch, of which the first values
+        // are kept (an odd length drops the last `r sin`, step 3). The tail starts at a
+        // multiple of 16, so value `i` of it falls in lane `i mod 8`.
+        let rest = steps.into_remainder();
+        if !rest.is_empty() {
+            let (lo, hi) = values16(c0, c1);
+            let mut scratch = [0f32; STEP];
+            // SAFETY: `scratch` holds STEP = 16 f32, written as two unaligned runs of 8.
+            unsafe {
+                _mm256_storeu_ps(scratch.as_mut_ptr(), lo);
+                _mm256_storeu_ps(scratch.as_mut_ptr().add(8), hi);
+            }
+            rest.copy_from_slice(&scratch[..rest.len()]);
+            for (i, x) in rest.iter().enumerate() {
+                lanes[i % 8] += (*x as f64) * (*x as f64);
+            }
+        }
+        lanes
+    }
+
+    /// `sum0 += x_0..4^2`, `sum1 += x_4..8^2` in f64, each square of an exactly widened `x`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn add_squares(sum0: __m256d, sum1: __m256d, x: __m256) -> (__m256d, __m256d) {
+        let a = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+        let b = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
+        (
+            _mm256_add_pd(sum0, _mm256_mul_pd(a, a)),
+            _mm256_add_pd(sum1, _mm256_mul_pd(b, b)),
+        )
+    }
+
+    /// The 16 values of the 8 pairs whose SplitMix64 counters are `c0` (pairs 0..4) and `c1`
+    /// (pairs 4..8), in output order: values 0..8 and 8..16.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn values16(c0: __m256i, c1: __m256i) -> (__m256, __m256) {
+        let (k1, k2) = split_bits(mix(c0), mix(c1));
+        let r = radius(k1);
+        let (c, s) = sincos_turn(k2);
+        let x = _mm256_mul_ps(r, c);
+        let y = _mm256_mul_ps(r, s);
+        // The lanes hold pairs 0 1 4 5 | 2 3 6 7 (see `split_bits`): interleaving within each
+        // 128-bit half gives values 0..8 (pairs 0..4) and 8..16 (pairs 4..8).
+        (_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y))
+    }
+
+    /// `z * c mod 2^64` in each 64-bit lane, from 32x32 -> 64-bit products:
+    /// `z_lo c_lo + ((z_hi c_lo + z_lo c_hi) << 32)`, every term exact mod 2^64.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mul64(z: __m256i, c: u64) -> __m256i {
+        let c_lo = _mm256_set1_epi64x((c & 0xFFFF_FFFF) as i64);
+        let c_hi = _mm256_set1_epi64x((c >> 32) as i64);
+        let lo_lo = _mm256_mul_epu32(z, c_lo);
+        let hi_lo = _mm256_mul_epu32(_mm256_srli_epi64::<32>(z), c_lo);
+        let lo_hi = _mm256_mul_epu32(z, c_hi);
+        let cross = _mm256_slli_epi64::<32>(_mm256_add_epi64(hi_lo, lo_hi));
+        _mm256_add_epi64(lo_lo, cross)
+    }
+
+    /// [`super::mix`] in each 64-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn mix(mut z: __m256i) -> __m256i {
+        z = mul64(
+            _mm256_xor_si256(z, _mm256_srli_epi64::<30>(z)),
+            0xBF58_476D_1CE4_E5B9,
+        );
+        z = mul64(
+            _mm256_xor_si256(z, _mm256_srli_epi64::<27>(z)),
+            0x94D0_49BB_1331_11EB,
+        );
+        _mm256_xor_si256(z, _mm256_srli_epi64::<31>(z))
+    }
+
+    /// [`super::split_bits`] of the 8 values in `a` (pairs 0..4) and `b` (pairs 4..8): `(k1, k2)`
+    /// in 32-bit lanes ordered as pairs 0 1 4 5 | 2 3 6 7. `k1 = bits >> 40` is the high half
+    /// of a value shifted right by 8, `k2 = (bits >> 8) & 0xFF_FFFF` the low half.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn split_bits(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+        let a = _mm256_castsi256_ps(_mm256_srli_epi32::<8>(a));
+        let b = _mm256_castsi256_ps(_mm256_srli_epi32::<8>(b));
+        let k1 = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        let k2 = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        (_mm256_castps_si256(k1), _mm256_castps_si256(k2))
+    }
+
+    /// [`super::radius`] in each lane: `sqrt(-2 ln_u1(k1))`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn radius(k1: __m256i) -> __m256 {
+        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0), ln_u1(k1)))
+    }
+
+    /// [`super::ln_u1`] in each lane, operation for operation.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn ln_u1(k1: __m256i) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        let x = _mm256_cvtepi32_ps(_mm256_add_epi32(k1, _mm256_set1_epi32(1)));
+        let bits = _mm256_castps_si256(x);
+        let e = _mm256_sub_epi32(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(127));
+        let m = _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_and_si256(bits, _mm256_set1_epi32(0x007F_FFFF)),
+            _mm256_set1_epi32(0x3F80_0000),
+        ));
+        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(m, _mm256_set1_ps(core::f32::consts::SQRT_2));
+        let m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5)), big);
+        // `big` is all ones (-1) where true: `e += big as i32`.
+        let e = _mm256_sub_epi32(e, _mm256_castps_si256(big));
+        let t = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+        let t2 = _mm256_mul_ps(t, t);
+        let series = _mm256_mul_ps(t2, _mm256_set1_ps(1.0 / 9.0));
+        let series = _mm256_mul_ps(t2, _mm256_add_ps(_mm256_set1_ps(1.0 / 7.0), series));
+        let series = _mm256_mul_ps(t2, _mm256_add_ps(_mm256_set1_ps(1.0 / 5.0), series));
+        let series = _mm256_mul_ps(t2, _mm256_add_ps(_mm256_set1_ps(1.0 / 3.0), series));
+        let series = _mm256_add_ps(one, series);
+        let exponent = _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(24)));
+        _mm256_add_ps(
+            _mm256_mul_ps(exponent, _mm256_set1_ps(core::f32::consts::LN_2)),
+            _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0), t), series),
+        )
+    }
+
+    /// [`super::sincos_turn`] in each lane, operation for operation.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sincos_turn(k2: __m256i) -> (__m256, __m256) {
+        let one = _mm256_set1_ps(1.0);
+        let theta = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_and_si256(k2, _mm256_set1_epi32(0x003F_FFFF))),
+            _mm256_set1_ps(core::f32::consts::FRAC_PI_2 / 4_194_304.0),
+        );
+        let t2 = _mm256_mul_ps(theta, theta);
+        let sin = term(
+            t2,
+            72.0,
+            _mm256_sub_ps(one, _mm256_div_ps(t2, _mm256_set1_ps(110.0))),
+        );
+        let sin = _mm256_mul_ps(theta, term(t2, 6.0, term(t2, 20.0, term(t2, 42.0, sin))));
+        let cos = term(
+            t2,
+            90.0,
+            _mm256_sub_ps(one, _mm256_div_ps(t2, _mm256_set1_ps(132.0))),
+        );
+        let cos = term(t2, 2.0, term(t2, 12.0, term(t2, 30.0, term(t2, 56.0, cos))));
+        // Quadrant q = k2 >> 22: bit 22 swaps sin and cos, bit 23 negates sin, bit 22 xor bit
+        // 23 negates cos. Shifted to the sign bit: blendv selects on it, xor flips it.
+        let swap = _mm256_castsi256_ps(_mm256_slli_epi32::<9>(k2));
+        let b23 = _mm256_slli_epi32::<8>(k2);
+        let sign = _mm256_set1_epi32(i32::MIN);
+        let neg_sin = _mm256_castsi256_ps(_mm256_and_si256(b23, sign));
+        let neg_cos = _mm256_and_si256(_mm256_xor_si256(b23, _mm256_slli_epi32::<9>(k2)), sign);
+        let x = _mm256_blendv_ps(cos, sin, swap);
+        let y = _mm256_blendv_ps(sin, cos, swap);
+        (
+            _mm256_xor_ps(x, _mm256_castsi256_ps(neg_cos)),
+            _mm256_xor_ps(y, neg_sin),
+        )
+    }
+
+    /// `1 - t2 / d * rest`, the step of both Horner schemes of [`sincos_turn`]; `t2 / d` is a
+    /// division, as in the portable code.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn term(t2: __m256, d: f32, rest: __m256) -> __m256 {
+        let one = _mm256_set1_ps(1.0);
+        _mm256_sub_ps(
+            one,
+            _mm256_mul_ps(_mm256_div_ps(t2, _mm256_set1_ps(d)), rest),
+        )
+    }
+}
+
 impl Iterator for GaussianStream {
     type Item = f32;
 
@@ -274,6 +497,11 @@ fn finish_norm(lanes: [f64; 8]) -> Option<f32> {
 
 /// [`inverse_norm`] over a slice, in eight lanes the compiler can vectorise.
 fn inverse_norm_of(z: &[f32]) -> Option<f32> {
+    finish_norm(square_lanes(z))
+}
+
+/// The eight partial sums of step 4: `lanes[l]` adds `z_j^2` over `j = l mod 8`, in increasing `j`.
+fn square_lanes(z: &[f32]) -> [f64; 8] {
     let mut lanes = [0f64; 8];
     let mut blocks = z.chunks_exact(8);
     for block in &mut blocks {
@@ -284,13 +512,32 @@ fn inverse_norm_of(z: &[f32]) -> Option<f32> {
     for (l, x) in lanes.iter_mut().zip(blocks.remainder()) {
         *l += (*x as f64) * (*x as f64);
     }
-    finish_norm(lanes)
+    lanes
 }
 
 /// Writes the normalised direction `v_hat` of length `out.len()` named by `seed` into `out`.
 pub fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2::fill_direction(seed, out) };
+        }
+    }
+    fill_direction_portable(seed, out)
+}
+
+/// [`fill_direction`] in portable code: the reference, and the path of every target without
+/// [`avx2`] (device firmware).
+fn fill_direction_portable(seed: DirectionSeed, out: &mut [f32]) {
     GaussianStream::new(seed).fill_fresh(out);
-    match inverse_norm_of(out) {
+    normalise(out, inverse_norm_of(out));
+}
+
+/// Step 4 once the factor is known: `v_j = z_j * inv`, or the first unit vector.
+#[inline(always)]
+fn normalise(out: &mut [f32], inv: Option<f32>) {
+    match inv {
         Some(inv) => out.iter_mut().for_each(|x| *x *= inv),
         None => {
             out.iter_mut().for_each(|x| *x = 0.0);
@@ -644,6 +891,152 @@ mod tests {
         for i in 0..n {
             let expect = 0.25 - 0.2 * (0.5 * v8[i] as f64 - 1.5 * v9[i] as f64);
             assert!((w[i] as f64 - expect).abs() < 1e-6);
+        }
+    }
+
+    /// Seeds for the comparisons of the AVX2 and portable paths: edge values (the first counter
+    /// 0, counters wrapping around 2^64) and pseudo-random ones.
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    fn comparison_seeds() -> Vec<DirectionSeed> {
+        let edges = [
+            0,
+            1,
+            42,
+            u64::MAX,
+            GAMMA.wrapping_neg(),
+            5u64.wrapping_mul(GAMMA).wrapping_neg(),
+        ];
+        edges
+            .into_iter()
+            .chain((0..40).map(|i| mix(i ^ 0x5EED)))
+            .chain([key(0).seed().0, key(3).seed().0])
+            .map(DirectionSeed)
+            .collect()
+    }
+
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    #[test]
+    fn the_avx2_path_equals_the_portable_path_bit_for_bit() {
+        if !std::is_x86_feature_detected!("avx2") {
+            std::eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let lengths = [
+            0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 999, 1000, 1001,
+            39_249, 39_250,
+        ];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        for seed in comparison_seeds() {
+            for n in lengths {
+                // Raw values and the eight f64 partial sums, before step 4.
+                let mut raw = vec![f32::NAN; n];
+                GaussianStream::new(seed).fill_fresh(&mut raw);
+                let mut raw_avx2 = vec![f32::NAN; n];
+                // SAFETY: the CPU supports AVX2, checked above.
+                let lanes = unsafe { avx2::fill_raw(seed, &mut raw_avx2) };
+                assert_eq!(
+                    bits(&raw_avx2),
+                    bits(&raw),
+                    "raw values, seed {seed:?}, length {n}"
+                );
+                let expect = square_lanes(&raw).map(f64::to_bits);
+                assert_eq!(
+                    lanes.map(f64::to_bits),
+                    expect,
+                    "partial sums, seed {seed:?}, length {n}"
+                );
+                // The whole of `fill_direction`.
+                let mut portable = vec![f32::NAN; n];
+                fill_direction_portable(seed, &mut portable);
+                let mut fast = vec![f32::NAN; n];
+                // SAFETY: the CPU supports AVX2, checked above.
+                unsafe { avx2::fill_direction(seed, &mut fast) };
+                assert_eq!(
+                    bits(&fast),
+                    bits(&portable),
+                    "direction, seed {seed:?}, length {n}"
+                );
+                let mut public = vec![f32::NAN; n];
+                fill_direction(seed, &mut public);
+                assert_eq!(
+                    bits(&public),
+                    bits(&portable),
+                    "fill_direction, seed {seed:?}, length {n}"
+                );
+            }
+        }
+    }
+
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    #[test]
+    fn the_avx2_arithmetic_equals_the_portable_one_on_every_input() {
+        use core::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx2") {
+            std::eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        /// Radius, cos and sin of the 8 lanes `k1 = k..k+8`, `k2 = k'..k'+8`.
+        #[target_feature(enable = "avx2")]
+        unsafe fn eval(k1: &[u32; 8], k2: &[u32; 8]) -> ([f32; 8], [f32; 8], [f32; 8]) {
+            let (mut r, mut c, mut s) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+            // SAFETY: each array holds 8 values of 4 bytes, one unaligned 32-byte access.
+            unsafe {
+                let k1 = _mm256_loadu_si256(k1.as_ptr().cast());
+                let k2 = _mm256_loadu_si256(k2.as_ptr().cast());
+                let (cv, sv) = avx2::sincos_turn(k2);
+                _mm256_storeu_ps(r.as_mut_ptr(), avx2::radius(k1));
+                _mm256_storeu_ps(c.as_mut_ptr(), cv);
+                _mm256_storeu_ps(s.as_mut_ptr(), sv);
+            }
+            (r, c, s)
+        }
+        // Every 24-bit k1 and k2 (k2 in another order, so that lanes mix quadrants).
+        for k in (0..1u32 << 24).step_by(8) {
+            let k1: [u32; 8] = core::array::from_fn(|l| k + l as u32);
+            let k2 = k1.map(|k| k.wrapping_mul(0x9E3779B1) & 0x00FF_FFFF);
+            // SAFETY: the CPU supports AVX2, checked above.
+            let (r, c, s) = unsafe { eval(&k1, &k2) };
+            for l in 0..8 {
+                let (ce, se) = sincos_turn(k2[l]);
+                assert_eq!(
+                    r[l].to_bits(),
+                    radius(k1[l]).to_bits(),
+                    "radius, k1 = {}",
+                    k1[l]
+                );
+                assert_eq!(c[l].to_bits(), ce.to_bits(), "cos, k2 = {}", k2[l]);
+                assert_eq!(s[l].to_bits(), se.to_bits(), "sin, k2 = {}", k2[l]);
+            }
+        }
+        // `mix` on pseudo-random and edge inputs.
+        #[target_feature(enable = "avx2")]
+        unsafe fn mix4(z: &[u64; 4]) -> [u64; 4] {
+            let mut out = [0u64; 4];
+            // SAFETY: each array holds 4 values of 8 bytes, one unaligned 32-byte access.
+            unsafe {
+                let v = avx2::mix(_mm256_loadu_si256(z.as_ptr().cast()));
+                _mm256_storeu_si256(out.as_mut_ptr().cast(), v);
+            }
+            out
+        }
+        let edges = [
+            0,
+            1,
+            u64::MAX,
+            1 << 32,
+            (1 << 32) - 1,
+            1 << 63,
+            GAMMA,
+            GAMMA.wrapping_neg(),
+        ];
+        let inputs = edges
+            .into_iter()
+            .chain((0..1u64 << 16).map(|i| mix(i).wrapping_mul(GAMMA)));
+        let inputs: Vec<u64> = inputs.collect();
+        for z in inputs.chunks_exact(4) {
+            let z: [u64; 4] = z.try_into().unwrap();
+            // SAFETY: the CPU supports AVX2, checked above.
+            assert_eq!(unsafe { mix4(&z) }, z.map(mix), "mix of {z:x?}");
         }
     }
 }
