@@ -233,6 +233,12 @@ pub fn sincos_turn(k2: u32) -> (f32, f32) {
 /// 32x32-bit ones, and the sum of squares is taken while the values are generated, in the lanes
 /// (`j mod 8`) and the order of [`inverse_norm_of`].
 ///
+/// The 11 divisions of a step are its bottleneck (one divider, ~3.5 cycles per `vdivps`) and sit
+/// in the middle of a long chain of dependent operations (`mix`, the divisions, the Horner
+/// schemes). One step after another, the chain is longer than the out-of-order window reaches, so
+/// the loop is software-pipelined: an iteration draws the keys of step `s + 2`, does the
+/// divisions of step `s + 1` and finishes step `s`, three independent pieces of work.
+///
 /// The intrinsics are safe to call inside these `#[target_feature(enable = "avx2")]` functions
 /// (Rust 1.87); Rust 1.85 and 1.86 hold them unsafe, hence the `allow` below. Memory accesses
 /// through pointers stay in `unsafe` blocks.
@@ -255,6 +261,21 @@ mod avx2 {
         normalise(out, finish_norm(lanes));
     }
 
+    /// The keys of the 8 pairs of a step (see [`split_bits`]).
+    #[derive(Clone, Copy)]
+    struct Keys {
+        k1: __m256i,
+        k2: __m256i,
+    }
+
+    /// A step with all of its divisions done: what [`finish`] needs.
+    #[derive(Clone, Copy)]
+    struct Divided {
+        k2: __m256i,
+        ln: LnStart,
+        sincos: SincosStart,
+    }
+
     /// Writes the raw values `z` of steps 2 and 3 into `out` and returns the eight partial sums
     /// of step 4, `lanes[l] = sum of z_j^2 over j = l mod 8` in increasing `j`, as
     /// [`super::inverse_norm_of`] adds them.
@@ -268,14 +289,38 @@ mod avx2 {
         let mut c0 = _mm256_setr_epi64x(counter(0), counter(1), counter(2), counter(3));
         let mut c1 = _mm256_setr_epi64x(counter(4), counter(5), counter(6), counter(7));
         let advance = _mm256_set1_epi64x(8u64.wrapping_mul(GAMMA) as i64);
+        let mut next_keys = || {
+            let (k1, k2) = split_bits(mix(c0), mix(c1));
+            c0 = _mm256_add_epi64(c0, advance);
+            c1 = _mm256_add_epi64(c1, advance);
+            Keys { k1, k2 }
+        };
+        // Step `s` has its keys in `keys[s % 2]` and its quotients in `divided[s % 2]`.
+        let full = out.len() / STEP;
+        let steps = out.len().div_ceil(STEP);
+        let mut keys = [Keys {
+            k1: _mm256_setzero_si256(),
+            k2: _mm256_setzero_si256(),
+        }; 2];
+        let mut divided = [divide(keys[0]); 2];
+        if steps > 0 {
+            keys[0] = next_keys();
+            divided[0] = divide(keys[0]);
+        }
+        if steps > 1 {
+            keys[1] = next_keys();
+        }
         // Partial sums of lanes 0..4 and 4..8.
         let mut sum0 = _mm256_setzero_pd();
         let mut sum1 = _mm256_setzero_pd();
-        let mut steps = out.chunks_exact_mut(STEP);
-        for step in &mut steps {
-            let (lo, hi) = values16(c0, c1);
-            c0 = _mm256_add_epi64(c0, advance);
-            c1 = _mm256_add_epi64(c1, advance);
+        for (s, step) in out.chunks_exact_mut(STEP).enumerate() {
+            if s + 1 < steps {
+                divided[(s + 1) % 2] = divide(keys[(s + 1) % 2]);
+            }
+            if s + 2 < steps {
+                keys[s % 2] = next_keys();
+            }
+            let (lo, hi) = finish(divided[s % 2]);
             // SAFETY: `step` holds STEP = 16 f32, written as two unaligned runs of 8.
             unsafe {
                 _mm256_storeu_ps(step.as_mut_ptr(), lo);
@@ -291,18 +336,18 @@ mod avx2 {
             _mm256_storeu_pd(lanes.as_mut_ptr(), sum0);
             _mm256_storeu_pd(lanes.as_mut_ptr().add(4), sum1);
         }
-        // The last `len mod 16` values: one more step into scratch, of which the first values
+        // The last `len mod 16` values: the last step into scratch, of which the first values
         // are kept (an odd length drops the last `r sin`, step 3). The tail starts at a
         // multiple of 16, so value `i` of it falls in lane `i mod 8`.
-        let rest = steps.into_remainder();
-        if !rest.is_empty() {
-            let (lo, hi) = values16(c0, c1);
+        if full < steps {
+            let (lo, hi) = finish(divided[full % 2]);
             let mut scratch = [0f32; STEP];
             // SAFETY: `scratch` holds STEP = 16 f32, written as two unaligned runs of 8.
             unsafe {
                 _mm256_storeu_ps(scratch.as_mut_ptr(), lo);
                 _mm256_storeu_ps(scratch.as_mut_ptr().add(8), hi);
             }
+            let rest = &mut out[full * STEP..];
             rest.copy_from_slice(&scratch[..rest.len()]);
             for (i, x) in rest.iter().enumerate() {
                 lanes[i % 8] += (*x as f64) * (*x as f64);
@@ -323,14 +368,23 @@ mod avx2 {
         )
     }
 
-    /// The 16 values of the 8 pairs whose SplitMix64 counters are `c0` (pairs 0..4) and `c1`
-    /// (pairs 4..8), in output order: values 0..8 and 8..16.
+    /// The divisions of a step, and what leads to them.
     #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn values16(c0: __m256i, c1: __m256i) -> (__m256, __m256) {
-        let (k1, k2) = split_bits(mix(c0), mix(c1));
-        let r = radius(k1);
-        let (c, s) = sincos_turn(k2);
+    unsafe fn divide(keys: Keys) -> Divided {
+        Divided {
+            k2: keys.k2,
+            ln: ln_start(keys.k1),
+            sincos: sincos_start(keys.k2),
+        }
+    }
+
+    /// The 16 values of a step, in output order: values 0..8 and 8..16.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn finish(d: Divided) -> (__m256, __m256) {
+        let r = radius_finish(d.ln);
+        let (c, s) = sincos_finish(d.sincos, d.k2);
         let x = _mm256_mul_ps(r, c);
         let y = _mm256_mul_ps(r, s);
         // The lanes hold pairs 0 1 4 5 | 2 3 6 7 (see `split_bits`): interleaving within each
@@ -381,16 +435,24 @@ mod avx2 {
     }
 
     /// [`super::radius`] in each lane: `sqrt(-2 ln_u1(k1))`.
+    #[cfg(test)]
     #[inline]
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn radius(k1: __m256i) -> __m256 {
-        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0), ln_u1(k1)))
+        radius_finish(ln_start(k1))
     }
 
-    /// [`super::ln_u1`] in each lane, operation for operation.
+    /// [`super::ln_u1`] up to its division: `t = (m - 1) / (m + 1)` and `(e - 24) as f32`.
+    #[derive(Clone, Copy)]
+    struct LnStart {
+        t: __m256,
+        exponent: __m256,
+    }
+
+    /// The first half of [`super::ln_u1`] in each lane, operation for operation.
     #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn ln_u1(k1: __m256i) -> __m256 {
+    unsafe fn ln_start(k1: __m256i) -> LnStart {
         let one = _mm256_set1_ps(1.0);
         let x = _mm256_cvtepi32_ps(_mm256_add_epi32(k1, _mm256_set1_epi32(1)));
         let bits = _mm256_castps_si256(x);
@@ -403,42 +465,88 @@ mod avx2 {
         let m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5)), big);
         // `big` is all ones (-1) where true: `e += big as i32`.
         let e = _mm256_sub_epi32(e, _mm256_castps_si256(big));
-        let t = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+        LnStart {
+            t: _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one)),
+            exponent: _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(24))),
+        }
+    }
+
+    /// The second half of [`super::ln_u1`] and the rest of [`super::radius`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn radius_finish(ln: LnStart) -> __m256 {
+        let LnStart { t, exponent } = ln;
         let t2 = _mm256_mul_ps(t, t);
         let series = _mm256_mul_ps(t2, _mm256_set1_ps(1.0 / 9.0));
         let series = _mm256_mul_ps(t2, _mm256_add_ps(_mm256_set1_ps(1.0 / 7.0), series));
         let series = _mm256_mul_ps(t2, _mm256_add_ps(_mm256_set1_ps(1.0 / 5.0), series));
         let series = _mm256_mul_ps(t2, _mm256_add_ps(_mm256_set1_ps(1.0 / 3.0), series));
-        let series = _mm256_add_ps(one, series);
-        let exponent = _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(24)));
-        _mm256_add_ps(
+        let series = _mm256_add_ps(_mm256_set1_ps(1.0), series);
+        let ln = _mm256_add_ps(
             _mm256_mul_ps(exponent, _mm256_set1_ps(core::f32::consts::LN_2)),
             _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(2.0), t), series),
-        )
+        );
+        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0), ln))
     }
 
-    /// [`super::sincos_turn`] in each lane, operation for operation.
+    /// [`super::sincos_turn`] in each lane.
+    #[cfg(test)]
     #[inline]
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn sincos_turn(k2: __m256i) -> (__m256, __m256) {
-        let one = _mm256_set1_ps(1.0);
+        sincos_finish(sincos_start(k2), k2)
+    }
+
+    /// [`super::sincos_turn`] up to its divisions: `theta` and the quotients `t2 / d` of the
+    /// Horner schemes, innermost first.
+    #[derive(Clone, Copy)]
+    struct SincosStart {
+        theta: __m256,
+        /// `t2 / d` for d = 110, 72, 42, 20, 6 (sin).
+        sin: [__m256; 5],
+        /// `t2 / d` for d = 132, 90, 56, 30, 12, 2 (cos).
+        cos: [__m256; 6],
+    }
+
+    /// The first half of [`super::sincos_turn`] in each lane, operation for operation; every
+    /// `t2 / d` is a division, as in the portable code.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sincos_start(k2: __m256i) -> SincosStart {
         let theta = _mm256_mul_ps(
             _mm256_cvtepi32_ps(_mm256_and_si256(k2, _mm256_set1_epi32(0x003F_FFFF))),
             _mm256_set1_ps(core::f32::consts::FRAC_PI_2 / 4_194_304.0),
         );
         let t2 = _mm256_mul_ps(theta, theta);
-        let sin = term(
-            t2,
-            72.0,
-            _mm256_sub_ps(one, _mm256_div_ps(t2, _mm256_set1_ps(110.0))),
-        );
-        let sin = _mm256_mul_ps(theta, term(t2, 6.0, term(t2, 20.0, term(t2, 42.0, sin))));
-        let cos = term(
-            t2,
-            90.0,
-            _mm256_sub_ps(one, _mm256_div_ps(t2, _mm256_set1_ps(132.0))),
-        );
-        let cos = term(t2, 2.0, term(t2, 12.0, term(t2, 30.0, term(t2, 56.0, cos))));
+        let q = |d: f32| _mm256_div_ps(t2, _mm256_set1_ps(d));
+        SincosStart {
+            theta,
+            sin: [q(110.0), q(72.0), q(42.0), q(20.0), q(6.0)],
+            cos: [q(132.0), q(90.0), q(56.0), q(30.0), q(12.0), q(2.0)],
+        }
+    }
+
+    /// The second half of [`super::sincos_turn`]: the Horner schemes
+    /// `sin = theta (1 - q6 (1 - q20 (1 - q42 (1 - q72 (1 - q110)))))`,
+    /// `cos = 1 - q2 (1 - q12 (1 - q30 (1 - q56 (1 - q90 (1 - q132)))))` and the quadrant.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sincos_finish(start: SincosStart, k2: __m256i) -> (__m256, __m256) {
+        let one = _mm256_set1_ps(1.0);
+        let SincosStart {
+            theta,
+            sin: qs,
+            cos: qc,
+        } = start;
+        let mut sin = _mm256_sub_ps(one, qs[0]);
+        for q in &qs[1..] {
+            sin = _mm256_sub_ps(one, _mm256_mul_ps(*q, sin));
+        }
+        let sin = _mm256_mul_ps(theta, sin);
+        let mut cos = _mm256_sub_ps(one, qc[0]);
+        for q in &qc[1..] {
+            cos = _mm256_sub_ps(one, _mm256_mul_ps(*q, cos));
+        }
         // Quadrant q = k2 >> 22: bit 22 swaps sin and cos, bit 23 negates sin, bit 22 xor bit
         // 23 negates cos. Shifted to the sign bit: blendv selects on it, xor flips it.
         let swap = _mm256_castsi256_ps(_mm256_slli_epi32::<9>(k2));
@@ -451,18 +559,6 @@ mod avx2 {
         (
             _mm256_xor_ps(x, _mm256_castsi256_ps(neg_cos)),
             _mm256_xor_ps(y, neg_sin),
-        )
-    }
-
-    /// `1 - t2 / d * rest`, the step of both Horner schemes of [`sincos_turn`]; `t2 / d` is a
-    /// division, as in the portable code.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn term(t2: __m256, d: f32, rest: __m256) -> __m256 {
-        let one = _mm256_set1_ps(1.0);
-        _mm256_sub_ps(
-            one,
-            _mm256_mul_ps(_mm256_div_ps(t2, _mm256_set1_ps(d)), rest),
         )
     }
 }
