@@ -230,14 +230,15 @@ pub fn sincos_turn(k2: u32) -> (f32, f32) {
 /// The generator and step 4 in AVX2 intrinsics, 8 pairs (16 values) per step: the very IEEE
 /// operations of the portable code, in the same order (divisions stay divisions, no FMA), so the
 /// same bits. The 64-bit products of `mix`, which AVX2 lacks, are put together exactly from
-/// 32x32-bit ones, and the sum of squares is taken while the values are generated, in the lanes
-/// (`j mod 8`) and the order of [`inverse_norm_of`].
+/// 32-bit ones (see [`keys_of`](avx2::keys_of)), and the sum of squares is taken while the values
+/// are generated, in the lanes (`j mod 8`) and the order of [`inverse_norm_of`].
 ///
-/// The 11 divisions of a step are its bottleneck (one divider, ~3.5 cycles per `vdivps`) and sit
-/// in the middle of a long chain of dependent operations (`mix`, the divisions, the Horner
-/// schemes). One step after another, the chain is longer than the out-of-order window reaches, so
-/// the loop is software-pipelined: an iteration draws the keys of step `s + 2`, does the
-/// divisions of step `s + 1` and finishes step `s`, three independent pieces of work.
+/// A step is a long chain of dependent operations: `mix`, 11 divisions queued on the one
+/// divider, the Horner schemes, the square root. One step after another, that chain is longer
+/// than the out-of-order window reaches, so the loop is software-pipelined: each iteration draws
+/// the keys of step `s + 2`, does the divisions of step `s + 1` and finishes step `s`, three
+/// independent pieces of work. What then bounds the loop is the number of vector operations
+/// (about 130 a step, nearly all of them the arithmetic of the specification).
 ///
 /// The intrinsics are safe to call inside these `#[target_feature(enable = "avx2")]` functions
 /// (Rust 1.87); Rust 1.85 and 1.86 hold them unsafe, hence the `allow` below. Memory accesses
@@ -261,7 +262,7 @@ mod avx2 {
         normalise(out, finish_norm(lanes));
     }
 
-    /// The keys of the 8 pairs of a step (see [`split_bits`]).
+    /// The keys of the 8 pairs of a step (see [`keys_of`]).
     #[derive(Clone, Copy)]
     struct Keys {
         k1: __m256i,
@@ -284,17 +285,7 @@ mod avx2 {
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn fill_raw(seed: DirectionSeed, out: &mut [f32]) -> [f64; 8] {
-        // The SplitMix64 counters of pairs 0..4 and 4..8 of a step: `seed + (i + 1) GAMMA`.
-        let counter = |i: u64| seed.0.wrapping_add((i + 1).wrapping_mul(GAMMA)) as i64;
-        let mut c0 = _mm256_setr_epi64x(counter(0), counter(1), counter(2), counter(3));
-        let mut c1 = _mm256_setr_epi64x(counter(4), counter(5), counter(6), counter(7));
-        let advance = _mm256_set1_epi64x(8u64.wrapping_mul(GAMMA) as i64);
-        let mut next_keys = || {
-            let (k1, k2) = split_bits(mix(c0), mix(c1));
-            c0 = _mm256_add_epi64(c0, advance);
-            c1 = _mm256_add_epi64(c1, advance);
-            Keys { k1, k2 }
-        };
+        let mut counters = Counters::new(seed);
         // Step `s` has its keys in `keys[s % 2]` and its quotients in `divided[s % 2]`.
         let full = out.len() / STEP;
         let steps = out.len().div_ceil(STEP);
@@ -304,11 +295,11 @@ mod avx2 {
         }; 2];
         let mut divided = [divide(keys[0]); 2];
         if steps > 0 {
-            keys[0] = next_keys();
+            keys[0] = counters.draw();
             divided[0] = divide(keys[0]);
         }
         if steps > 1 {
-            keys[1] = next_keys();
+            keys[1] = counters.draw();
         }
         // Partial sums of lanes 0..4 and 4..8.
         let mut sum0 = _mm256_setzero_pd();
@@ -318,7 +309,7 @@ mod avx2 {
                 divided[(s + 1) % 2] = divide(keys[(s + 1) % 2]);
             }
             if s + 2 < steps {
-                keys[s % 2] = next_keys();
+                keys[s % 2] = counters.draw();
             }
             let (lo, hi) = finish(divided[s % 2]);
             // SAFETY: `step` holds STEP = 16 f32, written as two unaligned runs of 8.
@@ -356,6 +347,33 @@ mod avx2 {
         lanes
     }
 
+    /// The SplitMix64 counters `seed + (i + 1) GAMMA` of pairs `i` 0..4 and 4..8 of the next
+    /// step to draw.
+    struct Counters(__m256i, __m256i);
+
+    impl Counters {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn new(seed: DirectionSeed) -> Self {
+            let c = |i: u64| seed.0.wrapping_add((i + 1).wrapping_mul(GAMMA)) as i64;
+            Self(
+                _mm256_setr_epi64x(c(0), c(1), c(2), c(3)),
+                _mm256_setr_epi64x(c(4), c(5), c(6), c(7)),
+            )
+        }
+
+        /// The keys of the next step.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn draw(&mut self) -> Keys {
+            let (k1, k2) = keys_of(self.0, self.1);
+            let advance = _mm256_set1_epi64x(8u64.wrapping_mul(GAMMA) as i64);
+            self.0 = _mm256_add_epi64(self.0, advance);
+            self.1 = _mm256_add_epi64(self.1, advance);
+            Keys { k1, k2 }
+        }
+    }
+
     /// `sum0 += x_0..4^2`, `sum1 += x_4..8^2` in f64, each square of an exactly widened `x`.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -387,51 +405,80 @@ mod avx2 {
         let (c, s) = sincos_finish(d.sincos, d.k2);
         let x = _mm256_mul_ps(r, c);
         let y = _mm256_mul_ps(r, s);
-        // The lanes hold pairs 0 1 4 5 | 2 3 6 7 (see `split_bits`): interleaving within each
+        // The lanes hold pairs 0 1 4 5 | 2 3 6 7 (see `keys_of`): interleaving within each
         // 128-bit half gives values 0..8 (pairs 0..4) and 8..16 (pairs 4..8).
         (_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y))
     }
 
-    /// `z * c mod 2^64` in each 64-bit lane, from 32x32 -> 64-bit products:
-    /// `z_lo c_lo + ((z_hi c_lo + z_lo c_hi) << 32)`, every term exact mod 2^64.
+    /// The multipliers of [`super::mix`].
+    const M1: u64 = 0xBF58_476D_1CE4_E5B9;
+    const M2: u64 = 0x94D0_49BB_1331_11EB;
+
+    /// The 32x32-bit products of `z * m` in each 64-bit lane: `z_lo m_lo` (64 bits, in the
+    /// whole lane) and the cross products `z_lo m_hi`, `z_hi m_lo` mod 2^32 (in the low and the
+    /// high half of the lane). `z * m mod 2^64 = z_lo m_lo + ((z_lo m_hi + z_hi m_lo) << 32)`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn mul64(z: __m256i, c: u64) -> __m256i {
-        let c_lo = _mm256_set1_epi64x((c & 0xFFFF_FFFF) as i64);
-        let c_hi = _mm256_set1_epi64x((c >> 32) as i64);
-        let lo_lo = _mm256_mul_epu32(z, c_lo);
-        let hi_lo = _mm256_mul_epu32(_mm256_srli_epi64::<32>(z), c_lo);
-        let lo_hi = _mm256_mul_epu32(z, c_hi);
-        let cross = _mm256_slli_epi64::<32>(_mm256_add_epi64(hi_lo, lo_hi));
-        _mm256_add_epi64(lo_lo, cross)
+    unsafe fn products(z: __m256i, m: u64) -> (__m256i, __m256i) {
+        let m_lo = _mm256_set1_epi64x((m & 0xFFFF_FFFF) as i64);
+        let m_swapped = _mm256_set1_epi64x(m.rotate_left(32) as i64);
+        (_mm256_mul_epu32(z, m_lo), _mm256_mullo_epi32(z, m_swapped))
     }
 
-    /// [`super::mix`] in each 64-bit lane.
+    /// `z * m mod 2^64` in each 64-bit lane, exact: the sum of the two cross products goes to
+    /// the high half.
     #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn mix(mut z: __m256i) -> __m256i {
-        z = mul64(
-            _mm256_xor_si256(z, _mm256_srli_epi64::<30>(z)),
-            0xBF58_476D_1CE4_E5B9,
-        );
-        z = mul64(
-            _mm256_xor_si256(z, _mm256_srli_epi64::<27>(z)),
-            0x94D0_49BB_1331_11EB,
-        );
-        _mm256_xor_si256(z, _mm256_srli_epi64::<31>(z))
+    unsafe fn mul64(z: __m256i, m: u64) -> __m256i {
+        let (lo_lo, cross) = products(z, m);
+        let high = _mm256_blend_epi32::<0b1010_1010>(_mm256_setzero_si256(), cross);
+        let sum = _mm256_add_epi64(_mm256_slli_epi64::<32>(cross), high);
+        _mm256_add_epi64(lo_lo, sum)
     }
 
-    /// [`super::split_bits`] of the 8 values in `a` (pairs 0..4) and `b` (pairs 4..8): `(k1, k2)`
-    /// in 32-bit lanes ordered as pairs 0 1 4 5 | 2 3 6 7. `k1 = bits >> 40` is the high half
-    /// of a value shifted right by 8, `k2 = (bits >> 8) & 0xFF_FFFF` the low half.
+    /// The even and the odd 32-bit elements of `a` (64-bit lanes 0..4) and `b` (4..8): the low
+    /// and the high halves of the 8 lanes, ordered 0 1 4 5 | 2 3 6 7.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn split_bits(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
-        let a = _mm256_castsi256_ps(_mm256_srli_epi32::<8>(a));
-        let b = _mm256_castsi256_ps(_mm256_srli_epi32::<8>(b));
-        let k1 = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
-        let k2 = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-        (_mm256_castps_si256(k1), _mm256_castps_si256(k2))
+    unsafe fn halves(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+        let (a, b) = (_mm256_castsi256_ps(a), _mm256_castsi256_ps(b));
+        let lo = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        let hi = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+        (_mm256_castps_si256(lo), _mm256_castps_si256(hi))
+    }
+
+    /// `(k1, k2)` of [`super::split_bits`]`(`[`super::mix`]`(c))` for the 8 counters `c` in `a`
+    /// (pairs 0..4) and `b` (pairs 4..8), in 32-bit lanes ordered as pairs 0 1 4 5 | 2 3 6 7.
+    ///
+    /// `mix` is `z ^= z >> 30; z *= M1; z ^= z >> 27; z *= M2; z ^ (z >> 31)`. Up to the second
+    /// product this is done in 64-bit lanes. Of the rest only `k1 = bits >> 40` and
+    /// `k2 = (bits >> 8) mod 2^24` are needed, and with `z = z_hi 2^32 + z_lo` the second
+    /// product and the last step come out in 32-bit halves, without 64-bit arithmetic:
+    /// - `z_lo` is the low half of `y_lo M2_lo`, `z_hi` its high half plus both cross products
+    ///   (mod 2^32);
+    /// - `bits >> 40 = (z >> 40) ^ (z >> 71) = z_hi >> 8`;
+    /// - the low half of `z >> 31` is `(z_hi << 1) | (z_lo >> 31)`, so
+    ///   `(bits >> 8) mod 2^24 = (z_lo ^ (z_hi << 1)) >> 8`: the bit `z_lo >> 31` falls off.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn keys_of(a: __m256i, b: __m256i) -> (__m256i, __m256i) {
+        let (a, b) = (first_product(a), first_product(b));
+        let (lo_lo_a, cross_a) = products(a, M2);
+        let (lo_lo_b, cross_b) = products(b, M2);
+        let (z_lo, lo_lo_hi) = halves(lo_lo_a, lo_lo_b);
+        let (cross_1, cross_2) = halves(cross_a, cross_b);
+        let z_hi = _mm256_add_epi32(lo_lo_hi, _mm256_add_epi32(cross_1, cross_2));
+        let k1 = _mm256_srli_epi32::<8>(z_hi);
+        let k2 = _mm256_srli_epi32::<8>(_mm256_xor_si256(z_lo, _mm256_slli_epi32::<1>(z_hi)));
+        (k1, k2)
+    }
+
+    /// `mix` up to its second product: `z ^= z >> 30; z *= M1; z ^ (z >> 27)`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn first_product(z: __m256i) -> __m256i {
+        let z = mul64(_mm256_xor_si256(z, _mm256_srli_epi64::<30>(z)), M1);
+        _mm256_xor_si256(z, _mm256_srli_epi64::<27>(z))
     }
 
     /// [`super::radius`] in each lane: `sqrt(-2 ln_u1(k1))`.
@@ -518,12 +565,31 @@ mod avx2 {
             _mm256_set1_ps(core::f32::consts::FRAC_PI_2 / 4_194_304.0),
         );
         let t2 = _mm256_mul_ps(theta, theta);
-        let q = |d: f32| _mm256_div_ps(t2, _mm256_set1_ps(d));
         SincosStart {
             theta,
-            sin: [q(110.0), q(72.0), q(42.0), q(20.0), q(6.0)],
-            cos: [q(132.0), q(90.0), q(56.0), q(30.0), q(12.0), q(2.0)],
+            sin: [
+                over(t2, 110.0),
+                over(t2, 72.0),
+                over(t2, 42.0),
+                over(t2, 20.0),
+                over(t2, 6.0),
+            ],
+            cos: [
+                over(t2, 132.0),
+                over(t2, 90.0),
+                over(t2, 56.0),
+                over(t2, 30.0),
+                over(t2, 12.0),
+                over(t2, 2.0),
+            ],
         }
+    }
+
+    /// `t2 / d`: a division, as in the portable code.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn over(t2: __m256, d: f32) -> __m256 {
+        _mm256_div_ps(t2, _mm256_set1_ps(d))
     }
 
     /// The second half of [`super::sincos_turn`]: the Horner schemes
@@ -1104,16 +1170,20 @@ mod tests {
                 assert_eq!(s[l].to_bits(), se.to_bits(), "sin, k2 = {}", k2[l]);
             }
         }
-        // `mix` on pseudo-random and edge inputs.
+        // The keys from `mix`, on pseudo-random and edge counters.
         #[target_feature(enable = "avx2")]
-        unsafe fn mix4(z: &[u64; 4]) -> [u64; 4] {
-            let mut out = [0u64; 4];
-            // SAFETY: each array holds 4 values of 8 bytes, one unaligned 32-byte access.
+        unsafe fn keys8(c: &[u64; 8]) -> ([u32; 8], [u32; 8]) {
+            let (mut k1, mut k2) = ([0u32; 8], [0u32; 8]);
+            // SAFETY: `c` holds 8 values of 8 bytes, two unaligned 32-byte reads; `k1` and `k2`
+            // 8 values of 4 bytes, one unaligned 32-byte write each.
             unsafe {
-                let v = avx2::mix(_mm256_loadu_si256(z.as_ptr().cast()));
-                _mm256_storeu_si256(out.as_mut_ptr().cast(), v);
+                let a = _mm256_loadu_si256(c.as_ptr().cast());
+                let b = _mm256_loadu_si256(c.as_ptr().add(4).cast());
+                let (v1, v2) = avx2::keys_of(a, b);
+                _mm256_storeu_si256(k1.as_mut_ptr().cast(), v1);
+                _mm256_storeu_si256(k2.as_mut_ptr().cast(), v2);
             }
-            out
+            (k1, k2)
         }
         let edges = [
             0,
@@ -1125,14 +1195,19 @@ mod tests {
             GAMMA,
             GAMMA.wrapping_neg(),
         ];
-        let inputs = edges
+        let counters = edges
             .into_iter()
-            .chain((0..1u64 << 16).map(|i| mix(i).wrapping_mul(GAMMA)));
-        let inputs: Vec<u64> = inputs.collect();
-        for z in inputs.chunks_exact(4) {
-            let z: [u64; 4] = z.try_into().unwrap();
+            .chain((0..1u64 << 17).map(|i| mix(i).wrapping_mul(GAMMA)));
+        let counters: Vec<u64> = counters.collect();
+        for c in counters.chunks_exact(8) {
+            let c: [u64; 8] = c.try_into().unwrap();
             // SAFETY: the CPU supports AVX2, checked above.
-            assert_eq!(unsafe { mix4(&z) }, z.map(mix), "mix of {z:x?}");
+            let (k1, k2) = unsafe { keys8(&c) };
+            // Lanes hold pairs 0 1 4 5 | 2 3 6 7.
+            for (lane, pair) in [0, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+                let expect = split_bits(mix(c[pair]));
+                assert_eq!((k1[lane], k2[lane]), expect, "keys of {:#x}", c[pair]);
+            }
         }
     }
 }
