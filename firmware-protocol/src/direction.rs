@@ -254,12 +254,28 @@ mod avx2 {
 
     /// [`super::fill_direction`], bit for bit.
     ///
+    /// Not itself compiled for AVX2: the inverse norm is computed between the two AVX2 passes,
+    /// in plain code, because `libm::sqrt` is an SSE instruction that stalls if it runs while
+    /// the upper halves of the vector registers are in use (as they are inside an AVX2
+    /// function; returning from one clears them).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    pub(super) unsafe fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
+        // SAFETY: the caller guarantees AVX2.
+        let lanes = unsafe { fill_raw(seed, out) };
+        let inv = finish_norm(lanes);
+        // SAFETY: as above.
+        unsafe { normalise_avx2(out, inv) }
+    }
+
+    /// [`normalise`] compiled for AVX2.
+    ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
-        let lanes = fill_raw(seed, out);
-        normalise(out, finish_norm(lanes));
+    unsafe fn normalise_avx2(out: &mut [f32], inv: Option<f32>) {
+        normalise(out, inv)
     }
 
     /// The keys of the 8 pairs of a step (see [`keys_of`]).
@@ -285,19 +301,16 @@ mod avx2 {
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn fill_raw(seed: DirectionSeed, out: &mut [f32]) -> [f64; 8] {
+        if out.is_empty() {
+            return [0.0; 8];
+        }
         let mut counters = Counters::new(seed);
         // Step `s` has its keys in `keys[s % 2]` and its quotients in `divided[s % 2]`.
         let full = out.len() / STEP;
         let steps = out.len().div_ceil(STEP);
-        let mut keys = [Keys {
-            k1: _mm256_setzero_si256(),
-            k2: _mm256_setzero_si256(),
-        }; 2];
-        let mut divided = [divide(keys[0]); 2];
-        if steps > 0 {
-            keys[0] = counters.draw();
-            divided[0] = divide(keys[0]);
-        }
+        let first = counters.draw();
+        let mut keys = [first; 2];
+        let mut divided = [divide(first); 2];
         if steps > 1 {
             keys[1] = counters.draw();
         }
