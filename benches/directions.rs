@@ -7,17 +7,38 @@ use std::time::Instant;
 use firmware_protocol::direction::{apply_update, apply_update_streaming, fill_direction};
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
+/// Draws `trials * reps` directions of `n` values (seeds 0, 1, ...): ns per value over all of
+/// them, and the fastest and the median trial (the machine is shared: trials vary).
+fn time_fill(n: usize, trials: usize, reps: usize) -> (f64, f64, f64) {
+    let mut v = vec![0f32; n];
+    let mut per_trial = Vec::with_capacity(trials);
+    let mut seed = 0;
+    for _ in 0..trials {
+        let start = Instant::now();
+        for _ in 0..reps {
+            fill_direction(DirectionSeed(seed), &mut v);
+            black_box(&v);
+            seed += 1;
+        }
+        per_trial.push(start.elapsed().as_secs_f64() * 1e9 / (reps * n) as f64);
+    }
+    let mean = per_trial.iter().sum::<f64>() / trials as f64;
+    per_trial.sort_by(f64::total_cmp);
+    (mean, per_trial[0], per_trial[trials / 2])
+}
+
 fn main() {
     let n = 39_250; // the first layer of the MNIST MLP: one chunk
     let reps = 400;
-    let mut v = vec![0f32; n];
-    let start = Instant::now();
-    for r in 0..reps {
-        fill_direction(DirectionSeed(r), &mut v);
-        black_box(&v);
-    }
-    let ns = start.elapsed().as_secs_f64() * 1e9 / (reps as f64 * n as f64);
-    println!("fill_direction: {ns:.2} ns per value ({n} values)");
+    let (ns, min, median) = time_fill(n, 8, reps / 8);
+    println!(
+        "fill_direction: {ns:.2} ns per value ({n} values; 8 trials: fastest {min:.2}, median {median:.2})"
+    );
+    let short = 510; // the last layer of the MNIST MLP
+    let (ns, min, median) = time_fill(short, 8, 4000);
+    println!(
+        "fill_direction: {ns:.2} ns per value ({short} values; 8 trials: fastest {min:.2}, median {median:.2})"
+    );
 
     let terms: Vec<UpdateTerm> = (0..4)
         .map(|p| UpdateTerm {
