@@ -257,26 +257,100 @@ fn pack(b: View, packed: &mut Packed) {
     packed.panels.resize(panels * k * PANEL, 0.0);
     packed.column_sums.resize(panels * PANEL, 0.0);
     for (p, panel) in packed.panels.chunks_exact_mut(k * PANEL).enumerate() {
-        // The panel's rows of b (zeros past n), read side by side: the panel is written in
-        // order, and each lane's sum runs over its row in input order.
-        let zeros = [0f32; 0];
-        let rows: [&[f32]; PANEL] = std::array::from_fn(|t| {
-            let r = p * PANEL + t;
-            if r < n {
-                &b.data[r * b.ld..][..k]
-            } else {
-                &zeros
-            }
-        });
+        let full = (p + 1) * PANEL <= n;
+        #[cfg(target_arch = "x86_64")]
+        let done = full && std::is_x86_feature_detected!("avx") && {
+            // SAFETY: the feature was just detected; the panel's PANEL rows exist.
+            unsafe { transpose_panel_avx(b, p * PANEL, panel) };
+            true
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = !full && false;
+        if !done {
+            transpose_panel(b, p * PANEL, panel);
+        }
+        // Each lane's sum runs over its row in input order.
         let mut sums = [0f32; PANEL];
-        for (j, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
-            for t in 0..PANEL {
-                let x = rows[t].get(j).copied().unwrap_or(0.0);
-                dst[t] = x;
-                sums[t] += x;
+        for column in panel.chunks_exact(PANEL) {
+            for (s, x) in sums.iter_mut().zip(column) {
+                *s += x;
             }
         }
         packed.column_sums[p * PANEL..(p + 1) * PANEL].copy_from_slice(&sums);
+    }
+}
+
+/// Rows `first..first + PANEL` of `b` (zeros past its end) into `panel` as k x PANEL.
+fn transpose_panel(b: View, first: usize, panel: &mut [f32]) {
+    let k = b.cols;
+    for t in 0..PANEL {
+        let r = first + t;
+        if r < b.rows {
+            let row = &b.data[r * b.ld..][..k];
+            for (j, &x) in row.iter().enumerate() {
+                panel[j * PANEL + t] = x;
+            }
+        } else {
+            for j in 0..k {
+                panel[j * PANEL + t] = 0.0;
+            }
+        }
+    }
+}
+
+/// [`transpose_panel`] for a panel of whole rows, 8 x 8 blocks at a time in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_panel_avx(b: View, first: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = b.cols;
+    assert!(first + PANEL <= b.rows && panel.len() == k * PANEL);
+    assert!(b.data.len() >= (first + PANEL - 1) * b.ld + k);
+    let whole = k / 8 * 8;
+    for half in 0..PANEL / 8 {
+        let row = |t: usize| (first + half * 8 + t) * b.ld;
+        for j in (0..whole).step_by(8) {
+            // SAFETY: rows first..first + PANEL hold k values each (asserted above) and
+            // j + 8 <= k; the panel holds k rows of PANEL values.
+            unsafe {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|t| _mm256_loadu_ps(b.data.as_ptr().add(row(t) + j)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let columns = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (c, v) in columns.iter().enumerate() {
+                    _mm256_storeu_ps(panel.as_mut_ptr().add((j + c) * PANEL + half * 8), *v);
+                }
+            }
+        }
+        for j in whole..k {
+            for t in 0..8 {
+                panel[j * PANEL + half * 8 + t] = b.data[row(t) + j];
+            }
+        }
     }
 }
 
