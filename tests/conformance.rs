@@ -183,21 +183,27 @@ fn cnn_steps_agree_with_the_reference_choreography() {
     compare(ArchKind::Cnn, vec![4, 4], 3, 5e-6, 1.5e-5);
 }
 
+/// MNIST, its first `batches` batches of 64, and the 784-50-50 MLP.
+fn mnist_mlp(batches: usize) -> (Dataset, ModelSpec) {
+    let mut data = Dataset::load(DatasetKind::Mnist, &common::data_dir()).expect("MNIST");
+    data.train.truncate(batches * 64);
+    let hidden = Some(vec![50, 50]);
+    let model = ModelSpec::new(
+        DatasetKind::Mnist,
+        ArchKind::Mlp,
+        hidden,
+        DEFAULT_PROJ_DIM,
+        0,
+    );
+    (data, model.unwrap())
+}
+
 #[test]
 fn touched_columns_give_the_losses_of_whole_features_bit_for_bit() {
     // Chunks of 3000 parameters start and end mid-row and the last reaches into the bias: the
     // layer-1 chunks touch 4 or 5 of the 50 outputs, the bias chunk all of them.
     let batches = 4;
-    let mut data = Dataset::load(DatasetKind::Mnist, &common::data_dir()).expect("MNIST");
-    data.train.truncate(batches * 64);
-    let model = ModelSpec::new(
-        DatasetKind::Mnist,
-        ArchKind::Mlp,
-        Some(vec![50, 50]),
-        DEFAULT_PROJ_DIM,
-        0,
-    )
-    .unwrap();
+    let (data, model) = mnist_mlp(batches);
     let run = |allow| train_with(&data, &model, Choreography::Fast, batches, 3000, allow);
     let ((columns_losses, columns), given) = run(true);
     let ((whole_losses, whole), not_given) = run(false);
@@ -211,16 +217,7 @@ fn touched_columns_give_the_losses_of_whole_features_bit_for_bit() {
 #[test]
 fn multi_chunk_mlp_steps_agree_with_the_reference_choreography() {
     let batches = 4;
-    let mut data = Dataset::load(DatasetKind::Mnist, &common::data_dir()).expect("MNIST");
-    data.train.truncate(batches * 64);
-    let model = ModelSpec::new(
-        DatasetKind::Mnist,
-        ArchKind::Mlp,
-        Some(vec![50, 50]),
-        DEFAULT_PROJ_DIM,
-        0,
-    )
-    .unwrap();
+    let (data, model) = mnist_mlp(batches);
     let ((fast_losses, fast), given) =
         train_with(&data, &model, Choreography::Fast, batches, 3000, true);
     let ((ref_losses, reference), _) =

@@ -124,6 +124,10 @@ fn compact(row: &[f32], background: f32, index: &mut [u32], value: &mut [f32]) -
         // SAFETY: the feature was just detected.
         return unsafe { compact_avx2(row, background, index, value) };
     }
+    compact_portable(row, background, index, value)
+}
+
+fn compact_portable(row: &[f32], background: f32, index: &mut [u32], value: &mut [f32]) -> usize {
     let mut n = 0;
     for (j, &x) in row.iter().enumerate() {
         if x != background {
@@ -544,6 +548,45 @@ mod tests {
             for i in 0..m {
                 assert_eq!(narrow[i].to_bits(), wide[i * n + col].to_bits());
             }
+        }
+    }
+
+    /// The portable code, which CPUs without AVX2 run, agrees with what this one ran above.
+    #[test]
+    fn the_portable_paths_agree_with_the_vectorised_ones() {
+        let (m, k, n) = (7, 45, 35);
+        let x = image_like(m, k, 0.25);
+        let a = SparseRows::detect(&x, m, k, 0.5).unwrap();
+        for row in x.chunks_exact(k) {
+            let (mut i1, mut v1) = (vec![0u32; k + 8], vec![0f32; k + 8]);
+            let (mut i2, mut v2) = (i1.clone(), v1.clone());
+            let n1 = compact(row, 0.25, &mut i1, &mut v1);
+            let n2 = compact_portable(row, 0.25, &mut i2, &mut v2);
+            assert_eq!((&i1[..n1], &v1[..n1]), (&i2[..n2], &v2[..n2]));
+        }
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 19 % 37) as f32 - 18.0) / 11.0)
+            .collect();
+        let mut packed = Packed::default();
+        pack(View::new(&b, n, k), &mut packed);
+        let mut panel = vec![0f32; k * PANEL];
+        for p in 0..n.div_ceil(PANEL) {
+            transpose_panel(View::new(&b, n, k), p * PANEL, &mut panel);
+            assert_eq!(panel, packed.panels[p * k * PANEL..(p + 1) * k * PANEL]);
+        }
+        let mut got = vec![0f32; m * n];
+        kernel_portable(&a, n, &packed, &mut got, n, false);
+        let mut want = vec![0f32; m * n];
+        gemm_into(
+            View::new(&x, m, k),
+            View::new(&b, n, k),
+            true,
+            &mut want,
+            n,
+            false,
+        );
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4, "{g} vs {w}");
         }
     }
 
