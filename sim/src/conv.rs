@@ -28,7 +28,7 @@ use firmware_protocol::direction::{direction_values, mix, step_with_vectors};
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 use crate::conv_kernels::{
-    DIRECTIONS_AT_ONCE, bn_relu_pair, direction_contributions, dot, perturbation_sums,
+    DIRECTIONS_AT_ONCE, bn_relu_pair, direction_contributions, dot_f64, perturbation_sums,
 };
 use crate::dense::{Choreography, SimError};
 use crate::direction_cache::DirectionCache;
@@ -182,6 +182,7 @@ pub struct ConvBlock {
     /// The unfolded input transposed (C_in*9 x B*HW), for the fast path of a small kernel.
     cols_t: Vec<f32>,
     cols_t_ready: bool,
+    gram_ready: bool,
     /// The clean pre-activation (conv + bias), C x (B*HW), and which channels of it are stale.
     z0: Vec<f32>,
     z_stale: Vec<bool>,
@@ -214,7 +215,6 @@ pub struct ConvBlock {
     /// touched channel's correlations of the rows with its centred clean pre-activation.
     tap_sum: Vec<f64>,
     tap_gram: Vec<f64>,
-    tap_corr: Vec<f64>,
     affines: Vec<[(f32, f32); 2]>,
     /// Kernels of at most this many taps have their directions' contributions recomputed per
     /// tile by the fast path (RECOMPUTE_MAX_K; tests lower it to cover the other strategy).
@@ -268,6 +268,7 @@ impl ConvBlock {
             padded: Vec::new(),
             cols_t: Vec::new(),
             cols_t_ready: false,
+            gram_ready: false,
             z0: Vec::new(),
             z_stale: vec![true; c],
             z0_stats: vec![(0.0, 0.0); c],
@@ -288,7 +289,6 @@ impl ConvBlock {
             sums: Vec::new(),
             tap_sum: Vec::new(),
             tap_gram: Vec::new(),
-            tap_corr: Vec::new(),
             affines: Vec::new(),
             recompute_max_k: RECOMPUTE_MAX_K,
             g_scratch: Vec::new(),
@@ -422,7 +422,6 @@ impl ConvBlock {
             return Err(SimError::NoInput);
         }
         self.ensure_projection();
-        self.ensure_cols();
         self.refresh_preactivation();
         let n = self.columns();
         let (c_out, cp, k) = (
@@ -514,7 +513,6 @@ impl ConvBlock {
             return Ok(());
         }
         self.ensure_projection();
-        self.ensure_cols();
         match self.choreography {
             Choreography::Fast => self.perturbed_fast(&perturbation, eps, out),
             Choreography::Reference => self.perturbed_reference(&perturbation, eps, out),
@@ -675,8 +673,88 @@ impl ConvBlock {
         self.cols_ready = true;
     }
 
+    /// Whether the fast path works from the transposed unfolded input: a kernel of at most
+    /// `recompute_max_k` taps, whose products are cheaper as runs of scaled rows than as a
+    /// general matrix product (see [`ConvBlock::perturbed_fast`]).
+    fn taps_path(&self) -> bool {
+        self.choreography == Choreography::Fast && self.shape.kernel_len() <= self.recompute_max_k
+    }
+
+    /// [`ConvBlock::refresh_preactivation`] on the taps path: the stale channels' clean
+    /// pre-activation as four channels' runs of scaled rows at a time (the kernel the
+    /// perturbations use), and its batch statistics from the input's Gram matrix, without a
+    /// pass over the values (exact for `w · X + b`; the stored values differ from it by their
+    /// f32 rounding).
+    fn preactivation_by_taps(&mut self) {
+        self.ensure_cols_t();
+        let n = self.columns();
+        let (cp, k, hw) = (
+            self.shape.channel_params(),
+            self.shape.kernel_len(),
+            self.shape.spatial(),
+        );
+        let c_out = self.shape.out_channels;
+        self.z0.resize(c_out * n, 0.0);
+        // Runs of up to four consecutive stale channels.
+        let mut groups = Vec::new();
+        let mut c = 0;
+        while c < c_out {
+            if !self.z_stale[c] {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c < c_out && self.z_stale[c] && c - start < DIRECTIONS_AT_ONCE {
+                c += 1;
+            }
+            groups.push(start..c);
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let ld = cols_t_stride(n);
+        let tile = (TILE_COLUMNS / hw).max(1) * hw;
+        for n0 in (0..n).step_by(tile) {
+            let len = tile.min(n - n0);
+            for g in &groups {
+                direction_contributions(
+                    &self.params[g.start * cp..],
+                    (g.len(), cp, k),
+                    &self.cols_t,
+                    (ld, n0),
+                    &mut self.z0[g.start * n + n0..],
+                    (len, n),
+                );
+                for c in g.clone() {
+                    let bias = self.params[c * cp + k];
+                    self.z0[c * n + n0..][..len]
+                        .iter_mut()
+                        .for_each(|z| *z += bias);
+                }
+            }
+        }
+        // The batch statistics from the Gram matrix: with z = w · X + b, mean = w · s / N + b
+        // and var = (wᵀ G w - (w · s)² / N) / N.
+        self.ensure_gram();
+        let nf = n as f64;
+        for g in groups {
+            for c in g {
+                let w = &self.params[c * cp..][..k];
+                let ws = self.tap_dot(w);
+                let mean = ws / nf + self.params[c * cp + k] as f64;
+                let var = ((self.tap_form(w, w) - ws * ws / nf) / nf).max(0.0);
+                self.z0_stats[c] = (mean, var);
+                self.z_stale[c] = false;
+            }
+        }
+    }
+
     /// Brings the cached clean pre-activation up to date (its stale channels only).
     fn refresh_preactivation(&mut self) {
+        if self.taps_path() {
+            return self.preactivation_by_taps();
+        }
+        self.ensure_cols();
         let n = self.columns();
         self.z0.resize(self.shape.out_channels * n, 0.0);
         let mut c = 0;
@@ -783,6 +861,7 @@ impl ConvBlock {
             offset,
             ..
         } = perturbation;
+        self.ensure_cols();
         let block = channels.len() * self.shape.channel_params();
         let n = self.columns();
         let c_out = self.shape.out_channels;
@@ -850,10 +929,11 @@ impl ConvBlock {
     /// of a channel, tile of samples by tile, and projects them as one product with `A_cᵀ`.
     /// How `dz` is had depends on the kernel's size:
     ///
-    /// - at most `recompute_max_k` taps (the MNIST CNN's first block: C_in*9 = 9): `dz` is so
-    ///   cheap that writing it out for the whole batch would cost more than its arithmetic, so
-    ///   pass 2 recomputes it per tile from the transposed unfolded input, and pass 1 needs no
-    ///   `dz` at all ([`ConvBlock::tap_moments`]);
+    /// - at most `recompute_max_k` taps (the MNIST CNN's first block: C_in*9 = 9), the taps
+    ///   path: `dz` is so cheap that writing it out for the whole batch would cost more than
+    ///   its arithmetic, so pass 2 recomputes it per tile from the transposed unfolded input;
+    ///   pass 1, and the clean pre-activation's batch statistics, come from that input's Gram
+    ///   matrix without a pass over the columns ([`ConvBlock::tap_moments`]);
     /// - larger: one product over the touched channels and directions (in groups that fit
     ///   `FUSE_BUDGET`), which also computes a stale clean pre-activation of those channels,
     ///   and whose rows [`ConvBlock::apply_update`] then uses to move the clean pre-activation
@@ -876,7 +956,7 @@ impl ConvBlock {
         );
         let touched = channels.len();
         let block = touched * cp;
-        let recompute = k <= self.recompute_max_k;
+        let recompute = self.taps_path();
         // A stale clean pre-activation of the touched channels joins the first group's product
         // (one pass over the unfolded input instead of two).
         let with_z0 = !recompute && channels.clone().all(|c| self.z_stale[c]);
@@ -890,6 +970,7 @@ impl ConvBlock {
         };
         self.dz_complete = !recompute && group == *count;
         if !recompute {
+            self.ensure_cols();
             self.contributions_product(channels, 0, group.min(*count), with_z0);
         }
         self.refresh_preactivation();
@@ -958,6 +1039,7 @@ impl ConvBlock {
                                 &self.cols_t,
                                 (cols_t_stride(n), n0),
                                 &mut self.dz_tile[..rows * len],
+                                (len, len),
                             );
                         }
                         for q in q0..q0 + rows {
@@ -1077,12 +1159,11 @@ impl ConvBlock {
         }
     }
 
-    /// Pass 1 of the fast path for a small kernel, without computing `dz` at all: with
-    /// `dz = sum_t v_t X_t` (`X_t` row `t` of the transposed unfolded input), its moments are
-    /// `sum dz = v · s`, `sum dz² = vᵀ G v` and `sum (z0 - mean0) dz = v · g`, where `s` (the
-    /// rows' sums) and `G` (their Gram matrix) are the input's, once per batch, and `g` (the
-    /// rows' correlations with the centred clean pre-activation) the channel's: C_in*9
-    /// products per column and channel instead of C_in*9 per column, channel and direction.
+    /// Pass 1 of the fast path for a small kernel, without a pass over the columns: the clean
+    /// pre-activation and each direction's contribution are linear in the transposed unfolded
+    /// input's rows `X_t`, `z0 = w · X + b` and `dz = v · X`, so with the rows' sums `s` and Gram
+    /// matrix `G` (once per batch, [`ConvBlock::ensure_gram`]):
+    /// `sum dz = v · s`, `sum dz² = vᵀ G v` and `sum (z0 - mean0) dz = wᵀ G v - (w · s)(v · s) / N`.
     fn tap_moments(
         &mut self,
         channels: &Range<usize>,
@@ -1090,49 +1171,68 @@ impl ConvBlock {
         in_group: usize,
         block: usize,
     ) {
-        let n = self.columns();
-        let (cp, k, hw) = (
-            self.shape.channel_params(),
-            self.shape.kernel_len(),
-            self.shape.spatial(),
-        );
-        let ld = cols_t_stride(n);
-        let tile_samples = (TILE_COLUMNS / hw).clamp(1, self.batch);
-        self.tap_corr.clear();
-        self.tap_corr.resize(channels.len() * k, 0.0);
-        for b0 in (0..self.batch).step_by(tile_samples) {
-            let (n0, len) = (b0 * hw, tile_samples.min(self.batch - b0) * hw);
-            for (j, c) in channels.clone().enumerate() {
-                let mean0 = self.z0_stats[c].0 as f32;
-                self.dz_tile.clear();
-                self.dz_tile
-                    .extend(self.z0[c * n + n0..][..len].iter().map(|z| z - mean0));
-                for (t, g) in self.tap_corr[j * k..][..k].iter_mut().enumerate() {
-                    *g += dot(&self.cols_t[t * ld + n0..][..len], &self.dz_tile);
-                }
-            }
-        }
-        let (sum, gram) = (&self.tap_sum, &self.tap_gram);
+        let n = self.columns() as f64;
+        let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
+        self.ensure_gram();
         self.sums.clear();
         for (j, c) in channels.clone().enumerate() {
-            let g = &self.tap_corr[j * k..][..k];
-            // g was taken around the mean rounded to f32: sum (z0 - mean0) dz is
-            // v · g + (mean0_f32 - mean0) sum dz.
-            let mean0 = self.z0_stats[c].0;
-            let shift = (mean0 as f32) as f64 - mean0;
+            let w = &self.params[c * cp..][..k];
             for q in 0..in_group {
                 let v = &self.stacked[(first + q) * block + j * cp..][..k];
-                let (mut s1, mut s2, mut s12) = (0f64, 0f64, 0f64);
-                for (t, &vt) in v.iter().enumerate() {
-                    let vt = vt as f64;
-                    s1 += vt * sum[t];
-                    s12 += vt * g[t];
-                    let row = &gram[t * k..][..k];
-                    s2 += vt * v.iter().zip(row).map(|(&vu, g)| vu as f64 * g).sum::<f64>();
-                }
-                self.sums.push([s1, s2, s12 + shift * s1]);
+                let (vs, ws) = (self.tap_dot(v), self.tap_dot(w));
+                let (vgv, wgv) = (self.tap_form(v, v), self.tap_form(w, v));
+                self.sums.push([vs, vgv, wgv - ws * vs / n]);
             }
         }
+    }
+
+    /// `a · s`, `s` the transposed unfolded input's row sums (f64).
+    fn tap_dot(&self, a: &[f32]) -> f64 {
+        a.iter()
+            .zip(&self.tap_sum)
+            .map(|(&a, s)| a as f64 * s)
+            .sum()
+    }
+
+    /// `aᵀ G b`, `G` the transposed unfolded input's Gram matrix (f64).
+    fn tap_form(&self, a: &[f32], b: &[f32]) -> f64 {
+        let k = a.len();
+        a.iter()
+            .zip(self.tap_gram.chunks_exact(k))
+            .map(|(&a, row)| a as f64 * b.iter().zip(row).map(|(&b, g)| b as f64 * g).sum::<f64>())
+            .sum()
+    }
+
+    /// The transposed unfolded input's row sums and Gram matrix (once per batch, for the batch
+    /// statistics and moments of the taps path), in f64 (the products of f32 values are exact
+    /// there, and the variances taken from them difference large sums), accumulated by tiles
+    /// so that the rows being multiplied stay in cache.
+    fn ensure_gram(&mut self) {
+        if self.gram_ready {
+            return;
+        }
+        let (n, k) = (self.columns(), self.shape.kernel_len());
+        let ld = cols_t_stride(n);
+        self.tap_sum.clear();
+        self.tap_sum.resize(k, 0.0);
+        self.tap_gram.clear();
+        self.tap_gram.resize(k * k, 0.0);
+        let ones = vec![1.0f32; TILE_COLUMNS.min(n)];
+        for n0 in (0..n).step_by(ones.len()) {
+            let len = ones.len().min(n - n0);
+            for t in 0..k {
+                let a = &self.cols_t[t * ld + n0..][..len];
+                self.tap_sum[t] += dot_f64(a, &ones);
+                for u in t..k {
+                    let g = dot_f64(a, &self.cols_t[u * ld + n0..][..len]);
+                    self.tap_gram[t * k + u] += g;
+                    if u != t {
+                        self.tap_gram[u * k + t] += g;
+                    }
+                }
+            }
+        }
+        self.gram_ready = true;
     }
 
     /// The unfolded input transposed (C_in*9 x B*HW, row `ci*9 + kh*3 + kw` the input shifted
@@ -1173,27 +1273,7 @@ impl ConvBlock {
                 }
             }
         }
-        // The rows' sums and Gram matrix (for `tap_moments`), accumulated by tiles so that
-        // the rows being multiplied stay in cache.
-        self.tap_sum.clear();
-        self.tap_sum.resize(k, 0.0);
-        self.tap_gram.clear();
-        self.tap_gram.resize(k * k, 0.0);
-        let ones = vec![1.0f32; TILE_COLUMNS.min(n)];
-        for n0 in (0..n).step_by(ones.len()) {
-            let len = ones.len().min(n - n0);
-            for t in 0..k {
-                let a = &self.cols_t[t * ld + n0..][..len];
-                self.tap_sum[t] += dot(a, &ones);
-                for u in t..k {
-                    let g = dot(a, &self.cols_t[u * ld + n0..][..len]);
-                    self.tap_gram[t * k + u] += g;
-                    if u != t {
-                        self.tap_gram[u * k + t] += g;
-                    }
-                }
-            }
-        }
+        self.gram_ready = false;
         self.cols_t_ready = true;
     }
 }
@@ -1500,6 +1580,35 @@ mod tests {
                     assert_eq!(b.cols_t[t * ld + col].to_bits(), x.to_bits());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn taps_path_statistics_equal_the_stored_pre_activations() {
+        // The taps path takes the batch statistics from the input's Gram matrix instead of the
+        // stored values; a large bias and an input with a large mean make the variance a
+        // difference of large sums.
+        let s = shape();
+        let mut b = block(4);
+        let mut p = b.params().to_vec();
+        p[s.kernel_len()] = 50.0;
+        b.set_params(&p).unwrap();
+        let x: Vec<f32> = values(4 * s.input_width(), 5, 11, 0.2)
+            .iter()
+            .map(|v| v + 30.0)
+            .collect();
+        b.load_input(&x).unwrap();
+        assert!(b.taps_path());
+        b.refresh_preactivation();
+        let n = b.columns();
+        for c in 0..s.out_channels {
+            let (mean, var) = b.z0_stats[c];
+            let (m, v) = batch_stats(&b.z0[c * n..(c + 1) * n]);
+            assert!(
+                (mean - m).abs() <= 1e-6 * m.abs().max(1.0),
+                "{c}: {mean} vs {m}"
+            );
+            assert!((var - v).abs() <= 1e-5 * v, "{c}: {var} vs {v}");
         }
     }
 

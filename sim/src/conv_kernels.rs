@@ -48,8 +48,8 @@ const LANES: usize = 16;
 pub(crate) const DIRECTIONS_AT_ONCE: usize = 4;
 
 /// For each of up to [`DIRECTIONS_AT_ONCE`] directions `q` (row `q` of `v`, row stride `ldv`,
-/// `taps` long): `out[q * len + i] = sum_t v[q][t] cols_t[t * ld + start + i]`, one fused
-/// multiply-add per tap in tap order, `len = out.len() / rows`. That is the contribution
+/// `taps` long): `out[q * ldo + i] = sum_t v[q][t] cols_t[t * ld + start + i]` for `i < len`,
+/// one fused multiply-add per tap in tap order. That is the contribution
 /// `v ⊛ x` of the directions' conv weights to a run of pre-activation columns, from the
 /// transposed unfolded input (taps x columns, row stride `ld`). The directions share each load
 /// of the input, and their independent sums hide the latency of the multiply-adds.
@@ -59,56 +59,74 @@ pub(crate) fn direction_contributions(
     cols_t: &[f32],
     (ld, start): (usize, usize),
     out: &mut [f32],
+    (len, ldo): (usize, usize),
 ) {
+    let k = Contributions {
+        v,
+        ldv,
+        taps,
+        cols_t,
+        ld,
+        start,
+        len,
+        ldo,
+    };
     #[cfg(target_arch = "x86_64")]
     {
         if wide() {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
             return unsafe {
                 match rows {
-                    1 => contributions_wide::<1>(v, ldv, taps, cols_t, ld, start, out),
-                    2 => contributions_wide::<2>(v, ldv, taps, cols_t, ld, start, out),
-                    3 => contributions_wide::<3>(v, ldv, taps, cols_t, ld, start, out),
-                    4 => contributions_wide::<4>(v, ldv, taps, cols_t, ld, start, out),
+                    1 => contributions_wide::<1>(k, out),
+                    2 => contributions_wide::<2>(k, out),
+                    3 => contributions_wide::<3>(k, out),
+                    4 => contributions_wide::<4>(k, out),
                     _ => panic!("{rows} directions at once"),
                 }
             };
         }
     }
     match rows {
-        1 => contributions_body::<1>(v, ldv, taps, cols_t, ld, start, out),
-        2 => contributions_body::<2>(v, ldv, taps, cols_t, ld, start, out),
-        3 => contributions_body::<3>(v, ldv, taps, cols_t, ld, start, out),
-        4 => contributions_body::<4>(v, ldv, taps, cols_t, ld, start, out),
+        1 => contributions_body::<1>(k, out),
+        2 => contributions_body::<2>(k, out),
+        3 => contributions_body::<3>(k, out),
+        4 => contributions_body::<4>(k, out),
         _ => panic!("{rows} directions at once"),
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn contributions_wide<const Q: usize>(
-    v: &[f32],
+/// The operands of [`direction_contributions`].
+#[derive(Clone, Copy)]
+struct Contributions<'a> {
+    v: &'a [f32],
     ldv: usize,
     taps: usize,
-    cols_t: &[f32],
+    cols_t: &'a [f32],
     ld: usize,
     start: usize,
-    out: &mut [f32],
-) {
-    contributions_body::<Q>(v, ldv, taps, cols_t, ld, start, out)
+    len: usize,
+    ldo: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn contributions_wide<const Q: usize>(k: Contributions, out: &mut [f32]) {
+    contributions_body::<Q>(k, out)
 }
 
 #[inline(always)]
-fn contributions_body<const Q: usize>(
-    v: &[f32],
-    ldv: usize,
-    taps: usize,
-    cols_t: &[f32],
-    ld: usize,
-    start: usize,
-    out: &mut [f32],
-) {
-    let len = out.len() / Q;
+fn contributions_body<const Q: usize>(k: Contributions, out: &mut [f32]) {
+    let Contributions {
+        v,
+        ldv,
+        taps,
+        cols_t,
+        ld,
+        start,
+        len,
+        ldo,
+    } = k;
+    assert!(out.len() >= (Q - 1) * ldo + len);
     assert!(taps == 0 || cols_t.len() >= (taps - 1) * ld + start + len);
     assert!(v.len() >= (Q - 1) * ldv + taps);
     let w: [&[f32]; Q] = std::array::from_fn(|q| &v[q * ldv..][..taps]);
@@ -125,7 +143,7 @@ fn contributions_body<const Q: usize>(
             }
         }
         for q in 0..Q {
-            out[q * len + i..][..LANES].copy_from_slice(&acc[q]);
+            out[q * ldo + i..][..LANES].copy_from_slice(&acc[q]);
         }
     }
     for i in full..len {
@@ -134,40 +152,32 @@ fn contributions_body<const Q: usize>(
             for t in 0..taps {
                 acc = w[q][t].mul_add(cols_t[t * ld + start + i], acc);
             }
-            out[q * len + i] = acc;
+            out[q * ldo + i] = acc;
         }
     }
 }
 
-/// Values per run of [`dot`]: each lane sums RUN / LANES products in f32 before the run's total
-/// joins the f64 sum (a relative error of about 1e-7 per run).
-const RUN: usize = 512;
-
 dispatch! {
-    /// `sum a[i] b[i]` (as long as `a`): f32 multiply-adds in sixteen lanes within runs of
-    /// `RUN` values, the runs summed in f64.
-    fn dot / dot_wide / dot_body(a: &[f32], b: &[f32]) -> f64
+    /// `sum a[i] b[i]` (as long as `a`) in f64, where the products of f32 values are exact
+    /// (sixteen interleaved partial sums).
+    fn dot_f64 / dot_f64_wide / dot_f64_body(a: &[f32], b: &[f32]) -> f64
 }
 
 #[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f64 {
+fn dot_f64_body(a: &[f32], b: &[f32]) -> f64 {
     let b = &b[..a.len()];
-    let mut total = 0f64;
-    for (a, b) in a.chunks(RUN).zip(b.chunks(RUN)) {
-        let mut acc = [0f32; LANES];
-        let (ab, bb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-        let (ar, br) = (ab.remainder(), bb.remainder());
-        for (x, y) in ab.zip(bb) {
-            for l in 0..LANES {
-                acc[l] = x[l].mul_add(y[l], acc[l]);
-            }
+    let mut acc = [0f64; LANES];
+    let (ab, bb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ar, br) = (ab.remainder(), bb.remainder());
+    for (x, y) in ab.zip(bb) {
+        for l in 0..LANES {
+            acc[l] = (x[l] as f64).mul_add(y[l] as f64, acc[l]);
         }
-        for (l, (x, y)) in ar.iter().zip(br).enumerate() {
-            acc[l] = x.mul_add(*y, acc[l]);
-        }
-        total += acc.iter().map(|&x| x as f64).sum::<f64>();
     }
-    total
+    for (l, (x, y)) in ar.iter().zip(br).enumerate() {
+        acc[l] = (*x as f64).mul_add(*y as f64, acc[l]);
+    }
+    acc.iter().sum()
 }
 
 dispatch! {
@@ -255,12 +265,22 @@ mod tests {
             let (v, cols) = (values(4 * 11, 1), values(9 * 1000, 2));
             for rows in 1..=DIRECTIONS_AT_ONCE {
                 let (mut a, mut b) = (vec![0.0; rows * len], vec![0.0; rows * len]);
-                direction_contributions(&v, (rows, 11, 9), &cols, (1000, 3), &mut a);
+                direction_contributions(&v, (rows, 11, 9), &cols, (1000, 3), &mut a, (len, len));
+                let k = Contributions {
+                    v: &v,
+                    ldv: 11,
+                    taps: 9,
+                    cols_t: &cols,
+                    ld: 1000,
+                    start: 3,
+                    len,
+                    ldo: len,
+                };
                 match rows {
-                    1 => contributions_body::<1>(&v, 11, 9, &cols, 1000, 3, &mut b),
-                    2 => contributions_body::<2>(&v, 11, 9, &cols, 1000, 3, &mut b),
-                    3 => contributions_body::<3>(&v, 11, 9, &cols, 1000, 3, &mut b),
-                    _ => contributions_body::<4>(&v, 11, 9, &cols, 1000, 3, &mut b),
+                    1 => contributions_body::<1>(k, &mut b),
+                    2 => contributions_body::<2>(k, &mut b),
+                    3 => contributions_body::<3>(k, &mut b),
+                    _ => contributions_body::<4>(k, &mut b),
                 }
                 assert_eq!(a, b);
                 for q in 0..rows {
@@ -276,8 +296,8 @@ mod tests {
 
             let (z0, dz) = (values(len, 3), values(len, 4));
             let dot_direct: f64 = z0.iter().zip(&dz).map(|(a, b)| *a as f64 * *b as f64).sum();
-            assert_eq!(dot(&z0, &dz), dot_body(&z0, &dz));
-            assert!((dot(&z0, &dz) - dot_direct).abs() < 1e-5 * len as f64);
+            assert_eq!(dot_f64(&z0, &dz), dot_f64_body(&z0, &dz));
+            assert!((dot_f64(&z0, &dz) - dot_direct).abs() < 1e-12 * len as f64);
             let s = perturbation_sums(&z0, &dz, 0.25);
             assert_eq!(s, perturbation_sums_body(&z0, &dz, 0.25));
             let direct = z0.iter().zip(&dz).fold([0f64; 3], |acc, (z, d)| {
