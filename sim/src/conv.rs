@@ -975,9 +975,17 @@ impl ConvBlock {
         }
         self.refresh_preactivation();
         self.refresh_features(channels);
+        // The untouched channels' features are the clean ones; when the chunk touches every
+        // channel, every value is written below.
+        let every = touched == self.shape.out_channels;
         for (plus, minus) in out.iter_mut() {
-            plus.clone_from(&self.feat0);
-            minus.clone_from(&self.feat0);
+            if every {
+                plus.resize(self.feat0.len(), 0.0);
+                minus.resize(self.feat0.len(), 0.0);
+            } else {
+                plus.clone_from(&self.feat0);
+                minus.clone_from(&self.feat0);
+            }
         }
         let tile_samples = (TILE_COLUMNS / hw).clamp(1, self.batch);
         for first in (0..*count).step_by(group) {
