@@ -8,7 +8,9 @@
 //! first batches of the epoch and scaled to a whole epoch (said in the output).
 //!
 //! `PNN_BENCH_RUNS` (default 3) sets the number of timed epochs; `PNN_BENCH_ONLY` a substring of
-//! the configurations to run.
+//! the configurations to run; `PNN_BENCH_FAST_BATCHES` times only the first N batches of the fast
+//! path too, scaled to an epoch (for quick iteration; said in the output); `PNN_BENCH_CPU=1`
+//! times with the thread's CPU time instead of the wall clock (on a loaded machine).
 
 use std::process::Command;
 use std::time::Instant;
@@ -160,7 +162,7 @@ fn time_batches(
     let count = batches.unwrap_or(all.len()).min(all.len());
     let mut input = Activations::default();
     let flops0 = flops_so_far();
-    let start = Instant::now();
+    let start = Clock::now();
     for (b, batch) in all[..count].iter().enumerate() {
         data.normalizer
             .batch_activations(&data.train, batch, &mut input);
@@ -169,11 +171,34 @@ fn time_batches(
             .train_batch(0, b as u32, &input, &labels)
             .expect("training step");
     }
-    (
-        start.elapsed().as_secs_f64(),
-        flops_so_far() - flops0,
-        all.len(),
-    )
+    (start.elapsed(), flops_so_far() - flops0, all.len())
+}
+
+/// The wall clock, or with `PNN_BENCH_CPU=1` this thread's time on a CPU (Linux schedstat).
+enum Clock {
+    Wall(Instant),
+    Cpu(f64),
+}
+
+impl Clock {
+    fn cpu_seconds() -> Option<f64> {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+        Some(s.split_whitespace().next()?.parse::<f64>().ok()? / 1e9)
+    }
+
+    fn now() -> Self {
+        match std::env::var("PNN_BENCH_CPU").as_deref() {
+            Ok("1") => Self::Cpu(Self::cpu_seconds().expect("schedstat")),
+            _ => Self::Wall(Instant::now()),
+        }
+    }
+
+    fn elapsed(&self) -> f64 {
+        match self {
+            Self::Wall(start) => start.elapsed().as_secs_f64(),
+            Self::Cpu(start) => Self::cpu_seconds().expect("schedstat") - start,
+        }
+    }
 }
 
 fn peak_rss_mb() -> f64 {
@@ -197,10 +222,19 @@ fn child(bench: &Bench) {
         directions: bench.directions,
         ..Hyper::default()
     };
+    let fast_batches: Option<usize> = std::env::var("PNN_BENCH_FAST_BATCHES")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let mut fast_note = String::new();
     let mut fast: Vec<(f64, u64)> = (0..runs)
         .map(|_| {
-            let (s, f, _) = time_batches(&data, &model, &hyper, Choreography::Fast, None);
-            (s, f)
+            let (s, f, all) = time_batches(&data, &model, &hyper, Choreography::Fast, fast_batches);
+            let Some(k) = fast_batches.filter(|&k| k < all) else {
+                return (s, f);
+            };
+            fast_note = format!(" (fast: {k} of {all} batches, scaled)");
+            let scale = all as f64 / k as f64;
+            (s * scale, (f as f64 * scale) as u64)
         })
         .collect();
     fast.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -220,6 +254,7 @@ fn child(bench: &Bench) {
         ),
         None => (ref_seconds, String::new()),
     };
+    let note = note + &fast_note;
     println!(
         "{:<34} {:>9.3} {:>9.1} {:>8.0} {:>10.3} {:>7.1}x{note}",
         bench.name,

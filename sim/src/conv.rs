@@ -27,6 +27,9 @@ use std::ops::Range;
 use firmware_protocol::direction::{direction_values, mix, step_with_vectors};
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
+use crate::conv_kernels::{
+    DIRECTIONS_AT_ONCE, bn_relu_pair, direction_contributions, dot_f64, perturbation_sums,
+};
 use crate::dense::{Choreography, SimError};
 use crate::direction_cache::DirectionCache;
 use crate::matmul::{View, gemm_into};
@@ -41,6 +44,15 @@ const PROJECTION_DOMAIN: u64 = 0x706E_6E2D_7072_6F6A; // "pnn-proj"
 /// At most this many f32 of perturbed pre-activations are held at once by the fast path: the
 /// directions of a chunk are fused into one product in groups that fit (32 MiB).
 const FUSE_BUDGET: usize = 1 << 23;
+/// The fast path works in tiles of whole samples, about this many columns (pre-activation
+/// values per channel) each: a tile's perturbed maps and unfolded input stay in cache.
+const TILE_COLUMNS: usize = 4096;
+/// The second pass projects at least this many perturbed rows per product (per channel: 2P
+/// maps of a tile's samples): smaller products spend much of their time packing `A_c`.
+const PROJECTION_ROWS: usize = 256;
+/// Kernels of at most this many taps (C_in*9) have the fast path recompute their directions'
+/// contributions per tile rather than materialise them for the whole batch.
+const RECOMPUTE_MAX_K: usize = 32;
 
 /// The shape of a block and the seed of its fixed projection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -165,6 +177,12 @@ pub struct ConvBlock {
     /// The input unfolded for the convolution (im2col): (B*HW) x (C_in*9).
     cols: Vec<f32>,
     cols_ready: bool,
+    /// One sample's input with a zero border (C_in x (H+2) x (W+2)), unfolded into `cols`.
+    padded: Vec<f32>,
+    /// The unfolded input transposed (C_in*9 x B*HW), for the fast path of a small kernel.
+    cols_t: Vec<f32>,
+    cols_t_ready: bool,
+    gram_ready: bool,
     /// The clean pre-activation (conv + bias), C x (B*HW), and which channels of it are stale.
     z0: Vec<f32>,
     z_stale: Vec<bool>,
@@ -183,9 +201,39 @@ pub struct ConvBlock {
     saved_stats: (Vec<f32>, Vec<f32>),
     z_scratch: Vec<f32>,
     y_scratch: Vec<f32>,
-    dz: Vec<f32>,
+    /// The products of the fast path for a large kernel: from row `dz_at / N` on, each
+    /// direction's contribution `dz = v ⊛ x` to each touched channel (row `q * touched + j`).
+    dz_rows: Vec<f32>,
+    dz_at: usize,
+    fused_weights: Vec<f32>,
+    dz_tile: Vec<f32>,
+    f_scratch: Vec<f32>,
+    /// Per (touched channel, direction): the moments of dz, and the BatchNorm affine of each
+    /// sign.
+    sums: Vec<[f64; 3]>,
+    /// For a small kernel: the transposed unfolded input's row sums and Gram matrix, and each
+    /// touched channel's correlations of the rows with its centred clean pre-activation.
+    tap_sum: Vec<f64>,
+    tap_gram: Vec<f64>,
+    affines: Vec<[(f32, f32); 2]>,
+    /// Kernels of at most this many taps have their directions' contributions recomputed per
+    /// tile by the fast path (RECOMPUTE_MAX_K; tests lower it to cover the other strategy).
+    recompute_max_k: usize,
     g_scratch: Vec<f32>,
+    /// Set by a fast evaluation that left every direction's `dz` in `dz`; taken by the update.
+    contributions: Option<Contributions>,
+    /// Whether the last fast evaluation left every direction's `dz` in `dz`.
+    dz_complete: bool,
     choreography: Choreography,
+}
+
+/// The last fast perturbed evaluation whose directions' contributions `dz` are all still in
+/// `ConvBlock::dz` (rows `q * touched + j`), computed around the current clean pre-activation:
+/// the update that follows along those seeds moves the pre-activation by a combination of them.
+#[derive(Debug)]
+struct Contributions {
+    chunk: Range<usize>,
+    seeds: Vec<DirectionSeed>,
 }
 
 /// What a perturbed evaluation works on: the chunk, the channels it touches, and where the
@@ -217,6 +265,10 @@ impl ConvBlock {
             batch: 0,
             cols: Vec::new(),
             cols_ready: false,
+            padded: Vec::new(),
+            cols_t: Vec::new(),
+            cols_t_ready: false,
+            gram_ready: false,
             z0: Vec::new(),
             z_stale: vec![true; c],
             z0_stats: vec![(0.0, 0.0); c],
@@ -229,8 +281,19 @@ impl ConvBlock {
             saved_stats: (Vec::new(), Vec::new()),
             z_scratch: Vec::new(),
             y_scratch: Vec::new(),
-            dz: Vec::new(),
+            dz_rows: Vec::new(),
+            dz_at: 0,
+            fused_weights: Vec::new(),
+            dz_tile: Vec::new(),
+            f_scratch: Vec::new(),
+            sums: Vec::new(),
+            tap_sum: Vec::new(),
+            tap_gram: Vec::new(),
+            affines: Vec::new(),
+            recompute_max_k: RECOMPUTE_MAX_K,
             g_scratch: Vec::new(),
+            contributions: None,
+            dz_complete: false,
             choreography: Choreography::default(),
         }
     }
@@ -331,6 +394,7 @@ impl ConvBlock {
         self.input.extend_from_slice(x);
         self.batch = x.len() / width;
         self.cols_ready = false;
+        self.cols_t_ready = false;
         self.mark_stale(0..self.shape.out_channels);
         Ok(())
     }
@@ -358,7 +422,6 @@ impl ConvBlock {
             return Err(SimError::NoInput);
         }
         self.ensure_projection();
-        self.ensure_cols();
         self.refresh_preactivation();
         let n = self.columns();
         let (c_out, cp, k) = (
@@ -418,8 +481,14 @@ impl ConvBlock {
         let vectors = seeds
             .iter()
             .map(|s| directions.get(*s, len).expect("prepared just above"));
-        let result = self.evaluate_perturbed_vectors(chunk, vectors, eps, out);
+        let result = self.evaluate_perturbed_vectors(chunk.clone(), vectors, eps, out);
         self.directions = directions;
+        if result.is_ok() && self.dz_complete {
+            self.contributions = Some(Contributions {
+                chunk,
+                seeds: seeds.to_vec(),
+            });
+        }
         result
     }
 
@@ -433,6 +502,8 @@ impl ConvBlock {
         out: &mut Vec<(Vec<f32>, Vec<f32>)>,
     ) -> Result<(), SimError> {
         self.check_chunk(&chunk)?;
+        self.contributions = None;
+        self.dz_complete = false;
         if self.batch == 0 {
             return Err(SimError::NoInput);
         }
@@ -442,7 +513,6 @@ impl ConvBlock {
             return Ok(());
         }
         self.ensure_projection();
-        self.ensure_cols();
         match self.choreography {
             Choreography::Fast => self.perturbed_fast(&perturbation, eps, out),
             Choreography::Reference => self.perturbed_reference(&perturbation, eps, out),
@@ -468,9 +538,61 @@ impl ConvBlock {
             (t.derivative, v)
         });
         let channels = self.channels_of(&chunk);
-        step_with_vectors(&mut self.params[chunk], scale, vectors, &mut self.g_scratch);
-        self.mark_stale(channels);
+        step_with_vectors(
+            &mut self.params[chunk.clone()],
+            scale,
+            vectors,
+            &mut self.g_scratch,
+        );
+        match self.contributions.take() {
+            Some(c) if c.chunk == chunk => self.move_preactivation(&chunk, &c.seeds, scale, terms),
+            _ => self.mark_stale(channels),
+        }
         Ok(())
+    }
+
+    /// After an update along the directions of the last fast evaluation, whose contributions
+    /// are still in `dz`: the pre-activation is linear in the conv weights and bias, so the
+    /// update `w -= scale sum_p dd_p v_p` moves it by `-scale sum_p dd_p (dz_p + v_b,p)`, a
+    /// few additions per value where recomputing it would be a whole convolution. Exact up to
+    /// float rounding (the product with the stored weights rounds `w - scale g` first, as the
+    /// perturbed evaluations do `w ± eps v`). Falls back to marking the channels stale when an
+    /// update term's seed was not evaluated.
+    fn move_preactivation(
+        &mut self,
+        chunk: &Range<usize>,
+        seeds: &[DirectionSeed],
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) {
+        let channels = self.channels_of(chunk);
+        let mut coef = vec![0f32; seeds.len()];
+        for t in terms {
+            let Some(q) = seeds.iter().position(|s| *s == t.seed) else {
+                return self.mark_stale(channels);
+            };
+            coef[q] -= scale * t.derivative;
+        }
+        let n = self.columns();
+        let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
+        let touched = channels.len();
+        let block = touched * cp;
+        for (j, c) in channels.enumerate() {
+            let z = &mut self.z0[c * n..(c + 1) * n];
+            for (q, &a) in coef.iter().enumerate() {
+                if a == 0.0 {
+                    continue;
+                }
+                let vb = self.stacked[q * block + j * cp + k];
+                let dz = &self.dz_rows[self.dz_at + (q * touched + j) * n..][..n];
+                for (z, d) in z.iter_mut().zip(dz) {
+                    *z += a * (d + vb);
+                }
+            }
+            self.z0_stats[c] = batch_stats(z);
+            self.z_stale[c] = false;
+            self.feat_stale[c] = true;
+        }
     }
 
     fn check_chunk(&self, chunk: &Range<usize>) -> Result<(), SimError> {
@@ -496,6 +618,7 @@ impl ConvBlock {
     }
 
     fn mark_stale(&mut self, channels: Range<usize>) {
+        self.contributions = None;
         self.z_stale[channels.clone()]
             .iter_mut()
             .for_each(|s| *s = true);
@@ -511,7 +634,10 @@ impl ConvBlock {
     /// Unfolds the input for a 3x3 convolution with padding 1 (im2col): row `b*HW + h*W + w`,
     /// column `ci*9 + kh*3 + kw` holds `x[b, ci, h + kh - 1, w + kw - 1]`, or 0 outside the
     /// image. (This layout, with the products taken as `W · colsᵀ`, measured twice as fast as
-    /// its transpose for the MNIST CNN's second block, with bit-identical results.)
+    /// its transpose for the MNIST CNN's second block, with bit-identical results.) Each sample
+    /// is first copied into a zero-bordered image, so that every row is written once, in order,
+    /// as runs of three values (for the second block, 57 MB per batch: it was a sizeable share
+    /// of a batch, written three values apart and cleared first).
     fn ensure_cols(&mut self) {
         if self.cols_ready {
             return;
@@ -523,29 +649,23 @@ impl ConvBlock {
             ..
         } = self.shape;
         let (hw, k) = (self.shape.spatial(), self.shape.kernel_len());
-        self.cols.clear();
+        let (hp, wp) = (height + 2, width + 2);
+        // Every value is written below.
         self.cols.resize(self.columns() * k, 0.0);
+        self.padded.clear();
+        self.padded.resize(in_channels * hp * wp, 0.0);
         for (b, sample) in self.cols.chunks_exact_mut(hw * k).enumerate() {
             let image = &self.input[b * in_channels * hw..][..in_channels * hw];
-            for h in 0..height {
-                let rows = &mut sample[h * width * k..][..width * k];
-                for ci in 0..in_channels {
-                    for dh in 0..3 {
-                        let Some(src_h) = (h + dh).checked_sub(1).filter(|&r| r < height) else {
-                            continue; // stays zero: padding
-                        };
-                        let src = &image[(ci * height + src_h) * width..][..width];
-                        let tap = ci * TAPS + dh * 3;
-                        for (w, row) in rows.chunks_exact_mut(k).enumerate() {
-                            let dst = &mut row[tap..tap + 3];
-                            if w > 0 {
-                                dst[0] = src[w - 1];
-                            }
-                            dst[1] = src[w];
-                            if w + 1 < width {
-                                dst[2] = src[w + 1];
-                            }
-                        }
+            for (ci, channel) in image.chunks_exact(hw).enumerate() {
+                for (h, src) in channel.chunks_exact(width).enumerate() {
+                    self.padded[(ci * hp + h + 1) * wp + 1..][..width].copy_from_slice(src);
+                }
+            }
+            for (p, row) in sample.chunks_exact_mut(k).enumerate() {
+                let (h, w) = (p / width, p % width);
+                for (ci, taps) in row.chunks_exact_mut(TAPS).enumerate() {
+                    for (dh, dst) in taps.chunks_exact_mut(3).enumerate() {
+                        dst.copy_from_slice(&self.padded[(ci * hp + h + dh) * wp + w..][..3]);
                     }
                 }
             }
@@ -553,8 +673,88 @@ impl ConvBlock {
         self.cols_ready = true;
     }
 
+    /// Whether the fast path works from the transposed unfolded input: a kernel of at most
+    /// `recompute_max_k` taps, whose products are cheaper as runs of scaled rows than as a
+    /// general matrix product (see [`ConvBlock::perturbed_fast`]).
+    fn taps_path(&self) -> bool {
+        self.choreography == Choreography::Fast && self.shape.kernel_len() <= self.recompute_max_k
+    }
+
+    /// [`ConvBlock::refresh_preactivation`] on the taps path: the stale channels' clean
+    /// pre-activation as four channels' runs of scaled rows at a time (the kernel the
+    /// perturbations use), and its batch statistics from the input's Gram matrix, without a
+    /// pass over the values (exact for `w · X + b`; the stored values differ from it by their
+    /// f32 rounding).
+    fn preactivation_by_taps(&mut self) {
+        self.ensure_cols_t();
+        let n = self.columns();
+        let (cp, k, hw) = (
+            self.shape.channel_params(),
+            self.shape.kernel_len(),
+            self.shape.spatial(),
+        );
+        let c_out = self.shape.out_channels;
+        self.z0.resize(c_out * n, 0.0);
+        // Runs of up to four consecutive stale channels.
+        let mut groups = Vec::new();
+        let mut c = 0;
+        while c < c_out {
+            if !self.z_stale[c] {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c < c_out && self.z_stale[c] && c - start < DIRECTIONS_AT_ONCE {
+                c += 1;
+            }
+            groups.push(start..c);
+        }
+        if groups.is_empty() {
+            return;
+        }
+        let ld = cols_t_stride(n);
+        let tile = (TILE_COLUMNS / hw).max(1) * hw;
+        for n0 in (0..n).step_by(tile) {
+            let len = tile.min(n - n0);
+            for g in &groups {
+                direction_contributions(
+                    &self.params[g.start * cp..],
+                    (g.len(), cp, k),
+                    &self.cols_t,
+                    (ld, n0),
+                    &mut self.z0[g.start * n + n0..],
+                    (len, n),
+                );
+                for c in g.clone() {
+                    let bias = self.params[c * cp + k];
+                    self.z0[c * n + n0..][..len]
+                        .iter_mut()
+                        .for_each(|z| *z += bias);
+                }
+            }
+        }
+        // The batch statistics from the Gram matrix: with z = w · X + b, mean = w · s / N + b
+        // and var = (wᵀ G w - (w · s)² / N) / N.
+        self.ensure_gram();
+        let nf = n as f64;
+        for g in groups {
+            for c in g {
+                let w = &self.params[c * cp..][..k];
+                let ws = self.tap_dot(w);
+                let mean = ws / nf + self.params[c * cp + k] as f64;
+                let var = ((self.tap_form(w, w) - ws * ws / nf) / nf).max(0.0);
+                self.z0_stats[c] = (mean, var);
+                self.z_stale[c] = false;
+            }
+        }
+    }
+
     /// Brings the cached clean pre-activation up to date (its stale channels only).
     fn refresh_preactivation(&mut self) {
+        if self.taps_path() {
+            return self.preactivation_by_taps();
+        }
+        self.ensure_cols();
         let n = self.columns();
         self.z0.resize(self.shape.out_channels * n, 0.0);
         let mut c = 0;
@@ -661,6 +861,7 @@ impl ConvBlock {
             offset,
             ..
         } = perturbation;
+        self.ensure_cols();
         let block = channels.len() * self.shape.channel_params();
         let n = self.columns();
         let c_out = self.shape.out_channels;
@@ -717,11 +918,26 @@ impl ConvBlock {
 
     /// The exact fast path; the parameters and running statistics are never written. The
     /// pre-activation is linear in the conv weights and bias, `z(W ± eps v) = z0 ± eps (v ⊛ x +
-    /// v_b)`, so only the touched channels' contribution is computed per direction (the P
-    /// directions fused into one product), and only the touched channels' BatchNorm, ReLU and
-    /// projection are recomputed: the other channels' features are the clean ones. Exact up to
-    /// float rounding (the reference choreography rounds `w + eps v` first); the test
+    /// v_b)`, so only the touched channels' contribution `dz = v ⊛ x` is computed per direction,
+    /// once for both signs, and only the touched channels' BatchNorm, ReLU and projection are
+    /// recomputed: the other channels' features are the clean ones. Exact up to float rounding
+    /// (the reference choreography rounds `w + eps v` first); the test
     /// `fast_path_agrees_with_the_reference_choreography` holds the two together.
+    ///
+    /// Pass 1 takes the moments of each (channel, direction)'s `dz`, from which the batch
+    /// statistics under `± eps` follow for both signs; pass 2 normalises the 2P perturbed maps
+    /// of a channel, tile of samples by tile, and projects them as one product with `A_cᵀ`.
+    /// How `dz` is had depends on the kernel's size:
+    ///
+    /// - at most `recompute_max_k` taps (the MNIST CNN's first block: C_in*9 = 9), the taps
+    ///   path: `dz` is so cheap that writing it out for the whole batch would cost more than
+    ///   its arithmetic, so pass 2 recomputes it per tile from the transposed unfolded input;
+    ///   pass 1, and the clean pre-activation's batch statistics, come from that input's Gram
+    ///   matrix without a pass over the columns ([`ConvBlock::tap_moments`]);
+    /// - larger: one product over the touched channels and directions (in groups that fit
+    ///   `FUSE_BUDGET`), which also computes a stale clean pre-activation of those channels,
+    ///   and whose rows [`ConvBlock::apply_update`] then uses to move the clean pre-activation
+    ///   along the update instead of convolving again.
     fn perturbed_fast(
         &mut self,
         perturbation: &Perturbation,
@@ -731,73 +947,350 @@ impl ConvBlock {
         let Perturbation {
             channels, count, ..
         } = perturbation;
-        self.refresh_preactivation();
-        self.refresh_features(channels);
         let n = self.columns();
         let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
+        let (hw, d, fw) = (
+            self.shape.spatial(),
+            self.shape.proj_dim,
+            self.shape.feature_width(),
+        );
         let touched = channels.len();
         let block = touched * cp;
-        let group = (FUSE_BUDGET / (touched * n)).clamp(1, *count);
-        for first in (0..*count).step_by(group) {
-            let in_group = group.min(count - first);
-            // dz (in_group*touched x N) = V · colsᵀ, V the directions' conv-weight parts.
-            self.dz.resize(in_group * touched * n, 0.0);
-            let weights = View {
-                data: &self.stacked[first * block..],
-                rows: in_group * touched,
-                cols: k,
-                ld: cp,
-            };
-            gemm_into(
-                weights,
-                View::new(&self.cols, n, k),
-                true,
-                &mut self.dz,
-                n,
-                false,
-            );
-            for q in 0..in_group {
-                let p = first + q;
-                let (plus, minus) = &mut out[p];
+        let recompute = self.taps_path();
+        // A stale clean pre-activation of the touched channels joins the first group's product
+        // (one pass over the unfolded input instead of two).
+        let with_z0 = !recompute && channels.clone().all(|c| self.z_stale[c]);
+        let group = if recompute {
+            self.ensure_cols_t();
+            *count
+        } else {
+            (FUSE_BUDGET / (touched * n))
+                .saturating_sub(with_z0 as usize)
+                .clamp(1, *count)
+        };
+        self.dz_complete = !recompute && group == *count;
+        if !recompute {
+            self.ensure_cols();
+            self.contributions_product(channels, 0, group.min(*count), with_z0);
+        }
+        self.refresh_preactivation();
+        self.refresh_features(channels);
+        // The untouched channels' features are the clean ones; when the chunk touches every
+        // channel, every value is written below.
+        let every = touched == self.shape.out_channels;
+        for (plus, minus) in out.iter_mut() {
+            if every {
+                plus.resize(self.feat0.len(), 0.0);
+                minus.resize(self.feat0.len(), 0.0);
+            } else {
                 plus.clone_from(&self.feat0);
                 minus.clone_from(&self.feat0);
-                for (j, c) in channels.clone().enumerate() {
-                    let v = &self.stacked[p * block + j * cp..][..cp];
+            }
+        }
+        let tile_samples = (TILE_COLUMNS / hw).clamp(1, self.batch);
+        for first in (0..*count).step_by(group) {
+            let in_group = group.min(count - first);
+            if !recompute && first > 0 {
+                self.contributions_product(channels, first, in_group, false);
+            }
+
+            // Pass 1: the moments of every (channel, direction)'s dz over the batch.
+            if recompute {
+                self.tap_moments(channels, first, in_group, block);
+            } else {
+                self.dz_moments(channels, in_group);
+            }
+
+            // The batch statistics of z0 ± eps (dz + v_b) from those of z0 and the moments of
+            // dz, and the BatchNorm affine of each (channel, direction, sign).
+            self.affines.clear();
+            for (j, c) in channels.clone().enumerate() {
+                let (mean0, var0) = self.z0_stats[c];
+                let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
+                for q in 0..in_group {
+                    let v = &self.stacked[(first + q) * block + j * cp..][..cp];
                     let (vb, vg, vs) = (v[k], v[k + 1], v[k + 2]);
-                    let z0 = &self.z0[c * n..(c + 1) * n];
-                    let dz = &self.dz[(q * touched + j) * n..][..n];
-                    let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
-                    // The batch statistics of z0 + s (dz + v_b) follow from those of z0 and
-                    // the moments of dz, shared by both signs: one pass instead of two per sign.
-                    let (mean0, var0) = self.z0_stats[c];
-                    let (mean_dz, var_dz, cov) = perturbation_moments(z0, dz, mean0);
-                    for (sign, target) in [(1.0f32, &mut *plus), (-1.0, &mut *minus)] {
+                    let [s1, s2, s12] = self.sums[j * in_group + q].map(|s| s / n as f64);
+                    let (mean_dz, cov) = (s1, s12);
+                    let var_dz = (s2 - mean_dz * mean_dz).max(0.0);
+                    let affine = [1.0f32, -1.0].map(|sign| {
                         let step = sign * eps;
                         let s = step as f64;
                         let mean = mean0 + s * (mean_dz + vb as f64);
                         let var = (var0 + 2.0 * s * cov + s * s * var_dz).max(0.0);
-                        self.y_scratch.resize(n, 0.0);
-                        bn_relu_perturbed(
-                            (z0, dz, step, vb),
-                            mean,
-                            var,
-                            gamma + sign * eps * vg,
-                            beta + sign * eps * vs,
-                            &mut self.y_scratch,
-                        );
-                        project_channel(
-                            &self.shape,
-                            &self.projection,
-                            c,
-                            self.batch,
-                            &self.y_scratch,
-                            target,
-                        );
+                        bn_affine(mean, var, gamma + sign * eps * vg, beta + sign * eps * vs)
+                    });
+                    self.affines.push(affine);
+                }
+            }
+
+            // Pass 2: per tile and channel, the 2*in_group perturbed maps (rows: map-major,
+            // then sample) normalised and projected as one product.
+            let a_len = d * hw;
+            let tile_samples = tile_samples
+                .max(PROJECTION_ROWS.div_ceil(2 * in_group))
+                .min(self.batch);
+            for b0 in (0..self.batch).step_by(tile_samples) {
+                let samples = tile_samples.min(self.batch - b0);
+                let (n0, len) = (b0 * hw, samples * hw);
+                self.y_scratch.resize(2 * in_group * len, 0.0);
+                self.f_scratch.resize(2 * in_group * samples * d, 0.0);
+                for (j, c) in channels.clone().enumerate() {
+                    let z0 = &self.z0[c * n + n0..][..len];
+                    for q0 in (0..in_group).step_by(DIRECTIONS_AT_ONCE) {
+                        let rows = DIRECTIONS_AT_ONCE.min(in_group - q0);
+                        if recompute {
+                            self.dz_tile.resize(rows * len, 0.0);
+                            direction_contributions(
+                                &self.stacked[(first + q0) * block + j * cp..],
+                                (rows, block, k),
+                                &self.cols_t,
+                                (cols_t_stride(n), n0),
+                                &mut self.dz_tile[..rows * len],
+                                (len, len),
+                            );
+                        }
+                        for q in q0..q0 + rows {
+                            let dz = if recompute {
+                                &self.dz_tile[(q - q0) * len..][..len]
+                            } else {
+                                &self.dz_rows[self.dz_at + (q * touched + j) * n + n0..][..len]
+                            };
+                            let vb = self.stacked[(first + q) * block + j * cp + k];
+                            let (plus, minus) =
+                                self.y_scratch[2 * q * len..][..2 * len].split_at_mut(len);
+                            bn_relu_pair(
+                                z0,
+                                dz,
+                                (eps, vb),
+                                self.affines[j * in_group + q],
+                                plus,
+                                minus,
+                            );
+                        }
+                    }
+                    gemm_into(
+                        View::new(&self.y_scratch, 2 * in_group * samples, hw),
+                        View::new(&self.projection[c * a_len..][..a_len], d, hw),
+                        true,
+                        &mut self.f_scratch,
+                        d,
+                        false,
+                    );
+                    for (map, rows) in self.f_scratch.chunks_exact(samples * d).enumerate() {
+                        let (plus, minus) = &mut out[first + map / 2];
+                        let target = if map % 2 == 0 { plus } else { minus };
+                        for (b, row) in rows.chunks_exact(d).enumerate() {
+                            target[(b0 + b) * fw + c * d..][..d].copy_from_slice(row);
+                        }
                     }
                 }
             }
         }
     }
+
+    /// `dz` of directions `first..first + in_group` over the touched channels, as one product
+    /// `V · colsᵀ` (row `q * touched + j` of `dz`, V the directions' conv-weight parts). With
+    /// `with_z0`, the touched channels' clean pre-activation is computed in the same product
+    /// (the weights' rows first; one pass over the unfolded input instead of two) and stored
+    /// as `refresh_preactivation` would.
+    fn contributions_product(
+        &mut self,
+        channels: &Range<usize>,
+        first: usize,
+        in_group: usize,
+        with_z0: bool,
+    ) {
+        let n = self.columns();
+        let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
+        let touched = channels.len();
+        let block = touched * cp;
+        let directions = &self.stacked[first * block..(first + in_group) * block];
+        let (weights, z_rows) = if with_z0 {
+            self.fused_weights.clear();
+            self.fused_weights
+                .extend_from_slice(&self.params[channels.start * cp..channels.end * cp]);
+            self.fused_weights.extend_from_slice(directions);
+            (&self.fused_weights[..], touched)
+        } else {
+            (directions, 0)
+        };
+        self.dz_rows.resize((z_rows + in_group * touched) * n, 0.0);
+        gemm_into(
+            View {
+                data: weights,
+                rows: z_rows + in_group * touched,
+                cols: k,
+                ld: cp,
+            },
+            View::new(&self.cols, n, k),
+            true,
+            &mut self.dz_rows,
+            n,
+            false,
+        );
+        self.z0.resize(self.shape.out_channels * n, 0.0);
+        for (j, c) in channels.clone().take(z_rows).enumerate() {
+            let bias = self.params[c * cp + k];
+            let z = &mut self.z0[c * n..(c + 1) * n];
+            for (z, p) in z.iter_mut().zip(&self.dz_rows[j * n..(j + 1) * n]) {
+                *z = p + bias;
+            }
+            self.z0_stats[c] = batch_stats(z);
+            self.z_stale[c] = false;
+        }
+        self.dz_at = z_rows * n;
+    }
+
+    /// Pass 1 of the fast path for a large kernel: the moments of each (channel, direction)'s
+    /// materialised `dz` (see [`perturbation_sums`]), by tiles of columns.
+    fn dz_moments(&mut self, channels: &Range<usize>, in_group: usize) {
+        let n = self.columns();
+        let hw = self.shape.spatial();
+        let touched = channels.len();
+        let tile_samples = (TILE_COLUMNS / hw).clamp(1, self.batch);
+        self.sums.clear();
+        self.sums.resize(touched * in_group, [0.0; 3]);
+        for b0 in (0..self.batch).step_by(tile_samples) {
+            let (n0, len) = (b0 * hw, tile_samples.min(self.batch - b0) * hw);
+            for (j, c) in channels.clone().enumerate() {
+                let z0 = &self.z0[c * n + n0..][..len];
+                let mean0 = self.z0_stats[c].0;
+                for q in 0..in_group {
+                    let dz = &self.dz_rows[self.dz_at + (q * touched + j) * n + n0..][..len];
+                    let add = perturbation_sums(z0, dz, mean0);
+                    for (s, a) in self.sums[j * in_group + q].iter_mut().zip(add) {
+                        *s += a;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pass 1 of the fast path for a small kernel, without a pass over the columns: the clean
+    /// pre-activation and each direction's contribution are linear in the transposed unfolded
+    /// input's rows `X_t`, `z0 = w · X + b` and `dz = v · X`, so with the rows' sums `s` and Gram
+    /// matrix `G` (once per batch, [`ConvBlock::ensure_gram`]):
+    /// `sum dz = v · s`, `sum dz² = vᵀ G v` and `sum (z0 - mean0) dz = wᵀ G v - (w · s)(v · s) / N`.
+    fn tap_moments(
+        &mut self,
+        channels: &Range<usize>,
+        first: usize,
+        in_group: usize,
+        block: usize,
+    ) {
+        let n = self.columns() as f64;
+        let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
+        self.ensure_gram();
+        self.sums.clear();
+        for (j, c) in channels.clone().enumerate() {
+            let w = &self.params[c * cp..][..k];
+            for q in 0..in_group {
+                let v = &self.stacked[(first + q) * block + j * cp..][..k];
+                let (vs, ws) = (self.tap_dot(v), self.tap_dot(w));
+                let (vgv, wgv) = (self.tap_form(v, v), self.tap_form(w, v));
+                self.sums.push([vs, vgv, wgv - ws * vs / n]);
+            }
+        }
+    }
+
+    /// `a · s`, `s` the transposed unfolded input's row sums (f64).
+    fn tap_dot(&self, a: &[f32]) -> f64 {
+        a.iter()
+            .zip(&self.tap_sum)
+            .map(|(&a, s)| a as f64 * s)
+            .sum()
+    }
+
+    /// `aᵀ G b`, `G` the transposed unfolded input's Gram matrix (f64).
+    fn tap_form(&self, a: &[f32], b: &[f32]) -> f64 {
+        let k = a.len();
+        a.iter()
+            .zip(self.tap_gram.chunks_exact(k))
+            .map(|(&a, row)| a as f64 * b.iter().zip(row).map(|(&b, g)| b as f64 * g).sum::<f64>())
+            .sum()
+    }
+
+    /// The transposed unfolded input's row sums and Gram matrix (once per batch, for the batch
+    /// statistics and moments of the taps path), in f64 (the products of f32 values are exact
+    /// there, and the variances taken from them difference large sums), accumulated by tiles
+    /// so that the rows being multiplied stay in cache.
+    fn ensure_gram(&mut self) {
+        if self.gram_ready {
+            return;
+        }
+        let (n, k) = (self.columns(), self.shape.kernel_len());
+        let ld = cols_t_stride(n);
+        self.tap_sum.clear();
+        self.tap_sum.resize(k, 0.0);
+        self.tap_gram.clear();
+        self.tap_gram.resize(k * k, 0.0);
+        let ones = vec![1.0f32; TILE_COLUMNS.min(n)];
+        for n0 in (0..n).step_by(ones.len()) {
+            let len = ones.len().min(n - n0);
+            for t in 0..k {
+                let a = &self.cols_t[t * ld + n0..][..len];
+                self.tap_sum[t] += dot_f64(a, &ones);
+                for u in t..k {
+                    let g = dot_f64(a, &self.cols_t[u * ld + n0..][..len]);
+                    self.tap_gram[t * k + u] += g;
+                    if u != t {
+                        self.tap_gram[u * k + t] += g;
+                    }
+                }
+            }
+        }
+        self.gram_ready = true;
+    }
+
+    /// The unfolded input transposed (C_in*9 x B*HW, row `ci*9 + kh*3 + kw` the input shifted
+    /// by that tap, 0 outside the image), for the fast path of a small kernel: a run of a
+    /// direction's contribution is then a sum of C_in*9 scaled contiguous runs.
+    fn ensure_cols_t(&mut self) {
+        if self.cols_t_ready {
+            return;
+        }
+        let ConvShape {
+            in_channels,
+            height,
+            width,
+            ..
+        } = self.shape;
+        let (hw, n, k) = (
+            self.shape.spatial(),
+            self.columns(),
+            self.shape.kernel_len(),
+        );
+        let ld = cols_t_stride(n);
+        self.cols_t.clear();
+        self.cols_t.resize(k * ld, 0.0);
+        for (tap, row) in self.cols_t.chunks_exact_mut(ld).enumerate() {
+            let (ci, dh, dw) = (tap / TAPS, tap % TAPS / 3, tap % 3);
+            for (b, dst) in row[..n].chunks_exact_mut(hw).enumerate() {
+                let image = &self.input[(b * in_channels + ci) * hw..][..hw];
+                for (h, dst) in dst.chunks_exact_mut(width).enumerate() {
+                    let Some(src_h) = (h + dh).checked_sub(1).filter(|&r| r < height) else {
+                        continue; // stays zero: padding
+                    };
+                    let src = &image[src_h * width..][..width];
+                    match dw {
+                        0 => dst[1..].copy_from_slice(&src[..width - 1]),
+                        1 => dst.copy_from_slice(src),
+                        _ => dst[..width - 1].copy_from_slice(&src[1..]),
+                    }
+                }
+            }
+        }
+        self.gram_ready = false;
+        self.cols_t_ready = true;
+    }
+}
+
+/// The row stride of the transposed unfolded input for `n` columns: padded so that the taps'
+/// rows, read side by side, do not fall on the same cache sets (B*HW is often a multiple of
+/// 1024 floats, and nine such rows would thrash an 8-way L1).
+fn cols_t_stride(n: usize) -> usize {
+    n + 16
 }
 
 /// `z[c] = W_c ⊛ x + b_c` for the channels `channels`, as one product of the weights (rows of
@@ -850,48 +1343,6 @@ fn lanes_sum(z: &[f32], f: impl Fn(f32) -> f64) -> f64 {
         *l += f(*x);
     }
     lanes.iter().sum()
-}
-
-/// Over one channel: the mean and biased variance of `dz`, and `sum (z0 - mean0) dz / n`, the
-/// covariance of `z0` and `dz` (f64, eight interleaved partial sums).
-fn perturbation_moments(z0: &[f32], dz: &[f32], mean0: f64) -> (f64, f64, f64) {
-    let (mut s1, mut s2, mut s12) = ([0f64; 8], [0f64; 8], [0f64; 8]);
-    let mut add = |l: usize, z: f32, d: f32| {
-        let d = d as f64;
-        s1[l] += d;
-        s2[l] += d * d;
-        s12[l] += (z as f64 - mean0) * d;
-    };
-    let (zb, db) = (z0.chunks_exact(8), dz.chunks_exact(8));
-    let (zr, dr) = (zb.remainder(), db.remainder());
-    for (z, d) in zb.zip(db) {
-        for l in 0..8 {
-            add(l, z[l], d[l]);
-        }
-    }
-    for (l, (z, d)) in zr.iter().zip(dr).enumerate() {
-        add(l, *z, *d);
-    }
-    let n = z0.len() as f64;
-    let mean = s1.iter().sum::<f64>() / n;
-    let var = (s2.iter().sum::<f64>() / n - mean * mean).max(0.0);
-    (mean, var, s12.iter().sum::<f64>() / n)
-}
-
-/// [`bn_relu`] of `z = z0 + step (dz + vb)`, computed on the fly.
-fn bn_relu_perturbed(
-    (z0, dz, step, vb): (&[f32], &[f32], f32, f32),
-    mean: f64,
-    var: f64,
-    gamma: f32,
-    beta: f32,
-    y: &mut [f32],
-) {
-    let (alpha, shift) = bn_affine(mean, var, gamma, beta);
-    for ((y, z0), dz) in y.iter_mut().zip(z0).zip(dz) {
-        let z = z0 + step * (dz + vb);
-        *y = (z * alpha + shift).max(0.0);
-    }
 }
 
 /// BatchNorm as one affine map per channel: `alpha = gamma / sqrt(var + eps)` and
@@ -1114,6 +1565,62 @@ mod tests {
     }
 
     #[test]
+    fn the_unfolded_inputs_follow_their_definition() {
+        let (batch, s) = (3, shape());
+        let mut b = block(batch);
+        b.ensure_cols();
+        b.ensure_cols_t();
+        let (h, w, k, n) = (s.height, s.width, s.kernel_len(), batch * s.spatial());
+        let ld = cols_t_stride(n);
+        for bi in 0..batch {
+            for (i, j) in (0..h).flat_map(|i| (0..w).map(move |j| (i, j))) {
+                let col = (bi * h + i) * w + j;
+                for t in 0..k {
+                    let (ci, di, dj) = (t / TAPS, t % TAPS / 3, t % 3);
+                    let (si, sj) = ((i + di) as isize - 1, (j + dj) as isize - 1);
+                    let inside = si >= 0 && sj >= 0 && si < h as isize && sj < w as isize;
+                    let x = if inside {
+                        b.input[((bi * s.in_channels + ci) * h + si as usize) * w + sj as usize]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(b.cols[col * k + t].to_bits(), x.to_bits());
+                    assert_eq!(b.cols_t[t * ld + col].to_bits(), x.to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn taps_path_statistics_equal_the_stored_pre_activations() {
+        // The taps path takes the batch statistics from the input's Gram matrix instead of the
+        // stored values; a large bias and an input with a large mean make the variance a
+        // difference of large sums.
+        let s = shape();
+        let mut b = block(4);
+        let mut p = b.params().to_vec();
+        p[s.kernel_len()] = 50.0;
+        b.set_params(&p).unwrap();
+        let x: Vec<f32> = values(4 * s.input_width(), 5, 11, 0.2)
+            .iter()
+            .map(|v| v + 30.0)
+            .collect();
+        b.load_input(&x).unwrap();
+        assert!(b.taps_path());
+        b.refresh_preactivation();
+        let n = b.columns();
+        for c in 0..s.out_channels {
+            let (mean, var) = b.z0_stats[c];
+            let (m, v) = batch_stats(&b.z0[c * n..(c + 1) * n]);
+            assert!(
+                (mean - m).abs() <= 1e-6 * m.abs().max(1.0),
+                "{c}: {mean} vs {m}"
+            );
+            assert!((var - v).abs() <= 1e-5 * v, "{c}: {var} vs {v}");
+        }
+    }
+
+    #[test]
     fn the_projection_is_seeded_and_scaled_by_the_map_size() {
         let s = ConvShape {
             in_channels: 1,
@@ -1140,9 +1647,14 @@ mod tests {
 
     #[test]
     fn perturbed_evaluation_leaves_no_trace() {
-        for choreography in [Choreography::Fast, Choreography::Reference] {
+        for (choreography, recompute_max_k) in [
+            (Choreography::Fast, RECOMPUTE_MAX_K),
+            (Choreography::Fast, 0),
+            (Choreography::Reference, RECOMPUTE_MAX_K),
+        ] {
             let mut b = block(4);
             b.set_choreography(choreography);
+            b.recompute_max_k = recompute_max_k;
             let (mut f, mut next) = (Vec::new(), Vec::new());
             b.forward(BnMode::Train, &mut f, &mut next).unwrap();
             let (params, rm, rv) = (
@@ -1169,9 +1681,14 @@ mod tests {
 
     /// Trains a block for a few chunked steps under one choreography; returns every
     /// evaluation's features and the final parameters and running statistics.
-    fn run(choreography: Choreography, chunks: &[Range<usize>]) -> (Vec<Vec<f32>>, Vec<f32>) {
+    fn run(
+        choreography: Choreography,
+        recompute_max_k: usize,
+        chunks: &[Range<usize>],
+    ) -> (Vec<Vec<f32>>, Vec<f32>) {
         let mut b = block(3);
         b.set_choreography(choreography);
+        b.recompute_max_k = recompute_max_k;
         let mut seen = Vec::new();
         let mut out = Vec::new();
         let (mut f, mut next) = (Vec::new(), Vec::new());
@@ -1211,38 +1728,46 @@ mod tests {
         // 3 channels of 21 parameters: whole channels, one channel, the BatchNorm parts only,
         // chunks that start and end mid-channel, and the whole block.
         let chunks = [0..63, 21..42, 40..42, 5..30, 19..20, 41..62, 0..63];
-        let (fast, fast_state) = run(Choreography::Fast, &chunks);
-        let (reference, ref_state) = run(Choreography::Reference, &chunks);
-        assert_eq!(fast.len(), reference.len());
-        // The same update arithmetic runs on both. The activations differ by the rounding of
-        // `w + eps v` against `z0 + eps dz` (a few f32 ulps, then divided by the batch's
-        // standard deviation); the parameters only through the clean passes' running
-        // statistics, which both compute from the same parameters.
-        assert_eq!(
-            bits(&fast_state[..63]),
-            bits(&ref_state[..63]),
-            "parameters differ"
-        );
-        assert_close(&fast_state, &ref_state, 1e-6);
-        for (a, b) in fast.iter().zip(&reference) {
-            assert_close(a, b, 2e-5);
+        let (reference, ref_state) = run(Choreography::Reference, RECOMPUTE_MAX_K, &chunks);
+        // Both strategies of the fast path: dz recomputed per tile (this block's 18 taps), and
+        // materialised in one product, which also moves the clean pre-activation along the
+        // update instead of recomputing it.
+        for recompute_max_k in [RECOMPUTE_MAX_K, 0] {
+            let (fast, fast_state) = run(Choreography::Fast, recompute_max_k, &chunks);
+            assert_eq!(fast.len(), reference.len());
+            // The same update arithmetic runs on both. The activations differ by the rounding
+            // of `w + eps v` against `z0 + eps dz` (a few f32 ulps, then divided by the batch's
+            // standard deviation); the parameters only through the clean passes' running
+            // statistics, which both compute from the same parameters.
+            assert_eq!(
+                bits(&fast_state[..63]),
+                bits(&ref_state[..63]),
+                "parameters differ"
+            );
+            assert_close(&fast_state, &ref_state, 1e-6);
+            for (a, b) in fast.iter().zip(&reference) {
+                assert_close(a, b, 2e-5);
+            }
         }
     }
 
     #[test]
     fn a_chunk_changes_only_its_channels_features() {
-        let mut b = block(3);
-        let (mut f, mut next) = (Vec::new(), Vec::new());
-        b.forward(BnMode::Train, &mut f, &mut next).unwrap();
-        let mut out = Vec::new();
-        // Channel 1's parameters only.
-        b.evaluate_perturbed(21..42, &[DirectionSeed(9)], 1e-2, &mut out)
-            .unwrap();
-        let d = shape().proj_dim;
-        for (row_f, row_p) in f.chunks(9).zip(out[0].0.chunks(9)) {
-            assert_eq!(bits(&row_f[..d]), bits(&row_p[..d]));
-            assert_eq!(bits(&row_f[2 * d..]), bits(&row_p[2 * d..]));
-            assert_ne!(bits(&row_f[d..2 * d]), bits(&row_p[d..2 * d]));
+        for recompute_max_k in [RECOMPUTE_MAX_K, 0] {
+            let mut b = block(3);
+            b.recompute_max_k = recompute_max_k;
+            let (mut f, mut next) = (Vec::new(), Vec::new());
+            b.forward(BnMode::Train, &mut f, &mut next).unwrap();
+            let mut out = Vec::new();
+            // Channel 1's parameters only.
+            b.evaluate_perturbed(21..42, &[DirectionSeed(9)], 1e-2, &mut out)
+                .unwrap();
+            let d = shape().proj_dim;
+            for (row_f, row_p) in f.chunks(9).zip(out[0].0.chunks(9)) {
+                assert_eq!(bits(&row_f[..d]), bits(&row_p[..d]));
+                assert_eq!(bits(&row_f[2 * d..]), bits(&row_p[2 * d..]));
+                assert_ne!(bits(&row_f[d..2 * d]), bits(&row_p[d..2 * d]));
+            }
         }
     }
 

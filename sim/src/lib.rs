@@ -3,6 +3,7 @@
 //! (`firmware_protocol::direction`).
 
 pub mod conv;
+mod conv_kernels;
 pub mod dense;
 pub mod direction_cache;
 pub mod emulator;
