@@ -1693,7 +1693,8 @@ mod tests {
         let mut out = Vec::new();
         let (mut f, mut next) = (Vec::new(), Vec::new());
         for (k, chunk) in chunks.iter().enumerate() {
-            let seeds: Vec<_> = (0..3).map(|p| DirectionSeed((k * 10 + p) as u64)).collect();
+            // Six directions: the fast path takes four at a time, then the remaining two.
+            let seeds: Vec<_> = (0..6).map(|p| DirectionSeed((k * 10 + p) as u64)).collect();
             b.evaluate_perturbed(chunk.clone(), &seeds, 1e-2, &mut out)
                 .unwrap();
             for (plus, minus) in &out {
@@ -1705,7 +1706,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, s)| UpdateTerm {
                     seed: *s,
-                    derivative: i as f32 - 1.0,
+                    derivative: (i as f32 - 2.5) * 0.4,
                 })
                 .collect();
             b.apply_update(chunk.clone(), 0.05, &terms).unwrap();
