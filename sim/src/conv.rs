@@ -179,7 +179,8 @@ pub struct ConvBlock {
     cols_ready: bool,
     /// One sample's input with a zero border (C_in x (H+2) x (W+2)), unfolded into `cols`.
     padded: Vec<f32>,
-    /// The unfolded input transposed (C_in*9 x B*HW), for the fast path of a small kernel.
+    /// The unfolded input transposed (C_in*9 x B*HW, rows padded), for the taps path (the
+    /// fast path of a small kernel), and whether `tap_sum` and `tap_gram` are its current ones.
     cols_t: Vec<f32>,
     cols_t_ready: bool,
     gram_ready: bool,
@@ -205,30 +206,32 @@ pub struct ConvBlock {
     /// direction's contribution `dz = v ⊛ x` to each touched channel (row `q * touched + j`).
     dz_rows: Vec<f32>,
     dz_at: usize,
+    /// The touched channels' conv weights followed by the directions', for that product.
     fused_weights: Vec<f32>,
+    /// The taps path's dz of up to four directions over a tile of pass 2.
     dz_tile: Vec<f32>,
     f_scratch: Vec<f32>,
     /// Per (touched channel, direction): the moments of dz, and the BatchNorm affine of each
     /// sign.
     sums: Vec<[f64; 3]>,
-    /// For a small kernel: the transposed unfolded input's row sums and Gram matrix, and each
-    /// touched channel's correlations of the rows with its centred clean pre-activation.
+    affines: Vec<[(f32, f32); 2]>,
+    /// For the taps path: the transposed unfolded input's row sums and Gram matrix (f64).
     tap_sum: Vec<f64>,
     tap_gram: Vec<f64>,
-    affines: Vec<[(f32, f32); 2]>,
     /// Kernels of at most this many taps have their directions' contributions recomputed per
     /// tile by the fast path (RECOMPUTE_MAX_K; tests lower it to cover the other strategy).
     recompute_max_k: usize,
     g_scratch: Vec<f32>,
-    /// Set by a fast evaluation that left every direction's `dz` in `dz`; taken by the update.
+    /// Set by a fast evaluation that left every direction's `dz` in `dz_rows`; taken by the
+    /// update that follows.
     contributions: Option<Contributions>,
-    /// Whether the last fast evaluation left every direction's `dz` in `dz`.
+    /// Whether the last fast evaluation left every direction's `dz` in `dz_rows`.
     dz_complete: bool,
     choreography: Choreography,
 }
 
 /// The last fast perturbed evaluation whose directions' contributions `dz` are all still in
-/// `ConvBlock::dz` (rows `q * touched + j`), computed around the current clean pre-activation:
+/// `ConvBlock::dz_rows` (rows `q * touched + j`), computed around the current clean pre-activation:
 /// the update that follows along those seeds moves the pre-activation by a combination of them.
 #[derive(Debug)]
 struct Contributions {
@@ -552,7 +555,7 @@ impl ConvBlock {
     }
 
     /// After an update along the directions of the last fast evaluation, whose contributions
-    /// are still in `dz`: the pre-activation is linear in the conv weights and bias, so the
+    /// are still in `dz_rows`: the pre-activation is linear in the conv weights and bias, so the
     /// update `w -= scale sum_p dd_p v_p` moves it by `-scale sum_p dd_p (dz_p + v_b,p)`, a
     /// few additions per value where recomputing it would be a whole convolution. Exact up to
     /// float rounding (the product with the stored weights rounds `w - scale g` first, as the
@@ -1693,7 +1696,8 @@ mod tests {
         let mut out = Vec::new();
         let (mut f, mut next) = (Vec::new(), Vec::new());
         for (k, chunk) in chunks.iter().enumerate() {
-            let seeds: Vec<_> = (0..3).map(|p| DirectionSeed((k * 10 + p) as u64)).collect();
+            // Six directions: the fast path takes four at a time, then the remaining two.
+            let seeds: Vec<_> = (0..6).map(|p| DirectionSeed((k * 10 + p) as u64)).collect();
             b.evaluate_perturbed(chunk.clone(), &seeds, 1e-2, &mut out)
                 .unwrap();
             for (plus, minus) in &out {
@@ -1705,7 +1709,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, s)| UpdateTerm {
                     seed: *s,
-                    derivative: i as f32 - 1.0,
+                    derivative: (i as f32 - 2.5) * 0.4,
                 })
                 .collect();
             b.apply_update(chunk.clone(), 0.05, &terms).unwrap();
