@@ -134,6 +134,15 @@ impl ForwardOracle for Gate {
     }
 }
 
+/// The largest difference between corresponding values.
+fn largest_gap<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x.into() - y.into()).abs())
+        .fold(0.0, f64::max)
+}
+
 fn compare(arch: ArchKind, hidden: Vec<usize>, batches: usize, loss_tol: f64, weight_tol: f32) {
     let mut data = Dataset::load(DatasetKind::Mnist, &common::data_dir()).expect("MNIST");
     data.train.truncate(batches * 64);
@@ -141,16 +150,8 @@ fn compare(arch: ArchKind, hidden: Vec<usize>, batches: usize, loss_tol: f64, we
         ModelSpec::new(DatasetKind::Mnist, arch, Some(hidden), DEFAULT_PROJ_DIM, 0).unwrap();
     let (fast_losses, fast) = train(&data, &model, Choreography::Fast, batches);
     let (ref_losses, reference) = train(&data, &model, Choreography::Reference, batches);
-    let loss_diff = fast_losses
-        .iter()
-        .zip(&ref_losses)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    let weight_diff = fast
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let loss_diff = largest_gap(&fast_losses, &ref_losses);
+    let weight_diff = largest_gap(&fast, &reference) as f32;
     let moved = fast
         .iter()
         .zip(&train(&data, &model, Choreography::Fast, 0).1)
@@ -223,16 +224,8 @@ fn multi_chunk_mlp_steps_agree_with_the_reference_choreography() {
     let ((ref_losses, reference), _) =
         train_with(&data, &model, Choreography::Reference, batches, 3000, true);
     assert!(given > 0);
-    let loss_diff = fast_losses
-        .iter()
-        .zip(&ref_losses)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    let weight_diff = fast
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let loss_diff = largest_gap(&fast_losses, &ref_losses);
+    let weight_diff = largest_gap(&fast, &reference) as f32;
     eprintln!("multi-chunk mlp: losses differ by {loss_diff:.2e}, weights by {weight_diff:.2e}");
     // Measured: losses 1.8e-6, weights 2.9e-6 apart after 4 steps.
     assert!(loss_diff < 2.5e-5, "losses differ by {loss_diff}");
