@@ -82,9 +82,11 @@ pub struct DenseLayer {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Choreography {
     /// Exact by linearity: `z(W ± eps v) = z0 ± eps x vᵀ`. The clean pre-activation `z0` is
-    /// computed once and kept current as chunks update (only the outputs a chunk touches are
-    /// recomputed), and the P directions are multiplied in one fused product over the outputs
-    /// the chunk touches.
+    /// computed once per batch and kept current as chunks update: on an ideal device an update
+    /// moves it by the combination of the products the evaluation computed, else the outputs
+    /// the chunk touches are recomputed. The P directions are multiplied in one fused product
+    /// over the rows of W the chunk covers, through the input's sparse rows where it has them.
+    /// Conv blocks (`crate::conv`) follow the same scheme per channel.
     #[default]
     Fast,
     /// Perturb the weights, run the whole forward pass, twice per direction, restore.
