@@ -17,59 +17,89 @@ use crate::conv::{BnMode, ConvBlock, ConvShape};
 use crate::dense::{Choreography, DenseLayer, SimError};
 use crate::noise::NoiseModel;
 
-/// A [`DenseLayer`] behind the device protocol. Parameter and input parts are staged here and
-/// handed to the layer whole (the layer takes whole vectors).
+/// What the device wrappers need of a simulated layer: [`DenseLayer`] and [`ConvBlock`] alike.
+trait Simulated {
+    fn params(&self) -> &[f32];
+    fn set_params(&mut self, params: &[f32]) -> Result<(), SimError>;
+    fn input_width(&self) -> usize;
+    fn load_input(&mut self, x: &[f32]) -> Result<(), SimError>;
+    fn evaluate_perturbed(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut Vec<(Vec<f32>, Vec<f32>)>,
+    ) -> Result<(), SimError>;
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) -> Result<(), SimError>;
+}
+
+macro_rules! simulated {
+    ($layer:ty, $width:expr) => {
+        impl Simulated for $layer {
+            fn params(&self) -> &[f32] {
+                <$layer>::params(self)
+            }
+            fn set_params(&mut self, params: &[f32]) -> Result<(), SimError> {
+                <$layer>::set_params(self, params)
+            }
+            fn input_width(&self) -> usize {
+                $width(self)
+            }
+            fn load_input(&mut self, x: &[f32]) -> Result<(), SimError> {
+                <$layer>::load_input(self, x)
+            }
+            fn evaluate_perturbed(
+                &mut self,
+                chunk: Range<usize>,
+                seeds: &[DirectionSeed],
+                eps: f32,
+                out: &mut Vec<(Vec<f32>, Vec<f32>)>,
+            ) -> Result<(), SimError> {
+                <$layer>::evaluate_perturbed(self, chunk, seeds, eps, out)
+            }
+            fn apply_update(
+                &mut self,
+                chunk: Range<usize>,
+                scale: f32,
+                terms: &[UpdateTerm],
+            ) -> Result<(), SimError> {
+                <$layer>::apply_update(self, chunk, scale, terms)
+            }
+        }
+    };
+}
+
+simulated!(DenseLayer, |l: &DenseLayer| l.n_in());
+simulated!(ConvBlock, |b: &ConvBlock| b.shape().input_width());
+
+/// A simulated layer behind the device protocol, with what every such device does the same way:
+/// parameter and input parts are staged here and handed to the layer whole (the layer takes
+/// whole vectors); perturbed evaluations and updates are the layer's own (its fast path and
+/// cached-direction update).
 #[derive(Debug)]
-pub struct DeviceDense {
-    layer: DenseLayer,
-    encoding: ActivationEncoding,
-    /// The hardware effects and the layer's device seed, to rebuild the power-on state.
-    noise: NoiseModel,
-    seed: u64,
+struct Staged<L> {
+    layer: L,
     /// Parameters as programmed; `dirty` until handed to the layer.
     params: Vec<f32>,
     dirty: bool,
     input: Vec<f32>,
-    out: Vec<f32>,
     pairs: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-impl DeviceDense {
-    pub fn new(n_in: usize, n_out: usize, encoding: ActivationEncoding) -> Self {
-        Self::with_noise(n_in, n_out, encoding, &NoiseModel::default(), 0)
-    }
-
-    /// A layer with the hardware effects of `noise`, its faults and streams keyed by `seed`
-    /// (`crate::noise::layer_seed(profile seed, layer index)`, as the in-process simulator keys
-    /// the same layer of a model), via [`DenseLayer::with_noise`].
-    pub fn with_noise(
-        n_in: usize,
-        n_out: usize,
-        encoding: ActivationEncoding,
-        noise: &NoiseModel,
-        seed: u64,
-    ) -> Self {
-        let layer = DenseLayer::with_noise(n_in, n_out, noise, seed);
+impl<L: Simulated> Staged<L> {
+    fn new(layer: L) -> Self {
         Self {
             params: layer.params().to_vec(),
             layer,
-            encoding,
-            noise: noise.clone(),
-            seed,
             dirty: false,
             input: Vec::new(),
-            out: Vec::new(),
             pairs: Vec::new(),
         }
-    }
-
-    pub fn layer(&self) -> &DenseLayer {
-        &self.layer
-    }
-
-    pub fn layer_mut(&mut self) -> &mut DenseLayer {
-        self.flush();
-        &mut self.layer
     }
 
     fn flush(&mut self) {
@@ -80,49 +110,10 @@ impl DeviceDense {
             self.dirty = false;
         }
     }
-}
 
-/// Lays `(a+, a-)` per direction out as the protocol sends them: `a+` then `a-`, direction by
-/// direction.
-fn write_pairs(pairs: &[(Vec<f32>, Vec<f32>)], out: &mut [f32]) {
-    let block = out.len() / (2 * pairs.len().max(1));
-    for ((plus, minus), dst) in pairs.iter().zip(out.chunks_exact_mut(2 * block)) {
-        let (p, m) = dst.split_at_mut(block);
-        p.copy_from_slice(plus);
-        m.copy_from_slice(minus);
-    }
-}
-
-fn device_err(e: SimError) -> DeviceError {
-    match e {
-        SimError::ParameterCount { expected, got } => DeviceError::ShapeMismatch {
-            expected: expected as u32,
-            got: got as u32,
-        },
-        SimError::InputShape { width, got } => DeviceError::ShapeMismatch {
-            expected: width as u32,
-            got: got as u32,
-        },
-        SimError::NoInput => DeviceError::NoInput,
-        SimError::BufferLength { expected, got, .. } => DeviceError::ShapeMismatch {
-            expected: expected as u32,
-            got: got as u32,
-        },
-        SimError::ChunkOutOfRange { start, end, count } => DeviceError::ChunkOutOfRange {
-            start: start as u32,
-            end: end as u32,
-            count: count as u32,
-        },
-    }
-}
-
-impl PhysicalLayer for DeviceDense {
-    fn descriptor(&self) -> LayerDescriptor {
-        LayerDescriptor::dense(
-            self.layer.n_in() as u32,
-            self.layer.n_out() as u32,
-            self.encoding,
-        )
+    fn layer_mut(&mut self) -> &mut L {
+        self.flush();
+        &mut self.layer
     }
 
     fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
@@ -161,7 +152,7 @@ impl PhysicalLayer for DeviceDense {
         // Parameters written before this batch are written before it (a device's clock ticks
         // at each batch: a write after the tick would drift differently).
         self.flush();
-        let total = rows * self.layer.n_in();
+        let total = rows * self.layer.input_width();
         if offset == 0 {
             self.input.clear();
         }
@@ -172,26 +163,13 @@ impl PhysicalLayer for DeviceDense {
         Ok(())
     }
 
-    fn forward(&mut self, _mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.flush();
-        self.layer.forward(&mut self.out).map_err(device_err)?;
-        if self.out.len() != out.len() {
-            return Err(DeviceError::ShapeMismatch {
-                expected: out.len() as u32,
-                got: self.out.len() as u32,
-            });
-        }
-        out.copy_from_slice(&self.out);
-        Ok(())
-    }
-
+    /// `(a+, a-)` per direction, laid out as the protocol sends them.
     fn evaluate_perturbed(
         &mut self,
         chunk: Range<usize>,
         seeds: &[DirectionSeed],
         eps: f32,
         out: &mut [f32],
-        _scratch: &mut [f32],
     ) -> Result<(), DeviceError> {
         self.flush();
         self.layer
@@ -206,33 +184,171 @@ impl PhysicalLayer for DeviceDense {
         chunk: Range<usize>,
         scale: f32,
         terms: &[UpdateTerm],
-        _scratch: &mut [f32],
     ) -> Result<(), DeviceError> {
         self.flush();
         self.layer
             .apply_update(chunk, scale, terms)
+            .map_err(device_err)
+    }
+}
+
+/// Lays `(a+, a-)` per direction out as the protocol sends them: `a+` then `a-`, direction by
+/// direction.
+fn write_pairs(pairs: &[(Vec<f32>, Vec<f32>)], out: &mut [f32]) {
+    let block = out.len() / (2 * pairs.len().max(1));
+    for ((plus, minus), dst) in pairs.iter().zip(out.chunks_exact_mut(2 * block)) {
+        let (p, m) = dst.split_at_mut(block);
+        p.copy_from_slice(plus);
+        m.copy_from_slice(minus);
+    }
+}
+
+fn device_err(e: SimError) -> DeviceError {
+    match e {
+        SimError::ParameterCount { expected, got } => DeviceError::ShapeMismatch {
+            expected: expected as u32,
+            got: got as u32,
+        },
+        SimError::InputShape { width, got } => DeviceError::ShapeMismatch {
+            expected: width as u32,
+            got: got as u32,
+        },
+        SimError::NoInput => DeviceError::NoInput,
+        SimError::BufferLength { expected, got, .. } => DeviceError::ShapeMismatch {
+            expected: expected as u32,
+            got: got as u32,
+        },
+        SimError::ChunkOutOfRange { start, end, count } => DeviceError::ChunkOutOfRange {
+            start: start as u32,
+            end: end as u32,
+            count: count as u32,
+        },
+    }
+}
+
+/// The [`PhysicalLayer`] methods every simulated device forwards to its [`Staged`] layer.
+macro_rules! staged_methods {
+    () => {
+        fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+            self.staged.write_parameters(offset, values)
+        }
+
+        fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
+            self.staged.read_parameters(offset, out)
+        }
+
+        fn load_input(
+            &mut self,
+            rows: usize,
+            offset: usize,
+            values: &[f32],
+        ) -> Result<(), DeviceError> {
+            self.staged.load_input(rows, offset, values)
+        }
+
+        fn evaluate_perturbed(
+            &mut self,
+            chunk: Range<usize>,
+            seeds: &[DirectionSeed],
+            eps: f32,
+            out: &mut [f32],
+            _scratch: &mut [f32],
+        ) -> Result<(), DeviceError> {
+            self.staged.evaluate_perturbed(chunk, seeds, eps, out)
+        }
+
+        fn apply_update(
+            &mut self,
+            chunk: Range<usize>,
+            scale: f32,
+            terms: &[UpdateTerm],
+            _scratch: &mut [f32],
+        ) -> Result<(), DeviceError> {
+            self.staged.apply_update(chunk, scale, terms)
+        }
+
+        fn perturbation_scratch(&self, _chunk_len: usize) -> usize {
+            0
+        }
+
+        fn update_scratch(&self, _chunk_len: usize) -> usize {
+            0
+        }
+    };
+}
+
+/// A [`DenseLayer`] behind the device protocol ([`Staged`]).
+#[derive(Debug)]
+pub struct DeviceDense {
+    staged: Staged<DenseLayer>,
+    encoding: ActivationEncoding,
+    /// The hardware effects and the layer's device seed, to rebuild the power-on state.
+    noise: NoiseModel,
+    seed: u64,
+    out: Vec<f32>,
+}
+
+impl DeviceDense {
+    pub fn new(n_in: usize, n_out: usize, encoding: ActivationEncoding) -> Self {
+        Self::with_noise(n_in, n_out, encoding, &NoiseModel::default(), 0)
+    }
+
+    /// A layer with the hardware effects of `noise`, its faults and streams keyed by `seed`
+    /// (`crate::noise::layer_seed(profile seed, layer index)`, as the in-process simulator keys
+    /// the same layer of a model), via [`DenseLayer::with_noise`].
+    pub fn with_noise(
+        n_in: usize,
+        n_out: usize,
+        encoding: ActivationEncoding,
+        noise: &NoiseModel,
+        seed: u64,
+    ) -> Self {
+        Self {
+            staged: Staged::new(DenseLayer::with_noise(n_in, n_out, noise, seed)),
+            encoding,
+            noise: noise.clone(),
+            seed,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn layer(&self) -> &DenseLayer {
+        &self.staged.layer
+    }
+
+    pub fn layer_mut(&mut self) -> &mut DenseLayer {
+        self.staged.layer_mut()
+    }
+}
+
+impl PhysicalLayer for DeviceDense {
+    fn descriptor(&self) -> LayerDescriptor {
+        let l = &self.staged.layer;
+        LayerDescriptor::dense(l.n_in() as u32, l.n_out() as u32, self.encoding)
+    }
+
+    staged_methods!();
+
+    fn forward(&mut self, _mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.staged
+            .layer_mut()
+            .forward(&mut self.out)
             .map_err(device_err)?;
+        if self.out.len() != out.len() {
+            return Err(DeviceError::ShapeMismatch {
+                expected: out.len() as u32,
+                got: self.out.len() as u32,
+            });
+        }
+        out.copy_from_slice(&self.out);
         Ok(())
     }
 
-    fn perturbation_scratch(&self, _chunk_len: usize) -> usize {
-        0
-    }
-
-    fn update_scratch(&self, _chunk_len: usize) -> usize {
-        0
-    }
-
     fn reset(&mut self) {
-        let choreography = self.layer.choreography();
-        *self = Self::with_noise(
-            self.layer.n_in(),
-            self.layer.n_out(),
-            self.encoding,
-            &self.noise,
-            self.seed,
-        );
-        self.layer.set_choreography(choreography);
+        let l = &self.staged.layer;
+        let choreography = l.choreography();
+        *self = Self::with_noise(l.n_in(), l.n_out(), self.encoding, &self.noise, self.seed);
+        self.staged.layer.set_choreography(choreography);
     }
 }
 
@@ -242,14 +358,10 @@ impl PhysicalLayer for DeviceDense {
 /// [`DeviceDense`].
 #[derive(Debug)]
 pub struct DeviceConv {
-    block: ConvBlock,
+    staged: Staged<ConvBlock>,
     encoding: ActivationEncoding,
-    params: Vec<f32>,
-    dirty: bool,
-    input: Vec<f32>,
     features: Vec<f32>,
     next: Vec<f32>,
-    pairs: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl DeviceConv {
@@ -270,41 +382,26 @@ impl DeviceConv {
                 return Err(format!("a conv block with {n} {what} is too large"));
             }
         }
-        let block = ConvBlock::new(shape);
         Ok(Self {
-            params: block.params().to_vec(),
-            block,
+            staged: Staged::new(ConvBlock::new(shape)),
             encoding,
-            dirty: false,
-            input: Vec::new(),
             features: Vec::new(),
             next: Vec::new(),
-            pairs: Vec::new(),
         })
     }
 
     pub fn block(&self) -> &ConvBlock {
-        &self.block
+        &self.staged.layer
     }
 
     pub fn block_mut(&mut self) -> &mut ConvBlock {
-        self.flush();
-        &mut self.block
-    }
-
-    fn flush(&mut self) {
-        if self.dirty {
-            self.block
-                .set_params(&self.params)
-                .expect("staged parameters have the block's length");
-            self.dirty = false;
-        }
+        self.staged.layer_mut()
     }
 }
 
 impl PhysicalLayer for DeviceConv {
     fn descriptor(&self) -> LayerDescriptor {
-        let s = self.block.shape();
+        let s = self.staged.layer.shape();
         LayerDescriptor::conv(
             s.in_channels as u32,
             s.out_channels as u32,
@@ -316,59 +413,16 @@ impl PhysicalLayer for DeviceConv {
         )
     }
 
-    fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
-        let end = offset + values.len();
-        let count = self.params.len();
-        let target = self
-            .params
-            .get_mut(offset..end)
-            .ok_or(DeviceError::ShapeMismatch {
-                expected: count as u32,
-                got: end as u32,
-            })?;
-        target.copy_from_slice(values);
-        self.dirty = true;
-        Ok(())
-    }
-
-    fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.flush();
-        let end = offset + out.len();
-        let p = self.block.params();
-        let src = p.get(offset..end).ok_or(DeviceError::ShapeMismatch {
-            expected: p.len() as u32,
-            got: end as u32,
-        })?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn load_input(
-        &mut self,
-        rows: usize,
-        offset: usize,
-        values: &[f32],
-    ) -> Result<(), DeviceError> {
-        self.flush();
-        let total = rows * self.block.shape().input_width();
-        if offset == 0 {
-            self.input.clear();
-        }
-        self.input.extend_from_slice(values);
-        if self.input.len() == total {
-            self.block.load_input(&self.input).map_err(device_err)?;
-        }
-        Ok(())
-    }
+    staged_methods!();
 
     /// `out`: the features (rows x C*d), then the pooled next-layer input (rows x C*H/2*W/2).
     fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.flush();
         let mode = match mode {
             ForwardMode::Train => BnMode::Train,
             ForwardMode::Eval => BnMode::Eval,
         };
-        self.block
+        self.staged
+            .layer_mut()
             .forward(mode, &mut self.features, &mut self.next)
             .map_err(device_err)?;
         let f = self.features.len();
@@ -386,15 +440,10 @@ impl PhysicalLayer for DeviceConv {
     /// A training-mode pass that leaves no trace: the running statistics it commits are put
     /// back (section 4.4's snapshot and restore).
     fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.flush();
-        let saved = (
-            self.block.running_mean().to_vec(),
-            self.block.running_var().to_vec(),
-        );
-        let result = self
-            .block
-            .forward(BnMode::Train, &mut self.features, &mut self.next);
-        self.block
+        let block = self.staged.layer_mut();
+        let saved = (block.running_mean().to_vec(), block.running_var().to_vec());
+        let result = block.forward(BnMode::Train, &mut self.features, &mut self.next);
+        block
             .set_running_stats(&saved.0, &saved.1)
             .expect("the block's own statistics fit it");
         result.map_err(device_err)?;
@@ -408,49 +457,12 @@ impl PhysicalLayer for DeviceConv {
         Ok(())
     }
 
-    fn evaluate_perturbed(
-        &mut self,
-        chunk: Range<usize>,
-        seeds: &[DirectionSeed],
-        eps: f32,
-        out: &mut [f32],
-        _scratch: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        self.flush();
-        self.block
-            .evaluate_perturbed(chunk, seeds, eps, &mut self.pairs)
-            .map_err(device_err)?;
-        write_pairs(&self.pairs, out);
-        Ok(())
-    }
-
-    fn apply_update(
-        &mut self,
-        chunk: Range<usize>,
-        scale: f32,
-        terms: &[UpdateTerm],
-        _scratch: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        self.flush();
-        self.block
-            .apply_update(chunk, scale, terms)
-            .map_err(device_err)?;
-        Ok(())
-    }
-
-    fn perturbation_scratch(&self, _chunk_len: usize) -> usize {
-        0
-    }
-
-    fn update_scratch(&self, _chunk_len: usize) -> usize {
-        0
-    }
-
     /// Power-on: zero parameters, running mean 0 and variance 1, no input.
     fn reset(&mut self) {
-        let choreography = self.block.choreography();
-        *self = Self::new(*self.block.shape(), self.encoding).expect("the shape was accepted");
-        self.block.set_choreography(choreography);
+        let choreography = self.staged.layer.choreography();
+        *self =
+            Self::new(*self.staged.layer.shape(), self.encoding).expect("the shape was accepted");
+        self.staged.layer.set_choreography(choreography);
     }
 }
 
