@@ -546,41 +546,13 @@ impl PhysicalLayer for DeviceLayer {
     }
 }
 
-/// The literal choreography of the protocol's default implementation, over a plain parameter
-/// vector: what a firmware that implements only the required methods runs. Used to hold the
-/// simulator's overrides to the defaults.
+/// The literal choreography of the protocol's default implementation, over a simulated device's
+/// required methods (and a conv block's no-trace training pass): what a firmware that implements
+/// only those runs. Used to hold the simulator's overrides to the defaults.
 #[derive(Debug)]
-pub struct MinimalDense(pub DeviceDense);
+pub struct Minimal<L>(pub L);
 
-impl PhysicalLayer for MinimalDense {
-    fn descriptor(&self) -> LayerDescriptor {
-        self.0.descriptor()
-    }
-    fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
-        self.0.write_parameters(offset, values)
-    }
-    fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.0.read_parameters(offset, out)
-    }
-    fn load_input(
-        &mut self,
-        rows: usize,
-        offset: usize,
-        values: &[f32],
-    ) -> Result<(), DeviceError> {
-        self.0.load_input(rows, offset, values)
-    }
-    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.0.forward(mode, out)
-    }
-}
-
-/// [`MinimalDense`] for a CNN block: the protocol's default perturbation and update over the
-/// block's required methods (and its no-trace training pass).
-#[derive(Debug)]
-pub struct MinimalConv(pub DeviceConv);
-
-impl PhysicalLayer for MinimalConv {
+impl<L: PhysicalLayer> PhysicalLayer for Minimal<L> {
     fn descriptor(&self) -> LayerDescriptor {
         self.0.descriptor()
     }
@@ -745,7 +717,7 @@ mod tests {
     fn the_simulator_override_agrees_with_the_protocol_default_choreography() {
         let (n_in, n_out, rows) = (120, 30, 40);
         let mut fast = Client::new(vec![DeviceDense::new(n_in, n_out, ActivationEncoding::F32)]);
-        let mut minimal = Client::new(vec![MinimalDense(DeviceDense::new(
+        let mut minimal = Client::new(vec![Minimal(DeviceDense::new(
             n_in,
             n_out,
             ActivationEncoding::F32,
@@ -1152,7 +1124,7 @@ mod conv_tests {
     fn the_conv_override_agrees_with_the_default_choreography_and_leaves_no_trace() {
         let rows = 4;
         let mut fast = Client::new(DeviceConv::new(shape(), ActivationEncoding::F32).unwrap());
-        let mut minimal = Client::new(MinimalConv(
+        let mut minimal = Client::new(Minimal(
             DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
         ));
         fast.program(rows);
