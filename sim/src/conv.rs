@@ -1413,7 +1413,7 @@ fn max_pool(shape: &ConvShape, batch: usize, y: &[f32], next: &mut Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firmware_protocol::direction::{apply_update, fill_direction};
+    use firmware_protocol::direction::fill_direction;
 
     fn shape() -> ConvShape {
         ConvShape {
@@ -1777,31 +1777,7 @@ mod tests {
 
     #[test]
     fn cached_update_equals_the_protocol_update() {
-        let mut b = block(2);
-        let mut shadow = b.params().to_vec();
-        let terms = [
-            UpdateTerm {
-                seed: DirectionSeed(11),
-                derivative: 0.5,
-            },
-            UpdateTerm {
-                seed: DirectionSeed(12),
-                derivative: -1.25,
-            },
-        ];
-        let mut out = Vec::new();
-        b.evaluate_perturbed(
-            2..47,
-            &[DirectionSeed(11), DirectionSeed(12)],
-            1e-3,
-            &mut out,
-        )
-        .unwrap();
-        b.apply_update(2..47, 0.3, &terms).unwrap();
-        let (mut v, mut g) = (vec![0.0; 45], vec![0.0; 45]);
-        apply_update(&mut shadow[2..47], 0.3, &terms, &mut v, &mut g);
-        assert_eq!(bits(&shadow), bits(b.params()));
-        assert_ne!(shadow[2], block(2).params()[2]);
+        crate::physical::assert_cached_update_is_the_protocol_update(&mut block(2), 2..47);
     }
 
     #[test]

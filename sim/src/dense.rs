@@ -796,7 +796,6 @@ pub fn forward_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firmware_protocol::direction::apply_update;
 
     fn layer() -> DenseLayer {
         let mut l = DenseLayer::new(6, 4);
@@ -845,31 +844,7 @@ mod tests {
 
     #[test]
     fn cached_update_equals_the_protocol_update() {
-        let mut l = layer();
-        let mut shadow = l.params().to_vec();
-        let terms = [
-            UpdateTerm {
-                seed: DirectionSeed(11),
-                derivative: 0.5,
-            },
-            UpdateTerm {
-                seed: DirectionSeed(12),
-                derivative: -1.25,
-            },
-        ];
-        let mut out = Vec::new();
-        l.evaluate_perturbed(
-            2..17,
-            &[DirectionSeed(11), DirectionSeed(12)],
-            1e-3,
-            &mut out,
-        )
-        .unwrap();
-        l.apply_update(2..17, 0.3, &terms).unwrap();
-        let (mut v, mut g) = (vec![0.0; 15], vec![0.0; 15]);
-        apply_update(&mut shadow[2..17], 0.3, &terms, &mut v, &mut g);
-        assert_eq!(shadow, l.params());
-        assert_ne!(shadow[2], layer().params()[2]);
+        crate::physical::assert_cached_update_is_the_protocol_update(&mut layer(), 2..17);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::dense::{Choreography, DenseLayer, SimError};
 use crate::noise::NoiseModel;
 
 /// What the device wrappers need of a simulated layer: [`DenseLayer`] and [`ConvBlock`] alike.
-trait Simulated {
+pub(crate) trait Simulated {
     fn params(&self) -> &[f32];
     fn set_params(&mut self, params: &[f32]) -> Result<(), SimError>;
     fn input_width(&self) -> usize;
@@ -76,6 +76,43 @@ macro_rules! simulated {
 
 simulated!(DenseLayer, |l: &DenseLayer| l.n_in());
 simulated!(ConvBlock, |b: &ConvBlock| b.shape().input_width());
+
+/// Test of the contract both simulated layers keep: an update that follows a perturbed
+/// evaluation of the same chunk and seeds (the cached directions, the moved pre-activation)
+/// changes the parameters exactly as `firmware_protocol::direction::apply_update` does, so a
+/// host's shadow stays bit-identical. `layer` has parameters and an input; `chunk` is in range.
+#[cfg(test)]
+pub(crate) fn assert_cached_update_is_the_protocol_update<L: Simulated>(
+    layer: &mut L,
+    chunk: Range<usize>,
+) {
+    use firmware_protocol::direction::apply_update;
+    let before = layer.params().to_vec();
+    let mut shadow = before.clone();
+    let terms = [
+        UpdateTerm {
+            seed: DirectionSeed(11),
+            derivative: 0.5,
+        },
+        UpdateTerm {
+            seed: DirectionSeed(12),
+            derivative: -1.25,
+        },
+    ];
+    let seeds = [DirectionSeed(11), DirectionSeed(12)];
+    layer
+        .evaluate_perturbed(chunk.clone(), &seeds, 1e-3, &mut Vec::new())
+        .unwrap();
+    layer.apply_update(chunk.clone(), 0.3, &terms).unwrap();
+    let (mut v, mut g) = (vec![0.0; chunk.len()], vec![0.0; chunk.len()]);
+    apply_update(&mut shadow[chunk.clone()], 0.3, &terms, &mut v, &mut g);
+    let bits = |x: &[f32]| x.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&shadow), bits(layer.params()));
+    assert_ne!(
+        shadow[chunk.start], before[chunk.start],
+        "the update changed nothing"
+    );
+}
 
 /// A simulated layer behind the device protocol, with what every such device does the same way:
 /// parameter and input parts are staged here and handed to the layer whole (the layer takes
