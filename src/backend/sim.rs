@@ -244,6 +244,15 @@ impl ForwardOracle for SimOracle {
         if !done {
             return Ok(false);
         }
+        // The layer's own idea of the touched outputs must be the spec's, which the trainer reads.
+        if let Some((plus, _)) = self.pairs.first()
+            && plus.len() != rows * touched.len()
+        {
+            return Err(OracleError::Shape(format!(
+                "the layer returned {} values per evaluation for the touched features {touched:?}",
+                plus.len()
+            )));
+        }
         out.pairs.resize_with(seeds.len(), Default::default);
         for ((plus, minus), (p, m)) in self.pairs.iter_mut().zip(out.pairs.iter_mut()) {
             std::mem::swap(plus, &mut p.data);
