@@ -146,6 +146,15 @@ pub trait Buffer {
     /// The first `len` values, if the buffer can hold them (contents kept).
     fn get(&mut self, len: usize) -> Option<&mut [f32]>;
     fn view(&self) -> &[f32];
+
+    /// [`Buffer::get`], or the device's out-of-memory error saying how much was needed.
+    fn claim(&mut self, len: usize) -> Result<&mut [f32], DeviceError> {
+        let available = self.view().len() as u32;
+        self.get(len).ok_or(DeviceError::OutOfMemory {
+            needed: len as u32,
+            available,
+        })
+    }
 }
 
 impl Buffer for &mut [f32] {
@@ -514,11 +523,7 @@ where
                 let rows = self.input_rows(*layer)?;
                 let (l, d) = layer_of(&mut self.layers, *layer)?;
                 let len = rows * d.forward_width() as usize;
-                let available = self.result.view().len() as u32;
-                let out = self.result.get(len).ok_or(DeviceError::OutOfMemory {
-                    needed: len as u32,
-                    available,
-                });
+                let out = self.result.claim(len);
                 self.result_len = 0;
                 l.forward(*mode, out?)?;
                 self.result_len = len;
@@ -539,19 +544,8 @@ where
                 let len = 2 * seeds.len() * rows * d.feature_width as usize;
                 let scratch_len = l.perturbation_scratch(chunk.len());
                 self.result_len = 0;
-                let available = self.result.view().len() as u32;
-                let out = self.result.get(len).ok_or(DeviceError::OutOfMemory {
-                    needed: len as u32,
-                    available,
-                })?;
-                let available = self.scratch.view().len() as u32;
-                let scratch = self
-                    .scratch
-                    .get(scratch_len)
-                    .ok_or(DeviceError::OutOfMemory {
-                        needed: scratch_len as u32,
-                        available,
-                    })?;
+                let out = self.result.claim(len)?;
+                let scratch = self.scratch.claim(scratch_len)?;
                 l.evaluate_perturbed(chunk, seeds, *eps, out, scratch)?;
                 self.result_len = len;
                 self.result_encoding = d.encoding;
@@ -578,14 +572,7 @@ where
                 let (l, d) = layer_of(&mut self.layers, *layer)?;
                 let chunk = Self::check_chunk(&d, *chunk)?;
                 let scratch_len = l.update_scratch(chunk.len());
-                let available = self.scratch.view().len() as u32;
-                let scratch = self
-                    .scratch
-                    .get(scratch_len)
-                    .ok_or(DeviceError::OutOfMemory {
-                        needed: scratch_len as u32,
-                        available,
-                    })?;
+                let scratch = self.scratch.claim(scratch_len)?;
                 l.apply_update(chunk, *scale, &buf[..terms.len()], scratch)?;
                 Ok(Outcome::Ack)
             }
@@ -596,11 +583,7 @@ where
                 let (l, d) = layer_of(&mut self.layers, *layer)?;
                 let len = d.param_count as usize;
                 self.result_len = 0;
-                let available = self.result.view().len() as u32;
-                let out = self.result.get(len).ok_or(DeviceError::OutOfMemory {
-                    needed: len as u32,
-                    available,
-                })?;
+                let out = self.result.claim(len)?;
                 l.read_parameters(0, out)?;
                 self.result_len = len;
                 self.result_encoding = crate::message::ActivationEncoding::F32;
