@@ -8,24 +8,14 @@
 mod common;
 mod serial_support;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pnn::checkpoint::Checkpoint;
 use serde_json::Value;
 use serial_support::Emulator;
 
-fn train_command(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pnn-train"));
-    c.args(args)
-        .env("PNN_DATA_DIR", common::data_dir())
-        .stdin(Stdio::null());
-    c
-}
-
-fn train(args: &[&str]) -> Output {
-    train_command(args).output().expect("pnn-train runs")
-}
+use common::{train_command, train_output as train};
 
 fn summary_of(out: &Output) -> Value {
     serial_support::summary(out)

@@ -58,13 +58,23 @@ pub fn npy<T: npyz::Deserialize>(arrays: &HashMap<String, Vec<u8>>, name: &str) 
     }
 }
 
+/// A `pnn-train` command with `args`, the data directory set and no standard input.
+pub fn train_command(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"));
+    c.args(args)
+        .env("PNN_DATA_DIR", data_dir())
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Runs [`train_command`] to its end.
+pub fn train_output(args: &[&str]) -> std::process::Output {
+    train_command(args).output().expect("pnn-train runs")
+}
+
 /// Runs `pnn-train` with `args`; returns (exit code, stdout, stderr).
 pub fn pnn_train(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"))
-        .args(args)
-        .env("PNN_DATA_DIR", data_dir())
-        .output()
-        .expect("pnn-train runs");
+    let out = train_output(args);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
