@@ -278,6 +278,15 @@ pub trait ForwardOracle {
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError>;
 
+    /// The parameters as the layer holds them now, for a backend that holds them in this
+    /// process (the simulator): after an update the trainer copies the chunk into its shadow
+    /// rather than computing the same update a second time. `None`, the default: the layer is
+    /// elsewhere and the host updates its shadow itself (`apply_update`'s contract makes the two
+    /// the same bits).
+    fn parameters_in_process(&self) -> Option<&[f32]> {
+        None
+    }
+
     /// This oracle's share of its link's traffic, for backends with a link.
     fn wire_stats(&self) -> Option<WireStats> {
         None

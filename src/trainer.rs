@@ -5,7 +5,8 @@
 //! `W_k -= lr * n_k / P * sum_p dd_p v_p` is applied at once, before the next chunk (sequential
 //! block-coordinate descent, section 4.4). Then a clean forward pass gives `a_l`; the chunks of
 //! `M_l` are updated on the host from `a_l` alone (lines 14-24), and `a_l` feeds layer `l+1`.
-//! The host keeps a shadow of every layer's parameters, updated with the same seeded arithmetic.
+//! The host keeps a shadow of every layer's parameters, updated with the same seeded arithmetic
+//! (or, for a layer simulated in this process, copied from it after the update).
 
 use std::ops::Range;
 
@@ -359,15 +360,15 @@ impl<O: ForwardOracle> Trainer<O> {
                 }
                 let scale = hyper.lr * chunk.len() as f32 / hyper.directions as f32;
                 oracle.apply_update(chunk.clone(), scale, &s.terms)?;
-                s.v.resize(chunk.len(), 0.0);
-                s.g.resize(chunk.len(), 0.0);
-                apply_update(
-                    &mut state.shadow[chunk.clone()],
-                    scale,
-                    &s.terms,
-                    &mut s.v,
-                    &mut s.g,
-                );
+                let shadow = &mut state.shadow[chunk.clone()];
+                match oracle.parameters_in_process() {
+                    Some(params) => shadow.copy_from_slice(&params[chunk.clone()]),
+                    None => {
+                        s.v.resize(chunk.len(), 0.0);
+                        s.g.resize(chunk.len(), 0.0);
+                        apply_update(shadow, scale, &s.terms, &mut s.v, &mut s.g);
+                    }
+                }
             }
             // Line 25, before the M update as the reference implementation does: the clean pass
             // with the updated W_l gives the a_l that trains M_l and feeds layer l+1.

@@ -723,64 +723,6 @@ fn normalise(out: &mut [f32], inv: Option<f32>) {
     }
 }
 
-/// [`fill_direction`] through a small per-thread store of the directions drawn last (with the
-/// `std` feature; without it, plain [`fill_direction`]). A host that simulates a device draws each
-/// direction for the perturbed evaluation, then again for the device's update and for the host's
-/// shadow of the weights: the store turns the repeats into copies. The values are those of
-/// [`fill_direction`], bit for bit.
-pub fn fill_direction_recent(seed: DirectionSeed, out: &mut [f32]) {
-    #[cfg(feature = "std")]
-    recent::fill(seed, out);
-    #[cfg(not(feature = "std"))]
-    fill_direction(seed, out);
-}
-
-#[cfg(feature = "std")]
-mod recent {
-    use super::{DirectionSeed, fill_direction};
-    use std::cell::RefCell;
-    use std::collections::VecDeque;
-    use std::vec::Vec;
-
-    /// At most this many values are kept (16 MiB), in at most `ENTRIES` directions.
-    const BUDGET: usize = 1 << 22;
-    const ENTRIES: usize = 64;
-
-    std::thread_local! {
-        static RECENT: RefCell<VecDeque<(DirectionSeed, Vec<f32>)>> = const { RefCell::new(VecDeque::new()) };
-    }
-
-    pub(super) fn fill(seed: DirectionSeed, out: &mut [f32]) {
-        RECENT.with(|recent| {
-            let mut recent = recent.borrow_mut();
-            if let Some((_, v)) = recent
-                .iter()
-                .find(|(s, v)| *s == seed && v.len() == out.len())
-            {
-                out.copy_from_slice(v);
-                return;
-            }
-            fill_direction(seed, out);
-            if out.len() > BUDGET {
-                return;
-            }
-            let mut held: usize = recent.iter().map(|(_, v)| v.len()).sum();
-            // Evict the oldest, reusing its buffer: no allocation once the store is warm.
-            let mut buffer = Vec::new();
-            while recent.len() >= ENTRIES || held + out.len() > BUDGET {
-                let Some((_, old)) = recent.pop_front() else {
-                    break;
-                };
-                held -= old.len();
-                buffer = old;
-            }
-            buffer.clear();
-            buffer.extend_from_slice(out);
-            recent.push_back((seed, buffer));
-        })
-    }
-}
-
 /// One seeded term of an update: the direction and its directional derivative
 /// `dd_p = (L+ - L-) / (2 eps)` (thesis eq. 13).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -812,7 +754,7 @@ pub fn step_with_vectors<'a>(
 }
 
 /// The seeded update of Algorithm 1, lines 10 and 12: the directions are regenerated from their
-/// seeds (or copied from [`fill_direction_recent`]'s store) into `v` and applied by [`step_with_vectors`]. `v` and `g` are scratch of
+/// seeds into `v` and applied by [`step_with_vectors`]. `v` and `g` are scratch of
 /// `params.len()` values each. Equals [`apply_update_streaming`] bit for bit.
 pub fn apply_update(
     params: &mut [f32],
@@ -825,7 +767,7 @@ pub fn apply_update(
     let g = &mut g[..n];
     g.iter_mut().for_each(|x| *x = 0.0);
     for t in terms {
-        fill_direction_recent(t.seed, &mut v[..n]);
+        fill_direction(t.seed, &mut v[..n]);
         for (gi, vi) in g.iter_mut().zip(&v[..n]) {
             *gi += t.derivative * vi;
         }
@@ -986,32 +928,6 @@ mod tests {
             let inv = inverse_norm(raw.iter().copied()).unwrap();
             let streamed: Vec<f32> = raw.iter().map(|z| z * inv).collect();
             assert_eq!(v, streamed, "length {n}");
-        }
-    }
-
-    #[test]
-    fn the_recent_store_gives_the_values_of_a_fresh_draw() {
-        for n in [3usize, 1000, 40_000] {
-            let mut fresh = vec![0f32; n];
-            fill_direction(DirectionSeed(77 + n as u64), &mut fresh);
-            for _ in 0..2 {
-                let mut stored = vec![1f32; n];
-                fill_direction_recent(DirectionSeed(77 + n as u64), &mut stored);
-                assert_eq!(stored, fresh);
-            }
-            // Same seed, another length: another direction.
-            let mut shorter = vec![0f32; n - 1];
-            fill_direction_recent(DirectionSeed(77 + n as u64), &mut shorter);
-            let mut expect = vec![0f32; n - 1];
-            fill_direction(DirectionSeed(77 + n as u64), &mut expect);
-            assert_eq!(shorter, expect);
-        }
-        // More directions than the store holds: every one still comes out right.
-        for seed in 0..200u64 {
-            let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
-            fill_direction(DirectionSeed(seed), &mut a);
-            fill_direction_recent(DirectionSeed(seed), &mut b);
-            assert_eq!(a, b);
         }
     }
 

@@ -1,12 +1,11 @@
 //! Directions generated for a perturbed evaluation, kept until the update that follows it, so
-//! that the simulator draws each direction once per step rather than twice (and, through
-//! `fill_direction_recent`, the host's shadow update copies them instead of drawing them again).
+//! that the simulator draws each direction once per step rather than twice.
 //!
 //! The directions lie in one buffer, direction `p` at `p * stride + offset`, zeros around: laid
 //! out so, the buffer is itself the stacked matrix a fused product needs (a dense layer's chunk
 //! as whole rows of `W`), and no copy into one is made.
 
-use firmware_protocol::direction::fill_direction_recent;
+use firmware_protocol::direction::fill_direction;
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 #[derive(Default, Debug)]
@@ -49,7 +48,7 @@ impl DirectionCache {
             let (v, tail) = rest.split_at_mut(len);
             head.fill(0.0);
             tail.fill(0.0);
-            fill_direction_recent(*seed, v);
+            fill_direction(*seed, v);
         }
     }
 
@@ -79,7 +78,6 @@ impl DirectionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firmware_protocol::direction::fill_direction;
 
     #[test]
     fn laid_out_directions_are_the_seeded_ones_with_zeros_around() {

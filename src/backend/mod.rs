@@ -144,6 +144,10 @@ impl ForwardOracle for AnyOracle {
         dispatch!(self, o => o.apply_update(chunk, scale, terms))
     }
 
+    fn parameters_in_process(&self) -> Option<&[f32]> {
+        dispatch!(self, o => o.parameters_in_process())
+    }
+
     fn wire_stats(&self) -> Option<WireStats> {
         dispatch!(self, o => o.wire_stats())
     }

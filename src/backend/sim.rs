@@ -162,6 +162,13 @@ impl ForwardOracle for SimOracle {
         })
     }
 
+    fn parameters_in_process(&self) -> Option<&[f32]> {
+        Some(match &self.layer {
+            SimLayer::Dense(l) => l.params(),
+            SimLayer::Conv(b) => b.params(),
+        })
+    }
+
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
         if input.width != self.spec.input_width {
             return Err(OracleError::Shape(format!(
