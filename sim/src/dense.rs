@@ -199,7 +199,13 @@ impl DenseLayer {
         }
     }
 
+    /// Sets how perturbed evaluations are computed. Switching away from the fast path drops an
+    /// input held as sparse rows only (see [`DenseLayer::load_input`]): load it again.
     pub fn set_choreography(&mut self, choreography: Choreography) {
+        if choreography != Choreography::Fast && self.input_is_sparse {
+            self.input_is_sparse = false;
+            self.batch = 0;
+        }
         self.choreography = choreography;
     }
 
@@ -263,7 +269,9 @@ impl DenseLayer {
             ld: n_in,
         };
         input_times_bt(
-            View::new(&self.input, batch, n_in),
+            &self.input,
+            batch,
+            n_in,
             self.input_is_sparse.then_some(&self.sparse_input),
             weights,
             &mut self.z0[rows.start..],
@@ -314,17 +322,26 @@ impl DenseLayer {
                 got: x.len(),
             });
         }
-        self.input.clear();
-        self.input.extend_from_slice(x);
         self.batch = x.len() / self.n_in;
         self.mark_stale(0..self.n_out);
-        if let Some(device) = self.device.as_mut() {
-            device.convert_input(&mut self.input);
-            if device.tick() {
-                self.refresh_effective(0..self.n_out * self.n_in);
+        // An ideal layer on the fast path reads a sparse input through its sparse rows alone:
+        // it keeps no dense copy of one.
+        let fast = self.choreography == Choreography::Fast;
+        self.input.clear();
+        let Some(device) = self.device.as_mut() else {
+            self.input_is_sparse = fast
+                && (self.sparse_input).detect_into(x, self.batch, self.n_in, SPARSE_INPUT_DENSITY);
+            if !self.input_is_sparse {
+                self.input.extend_from_slice(x);
             }
+            return Ok(());
+        };
+        self.input.extend_from_slice(x);
+        device.convert_input(&mut self.input);
+        if device.tick() {
+            self.refresh_effective(0..self.n_out * self.n_in);
         }
-        self.input_is_sparse = self.choreography == Choreography::Fast
+        self.input_is_sparse = fast
             && self.sparse_input.detect_into(
                 &self.input,
                 self.batch,
@@ -574,7 +591,9 @@ impl DenseLayer {
                 &self.stacked
             };
             input_times_bt(
-                View::new(&self.input, batch, n_in),
+                &self.input,
+                batch,
+                n_in,
                 self.input_is_sparse.then_some(&self.sparse_input),
                 View::new(stacked, blocks * kk, n_in),
                 &mut self.dz,
@@ -759,9 +778,13 @@ impl DenseLayer {
     }
 }
 
-/// `c [+]= x bᵀ` for the layer's input `x`, through its sparse rows where it has them.
+/// `c [+]= x bᵀ` for the layer's input `x` (batch x n_in), through its sparse rows where it has
+/// them (and then `x` may be empty).
+#[allow(clippy::too_many_arguments)]
 fn input_times_bt(
-    x: View,
+    x: &[f32],
+    batch: usize,
+    n_in: usize,
     sparse: Option<&SparseRows>,
     b: View,
     c: &mut [f32],
@@ -771,7 +794,7 @@ fn input_times_bt(
 ) {
     match sparse {
         Some(rows) => sparse_gemm_bt(rows, b, c, ldc, accumulate, packed),
-        None => gemm_into(x, b, true, c, ldc, accumulate),
+        None => gemm_into(View::new(x, batch, n_in), b, true, c, ldc, accumulate),
     }
 }
 
@@ -845,6 +868,26 @@ mod tests {
     #[test]
     fn cached_update_equals_the_protocol_update() {
         crate::physical::assert_cached_update_is_the_protocol_update(&mut layer(), 2..17);
+    }
+
+    #[test]
+    fn a_sparse_input_is_dropped_when_the_choreography_leaves_the_fast_path() {
+        let mut l = layer();
+        // Mostly background: held as sparse rows only.
+        let x: Vec<f32> = (0..3 * 6)
+            .map(|i| if i % 6 == 2 { 0.5 } else { -0.4 })
+            .collect();
+        l.load_input(&x).unwrap();
+        let mut fast = Vec::new();
+        l.forward(&mut fast).unwrap();
+        l.set_choreography(Choreography::Reference);
+        assert_eq!(l.forward(&mut Vec::new()), Err(SimError::NoInput));
+        l.load_input(&x).unwrap();
+        let mut reference = Vec::new();
+        l.forward(&mut reference).unwrap();
+        for (a, b) in fast.iter().zip(&reference) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
     }
 
     #[test]
