@@ -10,7 +10,8 @@
 //! `PNN_BENCH_RUNS` (default 3) sets the number of timed epochs; `PNN_BENCH_ONLY` a substring of
 //! the configurations to run; `PNN_BENCH_FAST_BATCHES` times only the first N batches of the fast
 //! path too, scaled to an epoch (for quick iteration; said in the output); `PNN_BENCH_CPU=1`
-//! times with the thread's CPU time instead of the wall clock (on a loaded machine).
+//! times with the thread's CPU time instead of the wall clock (on a loaded machine);
+//! `PNN_BENCH_REFERENCE=0` skips the reference path (to profile the fast path alone).
 
 use std::process::Command;
 use std::time::Instant;
@@ -240,13 +241,17 @@ fn child(bench: &Bench) {
     fast.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (seconds, flops) = fast[runs / 2];
     let peak = peak_rss_mb();
-    let (ref_seconds, _, batches) = time_batches(
-        &data,
-        &model,
-        &hyper,
-        Choreography::Reference,
-        bench.reference_batches,
-    );
+    // `PNN_BENCH_REFERENCE=0` skips the reference (for profiling the fast path alone).
+    let (ref_seconds, _, batches) = match std::env::var("PNN_BENCH_REFERENCE").as_deref() {
+        Ok("0") => (f64::NAN, 0, 1),
+        _ => time_batches(
+            &data,
+            &model,
+            &hyper,
+            Choreography::Reference,
+            bench.reference_batches,
+        ),
+    };
     let (reference, note) = match bench.reference_batches {
         Some(k) => (
             ref_seconds * batches as f64 / k.min(batches) as f64,
