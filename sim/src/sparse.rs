@@ -211,8 +211,27 @@ unsafe fn compact_avx2(
 /// Scratch of [`sparse_gemm_bt`]: the right-hand side packed into panels, and its column sums.
 #[derive(Clone, Debug, Default)]
 pub struct Packed {
-    panels: Vec<f32>,
+    /// The panels from `start` on, which is 64-byte aligned: a panel's row of PANEL values is
+    /// then one cache line, which the kernel loads for every stored entry.
+    buffer: Vec<f32>,
+    start: usize,
     column_sums: Vec<f32>,
+}
+
+impl Packed {
+    fn panels(&self) -> &[f32] {
+        &self.buffer[self.start..]
+    }
+
+    /// Room for `len` values of panels, aligned.
+    fn panels_mut(&mut self, len: usize) -> &mut [f32] {
+        const LINE: usize = 64 / std::mem::size_of::<f32>();
+        self.buffer.resize(len + LINE, 0.0);
+        let misalignment = self.buffer.as_ptr().align_offset(64);
+        self.start = if misalignment < LINE { misalignment } else { 0 };
+        let start = self.start;
+        &mut self.buffer[start..start + len]
+    }
 }
 
 /// `c (m x n, row stride ldc) = [c +] a (m x k) · bᵀ`, `b` stored n x k (a dense layer's weights,
@@ -258,9 +277,10 @@ pub fn sparse_gemm_bt(
 fn pack(b: View, packed: &mut Packed) {
     let (n, k) = (b.rows, b.cols);
     let panels = n.div_ceil(PANEL);
-    packed.panels.resize(panels * k * PANEL, 0.0);
     packed.column_sums.resize(panels * PANEL, 0.0);
-    for (p, panel) in packed.panels.chunks_exact_mut(k * PANEL).enumerate() {
+    let mut column_sums = std::mem::take(&mut packed.column_sums);
+    let all = packed.panels_mut(panels * k * PANEL);
+    for (p, panel) in all.chunks_exact_mut(k * PANEL).enumerate() {
         let full = (p + 1) * PANEL <= n;
         #[cfg(target_arch = "x86_64")]
         let done = full && std::is_x86_feature_detected!("avx") && {
@@ -280,8 +300,9 @@ fn pack(b: View, packed: &mut Packed) {
                 *s += x;
             }
         }
-        packed.column_sums[p * PANEL..(p + 1) * PANEL].copy_from_slice(&sums);
+        column_sums[p * PANEL..(p + 1) * PANEL].copy_from_slice(&sums);
     }
+    packed.column_sums = column_sums;
 }
 
 /// Rows `first..first + PANEL` of `b` (zeros past its end) into `panel` as k x PANEL.
@@ -378,7 +399,7 @@ fn kernel_portable(
     accumulate: bool,
 ) {
     let k = a.cols;
-    for (p, panel) in packed.panels.chunks_exact(k * PANEL).enumerate() {
+    for (p, panel) in packed.panels().chunks_exact(k * PANEL).enumerate() {
         let lanes = PANEL.min(n - p * PANEL);
         let sums = &packed.column_sums[p * PANEL..(p + 1) * PANEL];
         for i in 0..a.rows {
@@ -423,7 +444,7 @@ unsafe fn kernel_avx2(
     use std::arch::x86_64::*;
     const W: usize = PANEL / 8;
     let k = a.cols;
-    for (p, panel) in packed.panels.chunks_exact(k * PANEL).enumerate() {
+    for (p, panel) in packed.panels().chunks_exact(k * PANEL).enumerate() {
         let lanes = PANEL.min(n - p * PANEL);
         let base = panel.as_ptr();
         // SAFETY (all loads below): `column_sums` holds whole panels; every stored index is
@@ -572,7 +593,7 @@ mod tests {
         let mut panel = vec![0f32; k * PANEL];
         for p in 0..n.div_ceil(PANEL) {
             transpose_panel(View::new(&b, n, k), p * PANEL, &mut panel);
-            assert_eq!(panel, packed.panels[p * k * PANEL..(p + 1) * k * PANEL]);
+            assert_eq!(panel, packed.panels()[p * k * PANEL..(p + 1) * k * PANEL]);
         }
         let mut got = vec![0f32; m * n];
         kernel_portable(&a, n, &packed, &mut got, n, false);
