@@ -11,7 +11,9 @@
 //! the configurations to run; `PNN_BENCH_FAST_BATCHES` times only the first N batches of the fast
 //! path too, scaled to an epoch (for quick iteration; said in the output); `PNN_BENCH_CPU=1`
 //! times with the thread's CPU time instead of the wall clock (on a loaded machine);
-//! `PNN_BENCH_REFERENCE=0` skips the reference path (to profile the fast path alone).
+//! `PNN_BENCH_REFERENCE=0` skips the reference path (to profile the fast path alone);
+//! `PNN_THREADS` sets the simulator's threads (default: the machine's logical cores; both paths
+//! get them).
 
 use std::process::Command;
 use std::time::Instant;
@@ -97,6 +99,10 @@ fn main() {
         return child(bench);
     }
     let only = std::env::var("PNN_BENCH_ONLY").unwrap_or_default();
+    println!(
+        "threads: {} (PNN_THREADS; the same bits for any count)",
+        pnn_sim::threads::threads()
+    );
     println!(
         "{:<34} {:>9} {:>9} {:>8} {:>10} {:>8}",
         "configuration", "s/epoch", "GFLOP/s", "peak MB", "reference", "speed-up"

@@ -12,6 +12,7 @@ pub mod noise;
 pub mod physical;
 pub mod profile;
 pub mod sparse;
+pub mod threads;
 
 pub use conv::ConvBlock;
 pub use dense::DenseLayer;

@@ -1,8 +1,9 @@
 //! The one place where the simulator multiplies matrices, so that the library behind it is
-//! chosen by measurement. Today: the `gemm` crate, single-threaded (these machines have two
-//! logical cores on one physical core; threads gave nothing). `gemm` picks its SIMD kernel at run
-//! time, so products (and everything trained from them) are bit-identical on one machine but may
-//! differ in the last bits between CPUs with and without FMA.
+//! chosen by measurement. Today: the `gemm` crate, each call on one thread; a large product is
+//! cut into blocks of rows that run on [`crate::threads`] (gemm's own threading was slower on
+//! these shapes). `gemm` picks its SIMD kernel at run time, so products (and everything trained
+//! from them) are bit-identical on one machine but may differ in the last bits between CPUs with
+//! and without FMA.
 //!
 //! Matrices are dense, row-major f32 slices; `ld*` are row strides.
 
@@ -86,29 +87,52 @@ pub fn gemm_into(
     } else {
         (1, b.ld as isize)
     };
-    // SAFETY: the checks above keep every index the strides reach inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.data.as_ptr(),
-            1,
-            a.ld as isize,
-            b.data.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+    // Large products are cut into blocks of rows of `a` (and `c`) by their shape alone, each
+    // block a product of its own, so that the blocks can run on threads and the bits do not
+    // depend on how many (see `crate::threads`).
+    let blocks = row_blocks(m, n, k);
+    let rows_per_block = m.div_ceil(blocks).next_multiple_of(16).min(m);
+    let blocks = m.div_ceil(rows_per_block);
+    let out = crate::threads::SharedMut(c.as_mut_ptr());
+    crate::threads::for_each_part(blocks, |block| {
+        let first = block * rows_per_block;
+        let rows = rows_per_block.min(m - first);
+        // SAFETY: the checks above keep every index the strides reach inside the slices; the
+        // blocks write disjoint rows of `c`, which the caller's `&mut` holds for the duration.
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                out.ptr().add(first * ldc),
+                1,
+                ldc as isize,
+                accumulate,
+                a.data.as_ptr().add(first * a.ld),
+                1,
+                a.ld as isize,
+                b.data.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+}
+
+/// Blocks of rows a product of this shape is cut into: one where a thread would cost about what
+/// it saves (`crate::threads::worth_a_thread`, whatever the thread count, so that the shape
+/// alone decides), else one per 128 rows, at most 8.
+fn row_blocks(m: usize, n: usize, k: usize) -> usize {
+    if 2 * m * n * k < crate::threads::WORTH_A_THREAD {
+        1
+    } else {
+        (m / 128).clamp(1, 8)
     }
 }
 

@@ -264,12 +264,70 @@ pub fn sparse_gemm_bt(
     crate::matmul::count_flops(2 * (a.stored() * n + k * n) as u64);
     pack(b, packed);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected; the shapes were checked above.
-        unsafe { kernel_avx2(a, n, packed, c, ldc, accumulate) };
-        return;
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    // Panels write disjoint columns and each value's sum does not depend on its panel: they run
+    // on threads when the product is large enough (`crate::threads`), with the same bits.
+    let panels = n.div_ceil(PANEL);
+    let parts = if 2 * a.stored() * n >= crate::threads::WORTH_A_THREAD {
+        panels
+    } else {
+        1
+    };
+    let out = Output {
+        c: crate::threads::SharedMut(c.as_mut_ptr()),
+        ldc,
+        n,
+        accumulate,
+    };
+    let packed = &*packed;
+    crate::threads::for_each_part(parts, |part| {
+        let mine = if parts == 1 {
+            0..panels
+        } else {
+            part..part + 1
+        };
+        for p in mine {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the features were detected above; the shapes were checked above.
+                unsafe { kernel_avx2(a, packed, p, out) };
+                continue;
+            }
+            kernel_portable(a, packed, p, out);
+        }
+    });
+}
+
+/// Where a panel's results go: `c` (rows x ldc, `n` columns used), written or added to.
+#[derive(Clone, Copy)]
+struct Output {
+    c: crate::threads::SharedMut<f32>,
+    ldc: usize,
+    n: usize,
+    accumulate: bool,
+}
+
+impl Output {
+    /// Writes (or adds) panel `p`'s result for input row `row`, the lanes inside `n`.
+    ///
+    /// # Safety
+    /// `c` must hold `rows` rows of `ldc` (checked by [`sparse_gemm_bt`]), borrowed mutably
+    /// throughout, and no other caller may write panel `p`'s columns at the same time.
+    #[inline(always)]
+    unsafe fn store(self, row: usize, p: usize, out: &[f32; PANEL]) {
+        let lanes = PANEL.min(self.n - p * PANEL);
+        // SAFETY: see above; the columns p * PANEL.. p * PANEL + lanes lie inside `n <= ldc`.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(self.c.ptr().add(row * self.ldc + p * PANEL), lanes)
+        };
+        if self.accumulate {
+            dst.iter_mut().zip(out).for_each(|(d, o)| *d += o);
+        } else {
+            dst.copy_from_slice(&out[..lanes]);
+        }
     }
-    kernel_portable(a, n, packed, c, ldc, accumulate);
 }
 
 /// `b` (n x k) into panels of [`PANEL`] columns of `bᵀ`, each k x PANEL, zero past `n`; and the
@@ -379,100 +437,62 @@ unsafe fn transpose_panel_avx(b: View, first: usize, panel: &mut [f32]) {
     }
 }
 
-/// Writes (or adds) the first `n - col` lanes of a panel's result into row `row` of `c`.
-#[inline(always)]
-fn store(c: &mut [f32], at: usize, out: &[f32; PANEL], lanes: usize, accumulate: bool) {
-    let dst = &mut c[at..at + lanes];
-    if accumulate {
-        dst.iter_mut().zip(out).for_each(|(d, o)| *d += o);
-    } else {
-        dst.copy_from_slice(&out[..lanes]);
-    }
-}
-
-fn kernel_portable(
-    a: &SparseRows,
-    n: usize,
-    packed: &Packed,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+/// Panel `p` of the product, portable.
+fn kernel_portable(a: &SparseRows, packed: &Packed, p: usize, out: Output) {
     let k = a.cols;
-    for (p, panel) in packed.panels().chunks_exact(k * PANEL).enumerate() {
-        let lanes = PANEL.min(n - p * PANEL);
-        let sums = &packed.column_sums[p * PANEL..(p + 1) * PANEL];
-        for i in 0..a.rows {
-            let (index, value) = a.row(i);
-            let mut acc = [[0f32; PANEL]; 4];
-            let mut quads = index.chunks_exact(4).zip(value.chunks_exact(4));
-            for (ix, vx) in &mut quads {
-                for q in 0..4 {
-                    let col = &panel[ix[q] as usize * PANEL..][..PANEL];
-                    for t in 0..PANEL {
-                        acc[q][t] += vx[q] * col[t];
-                    }
-                }
-            }
-            let done = index.len() / 4 * 4;
-            for (q, (&j, &v)) in index[done..].iter().zip(&value[done..]).enumerate() {
-                let col = &panel[j as usize * PANEL..][..PANEL];
+    let panel = &packed.panels()[p * k * PANEL..(p + 1) * k * PANEL];
+    let sums = &packed.column_sums[p * PANEL..(p + 1) * PANEL];
+    for i in 0..a.rows {
+        let (index, value) = a.row(i);
+        let mut acc = [[0f32; PANEL]; 4];
+        let mut quads = index.chunks_exact(4).zip(value.chunks_exact(4));
+        for (ix, vx) in &mut quads {
+            for q in 0..4 {
+                let col = &panel[ix[q] as usize * PANEL..][..PANEL];
                 for t in 0..PANEL {
-                    acc[q][t] += v * col[t];
+                    acc[q][t] += vx[q] * col[t];
                 }
             }
-            let mut out = [0f32; PANEL];
-            for t in 0..PANEL {
-                let partial = (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
-                out[t] = a.background * sums[t] + partial;
-            }
-            store(c, i * ldc + p * PANEL, &out, lanes, accumulate);
         }
+        let done = index.len() / 4 * 4;
+        for (q, (&j, &v)) in index[done..].iter().zip(&value[done..]).enumerate() {
+            let col = &panel[j as usize * PANEL..][..PANEL];
+            for t in 0..PANEL {
+                acc[q][t] += v * col[t];
+            }
+        }
+        let mut result = [0f32; PANEL];
+        for t in 0..PANEL {
+            let partial = (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
+            result[t] = a.background * sums[t] + partial;
+        }
+        // SAFETY: this call alone writes panel p (see `sparse_gemm_bt`).
+        unsafe { out.store(i, p, &result) };
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2(
-    a: &SparseRows,
-    n: usize,
-    packed: &Packed,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+unsafe fn kernel_avx2(a: &SparseRows, packed: &Packed, p: usize, out: Output) {
     use std::arch::x86_64::*;
     const W: usize = PANEL / 8;
     let k = a.cols;
-    for (p, panel) in packed.panels().chunks_exact(k * PANEL).enumerate() {
-        let lanes = PANEL.min(n - p * PANEL);
-        let base = panel.as_ptr();
-        // SAFETY (all loads below): `column_sums` holds whole panels; every stored index is
-        // below k, so `index * PANEL + PANEL <= k * PANEL`, inside this panel.
-        let sums: [__m256; W] = std::array::from_fn(|w| unsafe {
-            _mm256_loadu_ps(packed.column_sums.as_ptr().add(p * PANEL + 8 * w))
-        });
-        let background = _mm256_set1_ps(a.background);
-        for i in 0..a.rows {
-            let (index, value) = a.row(i);
-            let mut acc = [[_mm256_setzero_ps(); W]; 4];
-            let mut quads = index.chunks_exact(4).zip(value.chunks_exact(4));
-            for (ix, vx) in &mut quads {
-                for q in 0..4 {
-                    let v = _mm256_set1_ps(vx[q]);
-                    let at = unsafe { base.add(ix[q] as usize * PANEL) };
-                    for (w, acc) in acc[q].iter_mut().enumerate() {
-                        unsafe {
-                            let col = _mm256_loadu_ps(at.add(8 * w));
-                            *acc = _mm256_fmadd_ps(v, col, *acc);
-                        }
-                    }
-                }
-            }
-            let done = index.len() / 4 * 4;
-            for (q, (&j, &v)) in index[done..].iter().zip(&value[done..]).enumerate() {
-                let v = _mm256_set1_ps(v);
-                let at = unsafe { base.add(j as usize * PANEL) };
+    let panel = &packed.panels()[p * k * PANEL..(p + 1) * k * PANEL];
+    let base = panel.as_ptr();
+    // SAFETY (all loads below): `column_sums` holds whole panels; every stored index is below k,
+    // so `index * PANEL + PANEL <= k * PANEL`, inside this panel.
+    let sums: [__m256; W] = std::array::from_fn(|w| unsafe {
+        _mm256_loadu_ps(packed.column_sums.as_ptr().add(p * PANEL + 8 * w))
+    });
+    let background = _mm256_set1_ps(a.background);
+    for i in 0..a.rows {
+        let (index, value) = a.row(i);
+        let mut acc = [[_mm256_setzero_ps(); W]; 4];
+        let mut quads = index.chunks_exact(4).zip(value.chunks_exact(4));
+        for (ix, vx) in &mut quads {
+            for q in 0..4 {
+                let v = _mm256_set1_ps(vx[q]);
+                let at = unsafe { base.add(ix[q] as usize * PANEL) };
                 for (w, acc) in acc[q].iter_mut().enumerate() {
                     unsafe {
                         let col = _mm256_loadu_ps(at.add(8 * w));
@@ -480,18 +500,30 @@ unsafe fn kernel_avx2(
                     }
                 }
             }
-            let mut out = [0f32; PANEL];
-            for w in 0..W {
-                let partial = _mm256_add_ps(
-                    _mm256_add_ps(acc[0][w], acc[1][w]),
-                    _mm256_add_ps(acc[2][w], acc[3][w]),
-                );
-                let result = _mm256_add_ps(_mm256_mul_ps(background, sums[w]), partial);
-                // SAFETY: `out` holds PANEL = 8 W values.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * w), result) };
-            }
-            store(c, i * ldc + p * PANEL, &out, lanes, accumulate);
         }
+        let done = index.len() / 4 * 4;
+        for (q, (&j, &v)) in index[done..].iter().zip(&value[done..]).enumerate() {
+            let v = _mm256_set1_ps(v);
+            let at = unsafe { base.add(j as usize * PANEL) };
+            for (w, acc) in acc[q].iter_mut().enumerate() {
+                unsafe {
+                    let col = _mm256_loadu_ps(at.add(8 * w));
+                    *acc = _mm256_fmadd_ps(v, col, *acc);
+                }
+            }
+        }
+        let mut result = [0f32; PANEL];
+        for w in 0..W {
+            let partial = _mm256_add_ps(
+                _mm256_add_ps(acc[0][w], acc[1][w]),
+                _mm256_add_ps(acc[2][w], acc[3][w]),
+            );
+            let value = _mm256_add_ps(_mm256_mul_ps(background, sums[w]), partial);
+            // SAFETY: `result` holds PANEL = 8 W values.
+            unsafe { _mm256_storeu_ps(result.as_mut_ptr().add(8 * w), value) };
+        }
+        // SAFETY: this call alone writes panel p (see `sparse_gemm_bt`).
+        unsafe { out.store(i, p, &result) };
     }
 }
 
@@ -596,7 +628,15 @@ mod tests {
             assert_eq!(panel, packed.panels()[p * k * PANEL..(p + 1) * k * PANEL]);
         }
         let mut got = vec![0f32; m * n];
-        kernel_portable(&a, n, &packed, &mut got, n, false);
+        let out = Output {
+            c: crate::threads::SharedMut(got.as_mut_ptr()),
+            ldc: n,
+            n,
+            accumulate: false,
+        };
+        for p in 0..n.div_ceil(PANEL) {
+            kernel_portable(&a, &packed, p, out);
+        }
         let mut want = vec![0f32; m * n];
         gemm_into(
             View::new(&x, m, k),

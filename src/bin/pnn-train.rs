@@ -44,10 +44,17 @@ struct Args {
     /// How progress is shown on stderr.
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressMode,
+    /// Threads for the simulator's large products and direction draws; results are the same
+    /// bits for any count [default: $PNN_THREADS, else the machine's logical cores]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(n) = args.threads {
+        pnn_sim::threads::set_threads(n as usize);
+    }
     let mode = if args.quiet {
         ProgressMode::Quiet
     } else {
