@@ -43,9 +43,10 @@ impl DirectionCache {
         self.seeds.clear();
         self.seeds.extend_from_slice(seeds);
         self.data.resize(seeds.len() * stride, 0.0);
-        // One direction per part, on threads where there is enough to draw to be worth waking
-        // one (see `crate::threads::worth_a_thread`; a value takes ~1.5 ns, ~120 operations).
-        let parts = if crate::threads::worth_a_thread(seeds.len() * len * 120) {
+        // One direction per part, on threads where each is long enough to be worth it: from
+        // 2^15 values (~50 us to draw). Measured with two threads: CIFAR-shaped chunks of 50,000
+        // ~5% faster per epoch, MNIST's 39,250 neither faster nor slower.
+        let parts = if len >= 1 << 15 && crate::threads::threads() > 1 {
             seeds.len()
         } else {
             1

@@ -125,9 +125,8 @@ pub fn gemm_into(
     });
 }
 
-/// Blocks of rows a product of this shape is cut into: one where a thread would cost about what
-/// it saves (`crate::threads::worth_a_thread`, whatever the thread count, so that the shape
-/// alone decides), else one per 128 rows, at most 8.
+/// Blocks of rows a product of this shape is cut into: one below
+/// [`crate::threads::WORTH_A_THREAD`] operations, else one per 128 rows, at most 8.
 fn row_blocks(m: usize, n: usize, k: usize) -> usize {
     if 2 * m * n * k < crate::threads::WORTH_A_THREAD {
         1

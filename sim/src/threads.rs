@@ -65,15 +65,11 @@ fn pool() -> &'static rayon::ThreadPool {
     })
 }
 
-/// Whether work of about `flops` operations (at ~80 GFLOP/s) is worth running on threads: waking
-/// a waiting worker and waiting for it costs tens of microseconds here (a virtual machine's idle
-/// core is woken by the hypervisor), so only work of half a millisecond or more gains (measured
-/// on MNIST, whose products and directions are too small: two threads were slower).
-pub(crate) fn worth_a_thread(flops: usize) -> bool {
-    flops >= WORTH_A_THREAD && threads() > 1
-}
-
-/// The operations [`worth_a_thread`] asks for.
+/// The operations (2 per multiply-add) from which a product is cut into parts that can run on
+/// threads: ~0.4 ms of work at ~80 GFLOP/s. Waking a waiting worker and waiting for it costs
+/// tens of microseconds here (a virtual machine's idle core is woken through the hypervisor), and
+/// smaller products (MNIST's) ran slower on two threads than on one. The cut depends on this
+/// size alone, never on the thread count, so that the bits do not.
 pub(crate) const WORTH_A_THREAD: usize = 1 << 25;
 
 /// A pointer that may cross to the threads of [`for_each_part`], for parts that write
