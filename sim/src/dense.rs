@@ -645,13 +645,19 @@ impl DenseLayer {
                             row[o] = if relu_now { z[o].max(0.0) } else { z[o] };
                         }
                     }
-                    // dz over the touched outputs: the product's rows, zero on bias-only ones.
-                    dz_touched[dz_at..dz_at + k]
-                        .copy_from_slice(&self.dz[(b * blocks + block) * kk..][..k]);
+                    // dz over the touched outputs: the product's rows, zero on bias-only ones
+                    // (read in place where the product's rows are the touched outputs).
+                    let product = &self.dz[(b * blocks + block) * kk..][..k];
+                    let dz_row = if k == outputs.len() {
+                        product
+                    } else {
+                        dz_touched[dz_at..dz_at + k].copy_from_slice(product);
+                        &dz_touched[..]
+                    };
                     let touched = row[at..at + outputs.len()]
                         .iter_mut()
                         .zip(&z[outputs.clone()])
-                        .zip(&dz_touched)
+                        .zip(dz_row)
                         .zip(&bias_add);
                     match (linear, relu_now) {
                         (true, true) => touched.for_each(|(((a, z), d), vb)| {

@@ -226,7 +226,11 @@ impl Packed {
     /// Room for `len` values of panels, aligned.
     fn panels_mut(&mut self, len: usize) -> &mut [f32] {
         const LINE: usize = 64 / std::mem::size_of::<f32>();
-        self.buffer.resize(len + LINE, 0.0);
+        // Grown, never shrunk: products of different widths share the buffer, and a
+        // regrowth would zero what is about to be written anyway.
+        if self.buffer.len() < len + LINE {
+            self.buffer.resize(len + LINE, 0.0);
+        }
         let misalignment = self.buffer.as_ptr().align_offset(64);
         self.start = if misalignment < LINE { misalignment } else { 0 };
         let start = self.start;
