@@ -278,6 +278,11 @@ pub trait ForwardOracle {
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError>;
 
+    /// A hint that the next perturbed evaluation will be of `chunk` along `seeds`, for a backend
+    /// that can draw directions ahead (the simulator, on a free thread). Changes no result.
+    /// The default does nothing.
+    fn prefetch_directions(&mut self, _chunk: Range<usize>, _seeds: &[DirectionSeed]) {}
+
     /// The parameters as the layer holds them now, for a backend that holds them in this
     /// process (the simulator): after an update the trainer copies the chunk into its shadow
     /// rather than computing the same update a second time. `None`, the default: the layer is

@@ -319,18 +319,16 @@ impl<O: ForwardOracle> Trainer<O> {
         let mut produced: Option<Activations> = None;
         let mut losses = Vec::with_capacity(self.layers.len());
         for (l, (oracle, state)) in self.oracles.iter_mut().zip(&mut self.layers).enumerate() {
-            let key = |group, chunk: usize, index: usize| {
-                DirectionKey {
-                    run_seed: hyper.seed,
-                    epoch,
-                    batch,
-                    layer: l as u32,
-                    group,
-                    chunk: chunk as u32,
-                    index: index as u32,
-                }
-                .seed()
+            let key_of = |group, chunk: usize, index: usize| DirectionKey {
+                run_seed: hyper.seed,
+                epoch,
+                batch,
+                layer: l as u32,
+                group,
+                chunk: chunk as u32,
+                index: index as u32,
             };
+            let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
             oracle.load_input(produced.as_ref().unwrap_or(input))?;
             let spec = oracle.spec().clone();
             let s = &mut self.scratch;
@@ -383,6 +381,20 @@ impl<O: ForwardOracle> Trainer<O> {
                 |j, p| key(ParamGroup::Projection, j, p),
                 s,
             ));
+            // The next batch starts this layer with its first chunk: its directions can be
+            // drawn while the layers after this one train (same values, a hint only).
+            if let Some(first) = state.weight_chunks.first() {
+                let next: Vec<_> = (0..hyper.directions)
+                    .map(|p| {
+                        DirectionKey {
+                            batch: batch + 1,
+                            ..key_of(ParamGroup::Weights, 0, p)
+                        }
+                        .seed()
+                    })
+                    .collect();
+                oracle.prefetch_directions(first.clone(), &next);
+            }
             produced = Some(match out.next {
                 Some(next) => next,
                 None => out.features,

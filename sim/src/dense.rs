@@ -246,6 +246,36 @@ impl DenseLayer {
         chunk.start / self.n_in..chunk.end.min(nw).div_ceil(self.n_in)
     }
 
+    /// Where the fast path lays a chunk's directions (offset in, and length of, each
+    /// direction's block of whole rows of `W`, its bias part in rows after them), for a device
+    /// that computes with the targets themselves; `None` for any other layer or a bias-only chunk.
+    fn direction_layout(&self, chunk: &Range<usize>) -> Option<(usize, usize)> {
+        let n_in = self.n_in;
+        let nw = self.n_out * n_in;
+        let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
+        let identity = self.device.as_deref().is_none_or(|d| d.weights_identity());
+        if !identity || weight_part.is_empty() || self.choreography != Choreography::Fast {
+            return None;
+        }
+        let rows = self.weight_rows_of(chunk);
+        let offset = weight_part.start - rows.start * n_in;
+        let kk = rows.len() + (chunk.len() - weight_part.len()).div_ceil(n_in);
+        Some((offset, kk * n_in))
+    }
+
+    /// A hint that the next perturbed evaluation will be of `chunk` along `seeds`: where another
+    /// thread is free, their directions are drawn there meanwhile (the same values; nothing
+    /// changes if the hint is wrong, but the draw is wasted).
+    pub fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
+        if crate::threads::threads() < 2 || self.check_chunk(&chunk).is_err() {
+            return;
+        }
+        if let Some((offset, stride)) = self.direction_layout(&chunk) {
+            self.directions
+                .prefetch_laid_out(seeds, chunk.len(), offset, stride);
+        }
+    }
+
     /// Brings the cached clean pre-activation up to date (only its stale outputs).
     fn refresh_preactivation(&mut self) {
         let Some(rows) = self.stale.take() else {
@@ -528,7 +558,6 @@ impl DenseLayer {
         // the device's map is linear (s = 1 on an ideal device: one block per direction), else
         // `e(w ± eps v) - e(w)` (clipping, quantisation: one block per direction and sign).
         let linear = device.is_none_or(|d| d.weights_linear());
-        let identity = device.is_none_or(|d| d.weights_identity());
         let blocks = if linear { p_count } else { 2 * p_count };
         // The weight part of each direction, laid into (rows x n_in) blocks, stacked.
         let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
@@ -538,15 +567,15 @@ impl DenseLayer {
         // the directions are drawn straight into the stacked layout and the product runs on the
         // cache's buffer: a chunk's bias part (after the last row of W) then lies in extra rows,
         // whose products are computed and not used.
-        let laid_out = identity && !weight_part.is_empty();
-        let kk = if laid_out {
-            k + (chunk.len() - width).div_ceil(n_in)
-        } else {
-            k
+        let layout = self.direction_layout(&chunk);
+        let laid_out = layout.is_some();
+        let kk = match layout {
+            Some((_, stride)) => stride / n_in,
+            None => k,
         };
-        if laid_out {
+        if let Some((offset, stride)) = layout {
             self.directions
-                .prepare_laid_out(seeds, chunk.len(), offset, kk * n_in);
+                .prepare_laid_out(seeds, chunk.len(), offset, stride);
         } else {
             self.directions.prepare(seeds, chunk.len());
             self.stacked.clear();

@@ -52,6 +52,11 @@ pub(crate) fn for_each_part(parts: usize, work: impl Fn(usize) + Sync) {
     });
 }
 
+/// Runs `task` on a worker, returning at once (for work whose result is collected later).
+pub(crate) fn spawn(task: impl FnOnce() + Send + 'static) {
+    pool().spawn(task);
+}
+
 /// The workers beside the calling thread: one fewer than the machine's logical cores.
 fn pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();

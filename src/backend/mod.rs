@@ -144,6 +144,10 @@ impl ForwardOracle for AnyOracle {
         dispatch!(self, o => o.apply_update(chunk, scale, terms))
     }
 
+    fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
+        dispatch!(self, o => o.prefetch_directions(chunk, seeds))
+    }
+
     fn parameters_in_process(&self) -> Option<&[f32]> {
         dispatch!(self, o => o.parameters_in_process())
     }

@@ -162,6 +162,12 @@ impl ForwardOracle for SimOracle {
         })
     }
 
+    fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
+        if let SimLayer::Dense(l) = &mut self.layer {
+            l.prefetch_directions(chunk, seeds);
+        }
+    }
+
     fn parameters_in_process(&self) -> Option<&[f32]> {
         Some(match &self.layer {
             SimLayer::Dense(l) => l.params(),
