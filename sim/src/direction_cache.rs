@@ -10,10 +10,7 @@ use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 #[derive(Default, Debug)]
 pub struct DirectionCache {
-    len: usize,
-    offset: usize,
-    stride: usize,
-    seeds: Vec<DirectionSeed>,
+    layout: Layout,
     data: Vec<f32>,
     /// Directions being drawn on another thread ([`DirectionCache::prefetch_laid_out`]).
     pending: Option<Pending>,
@@ -21,13 +18,29 @@ pub struct DirectionCache {
     spare: Vec<f32>,
 }
 
-/// What a prepared buffer holds.
-#[derive(Clone, Debug, PartialEq)]
+/// What a prepared buffer holds: direction `p` of `seeds` (`len` values) at `p * stride +
+/// offset`.
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Layout {
     seeds: Vec<DirectionSeed>,
     len: usize,
     offset: usize,
     stride: usize,
+}
+
+impl Layout {
+    fn new(seeds: &[DirectionSeed], len: usize, offset: usize, stride: usize) -> Self {
+        assert!(
+            offset + len <= stride,
+            "a direction does not fit its stride"
+        );
+        Self {
+            seeds: seeds.to_vec(),
+            len,
+            offset,
+            stride,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -63,25 +76,16 @@ impl DirectionCache {
         offset: usize,
         stride: usize,
     ) {
-        assert!(
-            offset + len <= stride,
-            "a direction does not fit its stride"
-        );
-        self.len = len;
-        self.offset = offset;
-        self.stride = stride;
-        self.seeds.clear();
-        self.seeds.extend_from_slice(seeds);
-        // A draw started for these very arguments is taken (waiting for it if need be); any
-        // other is dropped unread.
+        let layout = Layout::new(seeds, len, offset, stride);
+        // A draw started for this very layout is taken (waiting for it if need be); any other
+        // is dropped unread.
         if let Some(pending) = self.pending.take()
-            && pending.layout.seeds == seeds
-            && (pending.layout.len, pending.layout.offset) == (len, offset)
-            && pending.layout.stride == stride
+            && pending.layout == layout
             && let Ok(receiver) = pending.filled.into_inner()
             && let Ok(filled) = receiver.recv()
         {
             self.spare = std::mem::replace(&mut self.data, filled);
+            self.layout = layout;
             return;
         }
         self.data.resize(seeds.len() * stride, 0.0);
@@ -108,6 +112,7 @@ impl DirectionCache {
                 fill_slot(slot, offset, len, seeds[p]);
             }
         });
+        self.layout = layout;
     }
 
     /// Starts drawing what [`DirectionCache::prepare_laid_out`] with these arguments will need,
@@ -120,16 +125,7 @@ impl DirectionCache {
         offset: usize,
         stride: usize,
     ) {
-        assert!(
-            offset + len <= stride,
-            "a direction does not fit its stride"
-        );
-        let layout = Layout {
-            seeds: seeds.to_vec(),
-            len,
-            offset,
-            stride,
-        };
+        let layout = Layout::new(seeds, len, offset, stride);
         let mut buffer = std::mem::take(&mut self.spare);
         buffer.resize(seeds.len() * stride, 0.0);
         let (done, filled) = std::sync::mpsc::channel();
@@ -149,16 +145,17 @@ impl DirectionCache {
 
     /// The cached vector for `seed`, if it was prepared for chunks of length `len`.
     pub fn get(&self, seed: DirectionSeed, len: usize) -> Option<&[f32]> {
-        if len != self.len {
+        let l = &self.layout;
+        if len != l.len {
             return None;
         }
-        let i = self.seeds.iter().position(|s| *s == seed)?;
-        Some(&self.data[i * self.stride + self.offset..][..len])
+        let i = l.seeds.iter().position(|s| *s == seed)?;
+        Some(&self.data[i * l.stride + l.offset..][..len])
     }
 
     /// The whole buffer: as many strides as directions.
     pub fn laid_out(&self) -> &[f32] {
-        &self.data[..self.seeds.len() * self.stride]
+        &self.data[..self.layout.seeds.len() * self.layout.stride]
     }
 
     /// Prepares the directions of an update's terms unless every one is cached already.
