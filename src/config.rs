@@ -161,6 +161,12 @@ pub struct ExperimentConfig {
     #[arg(long, value_name = "N", value_parser = positive_usize)]
     #[serde(default, deserialize_with = "de_positive")]
     pub checkpoint_every: Option<usize>,
+    /// Evaluate perturbations by the reference choreography of Algorithm 1 (perturb, full
+    /// forward, perturb, full forward, restore) instead of the simulator's exact fast paths:
+    /// slower, the same results up to float rounding (simulated backends only)
+    #[arg(long)]
+    #[serde(default)]
+    pub exact_reference: bool,
     /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
     /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
     /// unless --checkpoint says otherwise
@@ -297,6 +303,7 @@ impl ExperimentConfig {
             checkpoint: over.checkpoint.or(self.checkpoint),
             checkpoint_every: over.checkpoint_every.or(self.checkpoint_every),
             resume: over.resume.or(self.resume),
+            exact_reference: over.exact_reference || self.exact_reference,
         }
     }
 
@@ -337,6 +344,10 @@ impl ExperimentConfig {
         key(
             "checkpoint_every",
             self.checkpoint_every.map(|n| n.to_string()),
+        );
+        key(
+            "exact_reference",
+            self.exact_reference.then(|| "true".into()),
         );
         out.push(')');
         out
@@ -381,6 +392,15 @@ impl ExperimentConfig {
         run.checkpoint_every = self.checkpoint_every;
         run.resume = self.resume.clone();
         run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
+        if self.exact_reference && matches!(run.backend, BackendSpec::Serial(_)) {
+            return Err(ConfigError::Invalid {
+                key: "exact_reference",
+                message: "chooses how the simulator evaluates, so it needs a simulated backend \
+                          (sim or sim:<profile.ron>); a device evaluates as it does"
+                    .into(),
+            });
+        }
+        run.exact_reference = self.exact_reference;
         Ok(run)
     }
 }
@@ -543,6 +563,7 @@ mod tests {
             checkpoint: Some(PathBuf::from("runs/ckpt")),
             checkpoint_every: Some(10),
             resume: None,
+            exact_reference: true,
         };
         for c in [full, ExperimentConfig::default()] {
             let text = c.to_ron();

@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub resume: Option<PathBuf>,
     /// The settings as a config file, stored in checkpoints (`ExperimentConfig::to_ron`).
     pub settings: Option<String>,
+    /// Simulated layers evaluate by the reference choreography, not the fast paths.
+    pub exact_reference: bool,
 }
 
 impl RunConfig {
@@ -61,6 +63,7 @@ impl RunConfig {
             checkpoint_every: None,
             resume: None,
             settings: None,
+            exact_reference: false,
         }
     }
 }
@@ -118,7 +121,15 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
         dir.display()
     );
     let specs = model.layer_specs();
-    let oracles = backend::open(&config.backend, &specs)?;
+    let mut oracles = backend::open(&config.backend, &specs)?;
+    if config.exact_reference {
+        tracing::info!("perturbations evaluated by the reference choreography (--exact-reference)");
+        for oracle in &mut oracles {
+            if let backend::AnyOracle::Sim(sim) = oracle {
+                sim.set_choreography(pnn_sim::dense::Choreography::Reference);
+            }
+        }
+    }
     if let (Some(_), BackendSpec::SimProfile(path)) = (&config.resume, &config.backend) {
         let noisy = pnn_sim::profile::DeviceProfile::load(path).is_ok_and(|p| !p.noise.is_ideal());
         if noisy {
