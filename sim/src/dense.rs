@@ -11,6 +11,7 @@ use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 use crate::direction_cache::DirectionCache;
 use crate::matmul::{View, gemm_into, matmul_a_bt};
+use crate::packed::{PackedRows, packed_gemm_bt};
 use crate::sparse::{Packed, SparseRows, sparse_gemm_bt};
 
 /// Inputs with at most this share of entries off their background value (normalised MNIST
@@ -48,12 +49,9 @@ pub struct DenseLayer {
     n_in: usize,
     n_out: usize,
     params: Vec<f32>,
-    input: Vec<f32>,
+    /// The cached input batch, in the forms its products read.
+    input: LayerInput,
     batch: usize,
-    /// The input as sparse rows, where it is sparse enough and the fast path runs.
-    sparse_input: SparseRows,
-    input_is_sparse: bool,
-    packed: Packed,
     directions: DirectionCache,
     saved: Vec<f32>,
     scratch: Vec<f32>,
@@ -85,7 +83,8 @@ pub enum Choreography {
     /// computed once per batch and kept current as chunks update: on an ideal device an update
     /// moves it by the combination of the products the evaluation computed, else the outputs
     /// the chunk touches are recomputed. The P directions are multiplied in one fused product
-    /// over the rows of W the chunk covers, through the input's sparse rows where it has them.
+    /// over the rows of W the chunk covers, through the input's sparse rows where it has them,
+    /// else through a copy of the input packed once for all of the batch's products.
     /// Conv blocks (`crate::conv`) follow the same scheme per channel.
     #[default]
     Fast,
@@ -106,11 +105,8 @@ impl DenseLayer {
             n_in,
             n_out,
             params: vec![0.0; n_out * n_in + n_out],
-            input: Vec::new(),
+            input: LayerInput::default(),
             batch: 0,
-            sparse_input: SparseRows::default(),
-            input_is_sparse: false,
-            packed: Packed::default(),
             directions: DirectionCache::default(),
             saved: Vec::new(),
             scratch: Vec::new(),
@@ -202,9 +198,11 @@ impl DenseLayer {
     /// Sets how perturbed evaluations are computed. Switching away from the fast path drops an
     /// input held as sparse rows only (see [`DenseLayer::load_input`]): load it again.
     pub fn set_choreography(&mut self, choreography: Choreography) {
-        if choreography != Choreography::Fast && self.input_is_sparse {
-            self.input_is_sparse = false;
-            self.batch = 0;
+        if choreography != Choreography::Fast {
+            if self.input.form == InputForm::Sparse {
+                self.batch = 0;
+            }
+            self.input.form = InputForm::Dense;
         }
         self.choreography = choreography;
     }
@@ -298,16 +296,13 @@ impl DenseLayer {
             cols: n_in,
             ld: n_in,
         };
-        input_times_bt(
-            &self.input,
+        self.input.times_bt(
             batch,
             n_in,
-            self.input_is_sparse.then_some(&self.sparse_input),
             weights,
             &mut self.z0[rows.start..],
             n_out,
             true,
-            &mut self.packed,
         );
     }
 
@@ -357,27 +352,26 @@ impl DenseLayer {
         // An ideal layer on the fast path reads a sparse input through its sparse rows alone:
         // it keeps no dense copy of one.
         let fast = self.choreography == Choreography::Fast;
-        self.input.clear();
-        let Some(device) = self.device.as_mut() else {
-            self.input_is_sparse = fast
-                && (self.sparse_input).detect_into(x, self.batch, self.n_in, SPARSE_INPUT_DENSITY);
-            if !self.input_is_sparse {
-                self.input.extend_from_slice(x);
+        let (batch, n_in) = (self.batch, self.n_in);
+        let input = &mut self.input;
+        input.dense.clear();
+        if let Some(device) = self.device.as_mut() {
+            input.dense.extend_from_slice(x);
+            device.convert_input(&mut input.dense);
+            if device.tick() {
+                self.refresh_effective(0..self.n_out * self.n_in);
             }
-            return Ok(());
-        };
-        self.input.extend_from_slice(x);
-        device.convert_input(&mut self.input);
-        if device.tick() {
-            self.refresh_effective(0..self.n_out * self.n_in);
+            self.input.choose_form(fast, batch, n_in);
+        } else if fast
+            && input
+                .sparse
+                .detect_into(x, batch, n_in, SPARSE_INPUT_DENSITY)
+        {
+            input.form = InputForm::Sparse;
+        } else {
+            input.dense.extend_from_slice(x);
+            input.choose_form(fast, batch, n_in);
         }
-        self.input_is_sparse = fast
-            && self.sparse_input.detect_into(
-                &self.input,
-                self.batch,
-                self.n_in,
-                SPARSE_INPUT_DENSITY,
-            );
         Ok(())
     }
 
@@ -406,7 +400,14 @@ impl DenseLayer {
     /// `self.effective` where that is kept).
     fn forward_on(&self, params: &[f32], out: &mut Vec<f32>) {
         match self.device.as_deref() {
-            None => forward_with(params, self.n_in, self.n_out, &self.input, self.batch, out),
+            None => forward_with(
+                params,
+                self.n_in,
+                self.n_out,
+                &self.input.dense,
+                self.batch,
+                out,
+            ),
             Some(device) => {
                 let nw = self.n_out * self.n_in;
                 let weights = if self.effective.is_empty() {
@@ -414,7 +415,7 @@ impl DenseLayer {
                 } else {
                     &self.effective
                 };
-                device.forward(weights, &params[nw..], &self.input, self.batch, out);
+                device.forward(weights, &params[nw..], &self.input.dense, self.batch, out);
             }
         }
     }
@@ -619,16 +620,13 @@ impl DenseLayer {
             } else {
                 &self.stacked
             };
-            input_times_bt(
-                &self.input,
+            self.input.times_bt(
                 batch,
                 n_in,
-                self.input_is_sparse.then_some(&self.sparse_input),
                 View::new(stacked, blocks * kk, n_in),
                 &mut self.dz,
                 blocks * kk,
                 false,
-                &mut self.packed,
             );
         } else {
             self.dz.iter_mut().for_each(|d| *d = 0.0);
@@ -813,23 +811,71 @@ impl DenseLayer {
     }
 }
 
-/// `c [+]= x bᵀ` for the layer's input `x` (batch x n_in), through its sparse rows where it has
-/// them (and then `x` may be empty).
-#[allow(clippy::too_many_arguments)]
-fn input_times_bt(
-    x: &[f32],
-    batch: usize,
-    n_in: usize,
-    sparse: Option<&SparseRows>,
-    b: View,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-    packed: &mut Packed,
-) {
-    match sparse {
-        Some(rows) => sparse_gemm_bt(rows, b, c, ldc, accumulate, packed),
-        None => gemm_into(View::new(x, batch, n_in), b, true, c, ldc, accumulate),
+/// The form in which the fast path's products read a layer's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum InputForm {
+    /// The dense rows, through `gemm` (the reference choreography, devices that draw noise).
+    #[default]
+    Dense,
+    /// Sparse rows only, no dense copy (an ideal layer's input mostly one value).
+    Sparse,
+    /// The dense rows and a packed copy that every product of the batch reads.
+    Packed,
+}
+
+/// A layer's cached input batch (batch x n_in) in the forms its products read.
+#[derive(Debug, Default)]
+struct LayerInput {
+    /// Empty when the form is `Sparse`.
+    dense: Vec<f32>,
+    sparse: SparseRows,
+    packed: PackedRows,
+    form: InputForm,
+    /// Scratch of the sparse products.
+    panels: Packed,
+}
+
+impl LayerInput {
+    /// After `dense` is loaded: the fast path reads sparse rows where the input is mostly one
+    /// value (as a device converted it), else a copy packed once for the batch's products.
+    fn choose_form(&mut self, fast: bool, batch: usize, n_in: usize) {
+        self.form = if !fast {
+            InputForm::Dense
+        } else if (self.sparse).detect_into(&self.dense, batch, n_in, SPARSE_INPUT_DENSITY) {
+            InputForm::Sparse
+        } else {
+            self.packed.pack(&self.dense, batch, n_in);
+            InputForm::Packed
+        };
+    }
+
+    /// `c [+]= x bᵀ` (batch x b.rows, row stride ldc).
+    fn times_bt(
+        &mut self,
+        batch: usize,
+        n_in: usize,
+        b: View,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        match self.form {
+            InputForm::Sparse => {
+                sparse_gemm_bt(&self.sparse, b, c, ldc, accumulate, &mut self.panels)
+            }
+            InputForm::Packed => {
+                assert_eq!(b.cols, n_in, "product: inner dimensions differ");
+                packed_gemm_bt(&self.packed, b.data, b.rows, b.ld, c, ldc, accumulate)
+            }
+            InputForm::Dense => gemm_into(
+                View::new(&self.dense, batch, n_in),
+                b,
+                true,
+                c,
+                ldc,
+                accumulate,
+            ),
+        }
     }
 }
 
@@ -877,7 +923,7 @@ mod tests {
         for s in 0..3 {
             for o in 0..4 {
                 let z: f32 = (0..6)
-                    .map(|i| l.input[s * 6 + i] * w[o * 6 + i])
+                    .map(|i| l.input.dense[s * 6 + i] * w[o * 6 + i])
                     .sum::<f32>()
                     + b[o];
                 assert!((out[s * 4 + o] - z.max(0.0)).abs() < 1e-5);

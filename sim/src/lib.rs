@@ -9,6 +9,7 @@ pub mod direction_cache;
 pub mod emulator;
 pub mod matmul;
 pub mod noise;
+pub mod packed;
 pub mod physical;
 pub mod profile;
 pub mod sparse;
