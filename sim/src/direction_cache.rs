@@ -92,25 +92,13 @@ impl DirectionCache {
         // One direction per part, on threads where each is long enough to be worth it: from
         // 2^15 values (~50 us to draw). Measured with two threads: CIFAR-shaped chunks of 50,000
         // ~5% faster per epoch, MNIST's 39,250 neither faster nor slower.
-        let parts = if len >= 1 << 15 && crate::threads::threads() > 1 {
-            seeds.len()
-        } else {
-            1
-        };
         let data = crate::threads::SharedMut(self.data.as_mut_ptr());
-        crate::threads::for_each_part(parts, |part| {
-            let mine = if parts == 1 {
-                0..seeds.len()
-            } else {
-                part..part + 1
-            };
-            for p in mine {
-                // SAFETY: slot `p` (`stride` values from `p * stride`) lies inside `data`, which
-                // `self` holds mutably throughout, and each slot is written by one part only.
-                let slot =
-                    unsafe { std::slice::from_raw_parts_mut(data.ptr().add(p * stride), stride) };
-                fill_slot(slot, offset, len, seeds[p]);
-            }
+        crate::threads::for_each(seeds.len(), len >= 1 << 15, |p| {
+            // SAFETY: slot `p` (`stride` values from `p * stride`) lies inside `data`, which
+            // `self` holds mutably throughout, and each slot is written by one call only.
+            let slot =
+                unsafe { std::slice::from_raw_parts_mut(data.ptr().add(p * stride), stride) };
+            fill_slot(slot, offset, len, seeds[p]);
         });
         self.layout = layout;
     }

@@ -36,29 +36,20 @@ impl PackedRows {
             self.panels.clear();
             self.panels.resize(panels * MR * cols, 0.0);
         }
-        let parts = if rows * cols >= 1 << 18 { panels } else { 1 };
         let all = crate::threads::SharedMut(self.panels.as_mut_ptr());
-        crate::threads::for_each_part(parts, |part| {
-            let mine = if parts == 1 {
-                0..panels
-            } else {
-                part..part + 1
-            };
-            for p in mine {
-                // SAFETY: panel p (MR * cols values from p * MR * cols) lies inside the buffer,
-                // which `self` holds mutably throughout, and this part alone writes it.
-                let panel = unsafe {
-                    std::slice::from_raw_parts_mut(all.ptr().add(p * MR * cols), MR * cols)
-                };
-                let live = MR.min(rows - p * MR);
-                for (j, column) in panel.chunks_exact_mut(MR).enumerate() {
-                    for (r, v) in column.iter_mut().enumerate() {
-                        *v = if r < live {
-                            x[(p * MR + r) * cols + j]
-                        } else {
-                            0.0
-                        };
-                    }
+        crate::threads::for_each(panels, rows * cols >= 1 << 18, |p| {
+            // SAFETY: panel p (MR * cols values from p * MR * cols) lies inside the buffer,
+            // which `self` holds mutably throughout, and this part alone writes it.
+            let panel =
+                unsafe { std::slice::from_raw_parts_mut(all.ptr().add(p * MR * cols), MR * cols) };
+            let live = MR.min(rows - p * MR);
+            for (j, column) in panel.chunks_exact_mut(MR).enumerate() {
+                for (r, v) in column.iter_mut().enumerate() {
+                    *v = if r < live {
+                        x[(p * MR + r) * cols + j]
+                    } else {
+                        0.0
+                    };
                 }
             }
         });
@@ -103,46 +94,34 @@ pub fn packed_gemm_bt(
     let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
-    let parts = if 2 * m * n * k >= crate::threads::WORTH_A_THREAD {
-        panels
-    } else {
-        1
-    };
-    crate::threads::for_each_part(parts, |part| {
-        let mine = if parts == 1 {
-            0..panels
-        } else {
-            part..part + 1
-        };
+    let split = 2 * m * n * k >= crate::threads::WORTH_A_THREAD;
+    crate::threads::for_each(panels, split, |p| {
         // The panel's product, transposed: n rows of MR values.
         let mut tile = vec![0f32; n * MR];
-        for p in mine {
-            let panel = &x.panels[p * MR * k..(p + 1) * MR * k];
-            tile.fill(0.0);
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                for j0 in (0..n).step_by(NR) {
-                    let nr = NR.min(n - j0);
-                    let at = &mut tile[j0 * MR..(j0 + nr) * MR];
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: features detected above; `at` holds nr rows of MR values, the
-                        // panel k * MR values, b rows j0..j0+nr of ldb >= k values.
-                        unsafe { kernel_avx2(panel, k0, kc, b, j0, nr, ldb, at) };
-                        continue;
-                    }
-                    kernel_portable(panel, k0, kc, b, j0, nr, ldb, at);
+        let panel = &x.panels[p * MR * k..(p + 1) * MR * k];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for j0 in (0..n).step_by(NR) {
+                let nr = NR.min(n - j0);
+                let at = &mut tile[j0 * MR..(j0 + nr) * MR];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: features detected above; `at` holds nr rows of MR values, the
+                    // panel k * MR values, b rows j0..j0+nr of ldb >= k values.
+                    unsafe { kernel_avx2(panel, k0, kc, b, j0, nr, ldb, at) };
+                    continue;
                 }
+                kernel_portable(panel, k0, kc, b, j0, nr, ldb, at);
             }
-            for r in 0..MR.min(m - p * MR) {
-                // SAFETY: row p * MR + r of `c` (n values from row * ldc) lies inside it; panel
-                // p's rows are written by this part alone, while the caller holds `c` mutably.
-                let row =
-                    unsafe { std::slice::from_raw_parts_mut(out.ptr().add((p * MR + r) * ldc), n) };
-                for (j, v) in row.iter_mut().enumerate() {
-                    let value = tile[j * MR + r];
-                    *v = if accumulate { *v + value } else { value };
-                }
+        }
+        for r in 0..MR.min(m - p * MR) {
+            // SAFETY: row p * MR + r of `c` (n values from row * ldc) lies inside it; panel
+            // p's rows are written by this part alone, while the caller holds `c` mutably.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(out.ptr().add((p * MR + r) * ldc), n) };
+            for (j, v) in row.iter_mut().enumerate() {
+                let value = tile[j * MR + r];
+                *v = if accumulate { *v + value } else { value };
             }
         }
     });

@@ -274,11 +274,7 @@ pub fn sparse_gemm_bt(
     // Panels write disjoint columns and each value's sum does not depend on its panel: they run
     // on threads when the product is large enough (`crate::threads`), with the same bits.
     let panels = n.div_ceil(PANEL);
-    let parts = if 2 * a.stored() * n >= crate::threads::WORTH_A_THREAD {
-        panels
-    } else {
-        1
-    };
+    let split = 2 * a.stored() * n >= crate::threads::WORTH_A_THREAD;
     let out = Output {
         c: crate::threads::SharedMut(c.as_mut_ptr()),
         ldc,
@@ -286,21 +282,14 @@ pub fn sparse_gemm_bt(
         accumulate,
     };
     let packed = &*packed;
-    crate::threads::for_each_part(parts, |part| {
-        let mine = if parts == 1 {
-            0..panels
-        } else {
-            part..part + 1
-        };
-        for p in mine {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the features were detected above; the shapes were checked above.
-                unsafe { kernel_avx2(a, packed, p, out) };
-                continue;
-            }
-            kernel_portable(a, packed, p, out);
+    crate::threads::for_each(panels, split, |p| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the features were detected above; the shapes were checked above.
+            unsafe { kernel_avx2(a, packed, p, out) };
+            return;
         }
+        kernel_portable(a, packed, p, out);
     });
 }
 

@@ -52,6 +52,16 @@ pub(crate) fn for_each_part(parts: usize, work: impl Fn(usize) + Sync) {
     });
 }
 
+/// Runs `work(i)` for every `i` in `0..count`: with `split`, each on its own part (see
+/// [`for_each_part`]), else all in order on this thread. Callers split by the work's size alone.
+pub(crate) fn for_each(count: usize, split: bool, work: impl Fn(usize) + Sync) {
+    if split {
+        for_each_part(count, work);
+    } else {
+        (0..count).for_each(work);
+    }
+}
+
 /// Runs `task` on a worker, returning at once (for work whose result is collected later).
 pub(crate) fn spawn(task: impl FnOnce() + Send + 'static) {
     pool().spawn(task);
