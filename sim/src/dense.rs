@@ -642,16 +642,7 @@ impl DenseLayer {
                 .directions
                 .get(*seed, chunk.len())
                 .expect("prepared by the caller");
-            // The bias part of the direction, over the touched outputs (zero elsewhere: adding
-            // a zero leaves every value bit-identical).
-            let v_bias = &v[weight_part.len()..];
-            for (j, o) in outputs.clone().enumerate() {
-                bias_add[j] = if bias_part.contains(&o) {
-                    v_bias[o - bias_part.start]
-                } else {
-                    0.0
-                };
-            }
+            bias_over_outputs(&v[weight_part.len()..], &bias_part, &outputs, &mut bias_add);
             for (s, sign, target) in [(0, 1.0f32, &mut *plus), (1, -1.0, &mut *minus)] {
                 let block = if linear { p } else { 2 * p + s };
                 // Compact: the touched outputs only; else every output, the untouched ones clean.
@@ -672,15 +663,8 @@ impl DenseLayer {
                             row[o] = if relu_now { z[o].max(0.0) } else { z[o] };
                         }
                     }
-                    // dz over the touched outputs: the product's rows, zero on bias-only ones
-                    // (read in place where the product's rows are the touched outputs).
                     let product = &self.dz[(b * blocks + block) * kk..][..k];
-                    let dz_row = if k == outputs.len() {
-                        product
-                    } else {
-                        dz_touched[dz_at..dz_at + k].copy_from_slice(product);
-                        &dz_touched[..]
-                    };
+                    let dz_row = product_over_outputs(product, dz_at, &mut dz_touched);
                     let touched = row[at..at + outputs.len()]
                         .iter_mut()
                         .zip(&z[outputs.clone()])
@@ -780,26 +764,22 @@ impl DenseLayer {
                     .expect("evaluated just before")[weight_len..]
             })
             .collect();
-        // Per touched output: the bias part of each direction (zero off it) and, per sample,
-        // the product's values (zero on bias-only outputs), so the loops below run branch-free.
+        // Per touched output: the bias part of each direction and, per sample, the product's
+        // values, each zero where it does not reach, so the loops below run branch-free.
         let len = outputs.len();
         let mut vb = vec![0f32; p_count * len];
-        for (p, v) in biases.iter().enumerate() {
-            for (j, o) in outputs.clone().enumerate() {
-                if bias_part.contains(&o) {
-                    vb[p * len + j] = v[o - bias_part.start];
-                }
-            }
+        for (v, vb) in biases.iter().zip(vb.chunks_exact_mut(len)) {
+            bias_over_outputs(v, &bias_part, &outputs, vb);
         }
         let at = rows.start.saturating_sub(outputs.start);
-        let (mut g, mut d) = (vec![0f32; len], vec![0f32; len]);
+        let (mut g, mut padded) = (vec![0f32; len], vec![0f32; len]);
         for (b, z) in self.z0.chunks_exact_mut(n_out).enumerate() {
             g.fill(0.0);
             for (p, t) in terms.iter().enumerate() {
-                d[at..at + rows.len()]
-                    .copy_from_slice(&self.dz[(b * p_count + p) * kk..][..rows.len()]);
+                let product = &self.dz[(b * p_count + p) * kk..][..rows.len()];
+                let d = product_over_outputs(product, at, &mut padded);
                 let vb = &vb[p * len..(p + 1) * len];
-                for ((g, d), vb) in g.iter_mut().zip(&d).zip(vb) {
+                for ((g, d), vb) in g.iter_mut().zip(d).zip(vb) {
                     *g += t.derivative * (d + vb);
                 }
             }
@@ -809,6 +789,34 @@ impl DenseLayer {
         }
         self.last_fast = None;
     }
+}
+
+/// The bias part `v_bias` of a direction (over outputs `bias_part`) laid over the touched
+/// `outputs` in `out`, zero where it does not reach (adding a zero leaves a value bit-identical).
+fn bias_over_outputs(
+    v_bias: &[f32],
+    bias_part: &Range<usize>,
+    outputs: &Range<usize>,
+    out: &mut [f32],
+) {
+    for (o, b) in outputs.clone().zip(out.iter_mut()) {
+        *b = if bias_part.contains(&o) {
+            v_bias[o - bias_part.start]
+        } else {
+            0.0
+        };
+    }
+}
+
+/// One sample's product values for the rows of `W` a chunk covers, laid over its touched outputs
+/// from position `at`, zero on the outputs only its bias reaches: the product itself where the
+/// two are the same, else copied into `padded` (whose other values must be zero).
+fn product_over_outputs<'a>(product: &'a [f32], at: usize, padded: &'a mut [f32]) -> &'a [f32] {
+    if product.len() == padded.len() {
+        return product;
+    }
+    padded[at..at + product.len()].copy_from_slice(product);
+    padded
 }
 
 /// The form in which the fast path's products read a layer's input.
