@@ -24,7 +24,7 @@ struct QuirkyDense {
     spec: LayerShape,
     inputs: usize,
     outputs: usize,
-    /// `W` (outputs x inputs, row-major) then the bias: the layout of `LayerKind::Dense`.
+    /// `W` (outputs x inputs, row-major) then the bias: the layout of `LayerShape::Dense`.
     params: Vec<f32>,
     gain: Vec<f32>,
     saturation: f32,
@@ -151,6 +151,23 @@ impl ForwardOracle for QuirkyDense {
         apply_update(&mut self.params[chunk], scale, terms, &mut v, &mut g);
         Ok(())
     }
+
+    /// A dense layer keeps no state besides its parameters.
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(None)
+    }
+
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        match state {
+            [] => Ok(()),
+            _ => Err(OracleError::Shape(
+                "a dense layer keeps no layer state".into(),
+            )),
+        }
+    }
+
+    // No capability accessors: this device is neither in this process's memory as the simulator
+    // is (`in_process`) nor behind a link (`link`), so the defaults (`None`) say so.
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -187,5 +187,7 @@ impl Recovery {
 }
 
 fn read_sessions<O: ForwardOracle>(oracles: &mut [O]) -> Result<Vec<Option<u64>>, OracleError> {
-    oracles.iter_mut().map(|o| o.session()).collect()
+    (oracles.iter_mut())
+        .map(|o| o.link_mut().map(|l| l.session()).transpose())
+        .collect()
 }

@@ -125,8 +125,8 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
     if config.exact_reference {
         tracing::info!("perturbations evaluated by the reference choreography (--exact-reference)");
         for oracle in &mut oracles {
-            if let backend::AnyOracle::Sim(sim) = oracle {
-                sim.set_choreography(pnn_sim::dense::Choreography::Reference);
+            if let Some(layer) = oracle.in_process() {
+                layer.set_exact_reference(true);
             }
         }
     }
@@ -239,7 +239,7 @@ fn link_totals<O: ForwardOracle>(
     let oracles = trainer.oracles();
     let wire = oracles
         .iter()
-        .filter_map(|o| o.wire_stats())
+        .filter_map(|o| Some(o.link()?.wire_stats()))
         .reduce(|a, b| WireStats {
             bytes_up: a.bytes_up + b.bytes_up,
             bytes_down: a.bytes_down + b.bytes_down,
@@ -247,7 +247,7 @@ fn link_totals<O: ForwardOracle>(
         });
     let health = oracles
         .iter()
-        .filter_map(|o| o.link_health())
+        .filter_map(|o| Some(o.link()?.link_health()))
         .reduce(|a, b| LinkHealth {
             retries: a.retries + b.retries,
             resyncs: a.resyncs + b.resyncs,

@@ -45,10 +45,10 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
     let seeds: Vec<DirectionSeed> = (0..8).map(DirectionSeed).collect();
     let mut pairs = Vec::new();
     let mut evaluate = |o: &mut serial::SerialOracle, chunk: Range<usize>, p: usize| {
-        let before = o.wire_stats().unwrap();
+        let before = o.link().unwrap().wire_stats();
         o.evaluate_perturbed(chunk, &seeds[..p], 1e-3, &mut pairs)
             .unwrap();
-        delta(before, o.wire_stats().unwrap())
+        delta(before, o.link().unwrap().wire_stats())
     };
     let chunks = [0..1, 0..100, 5_000..6_000, 39_200..39_250, 0..39_250];
     let per_chunk: Vec<WireStats> = chunks
@@ -100,9 +100,9 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
     let update_bytes: Vec<u64> = chunks
         .iter()
         .map(|c| {
-            let before = o.wire_stats().unwrap();
+            let before = o.link().unwrap().wire_stats();
             o.apply_update(c.clone(), 1e-3, &terms).unwrap();
-            delta(before, o.wire_stats().unwrap()).bytes_up
+            delta(before, o.link().unwrap().wire_stats()).bytes_up
         })
         .collect();
     eprintln!("seeded update, P = 4: {update_bytes:?} bytes up per chunk");
@@ -124,7 +124,7 @@ fn a_training_step_sends_each_input_once_per_layer() {
     let total = |t: &mut Trainer<serial::SerialOracle>| {
         t.oracles_mut()
             .iter()
-            .map(|o| o.wire_stats().unwrap())
+            .map(|o| o.link().unwrap().wire_stats())
             .fold(WireStats::default(), |a, b| WireStats {
                 bytes_up: a.bytes_up + b.bytes_up,
                 bytes_down: a.bytes_down + b.bytes_down,
@@ -176,9 +176,9 @@ fn adc_coded_activations_come_down_in_the_declared_encoding() {
             .remove(0);
         o.write_parameters(&params).unwrap();
         o.load_input(&input(rows, 784)).unwrap();
-        let before = o.wire_stats().unwrap();
+        let before = o.link().unwrap().wire_stats();
         let out = o.forward(pnn::oracle::ForwardMode::Eval).unwrap();
-        let down = delta(before, o.wire_stats().unwrap()).bytes_down;
+        let down = delta(before, o.link().unwrap().wire_stats()).bytes_down;
         eprintln!("forward, {rows} x 50 activations as {encoding}: {down} bytes down");
         results.push((out.features.data, down));
     }

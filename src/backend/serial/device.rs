@@ -12,7 +12,7 @@ use firmware_protocol::message::{
 
 use super::link::{Link, LinkError, name};
 use crate::oracle::{
-    Activations, ChunkUnits, ConvGeometry, DirectionSeed, ForwardMode, ForwardOracle,
+    Activations, ChunkUnits, ConvGeometry, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle,
     ForwardOutput, LayerShape, LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
 };
 
@@ -547,17 +547,42 @@ impl ForwardOracle for SerialOracle {
         self.with_link(|link, _| ack(link, &request))
     }
 
-    fn wire_stats(&self) -> Option<WireStats> {
-        Some(self.stats)
+    /// The protocol carries no layer state: a device's BatchNorm running statistics stay on the
+    /// device (a reset loses them; `crate::recovery` says so for conv blocks).
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(None)
     }
 
-    fn link_health(&self) -> Option<LinkHealth> {
-        Some(self.health)
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        Err(OracleError::Unsupported(
+            "writing layer state over the serial protocol",
+        ))
+    }
+
+    fn link(&self) -> Option<&dyn DeviceLink> {
+        Some(self)
+    }
+
+    fn link_mut(&mut self) -> Option<&mut dyn DeviceLink> {
+        Some(self)
+    }
+}
+
+impl DeviceLink for SerialOracle {
+    fn wire_stats(&self) -> WireStats {
+        self.stats
+    }
+
+    fn link_health(&self) -> LinkHealth {
+        self.health
     }
 
     /// The boot id, from a `Hello`: a device that reset has a new one (see `crate::recovery`).
-    fn session(&mut self) -> Result<Option<u64>, OracleError> {
-        self.with_link(|link, _| super::faults::boot_id(link).map(|id| Some(id as u64)))
+    fn session(&mut self) -> Result<u64, OracleError> {
+        self.with_link(|link, _| super::faults::boot_id(link).map(u64::from))
     }
 }
 

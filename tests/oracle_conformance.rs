@@ -1,0 +1,190 @@
+//! Every backend through the one conformance suite (`pnn::oracle::conformance`): the contract
+//! on each oracle, and agreement between pairs within stated tolerances.
+//!
+//! - the simulated oracle, ideal, dense and conv, on the fast path (dense and sparse inputs, the
+//!   touched-columns shortcut) and on the literal reference choreography; on the noise-free
+//!   device profiles (`faulty`, `mcu-int8`) too;
+//! - the serial oracle over an in-process pipe to the emulated device, and over the emulator
+//!   binary's pseudo-terminal (`pnn-emulate`), each held bit for bit to the simulated oracle.
+//!
+//! `tests/serial_hardware.rs` runs the same suite against a real device.
+
+mod serial_support;
+
+use std::time::Duration;
+
+use pnn::backend::serial::{self, SerialOracle, SerialSpec, device::layer_spec};
+use pnn::backend::sim::SimOracle;
+use pnn::data::DatasetKind;
+use pnn::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec};
+use pnn::oracle::conformance::{Probe, Tolerance, check_agreement, check_contract};
+use pnn::oracle::{ForwardOracle, LayerShape};
+use serial_support::{Emulator, profile_path};
+
+/// A small dense layer and the first CNN block of the MNIST CNN with 4 channels.
+fn shapes() -> Vec<LayerShape> {
+    let cnn = ModelSpec::new(
+        DatasetKind::Mnist,
+        ArchKind::Cnn,
+        Some(vec![4, 4]),
+        DEFAULT_PROJ_DIM,
+        0,
+    )
+    .unwrap();
+    vec![LayerShape::dense(784, 16), cnn.layer_specs()[0]]
+}
+
+fn sim(spec: LayerShape, exact_reference: bool) -> SimOracle {
+    let mut o = SimOracle::new(spec);
+    o.in_process()
+        .expect("the simulator is in process")
+        .set_exact_reference(exact_reference);
+    o
+}
+
+fn probes() -> [Probe; 2] {
+    [
+        Probe::default(),
+        Probe {
+            sparse_input: true,
+            seed: 2,
+            ..Probe::default()
+        },
+    ]
+}
+
+#[test]
+fn the_simulated_oracle_conforms_on_every_path() {
+    for spec in shapes() {
+        for exact in [false, true] {
+            for probe in probes() {
+                eprintln!(
+                    "exact reference: {exact}, sparse input: {}",
+                    probe.sparse_input
+                );
+                check_contract(&mut sim(spec, exact), &probe).assert_passed();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_batch_large_enough_to_pack_conforms() {
+    // Dense inputs of many rows take the packed-panel product on the fast path.
+    let probe = Probe {
+        rows: 64,
+        ..Probe::default()
+    };
+    check_contract(&mut sim(LayerShape::dense(784, 16), false), &probe).assert_passed();
+}
+
+/// The fast paths agree with the literal choreography within what rounding `w ± eps v` to f32
+/// costs the reference (see tests/conformance.rs): measured gaps are printed with --nocapture.
+#[test]
+fn the_fast_paths_agree_with_the_reference_choreography() {
+    // Measured (dense, conv): features up to ~1e-6 apart in perturbed pairs, parameters the
+    // same bits (the update is the same arithmetic on both paths).
+    let tolerance = Tolerance {
+        abs: 2e-5,
+        rel: 1e-5,
+    };
+    for spec in shapes() {
+        for probe in probes() {
+            check_agreement(
+                &mut sim(spec, false),
+                &mut sim(spec, true),
+                &probe,
+                tolerance,
+            )
+            .assert_passed();
+        }
+    }
+}
+
+#[test]
+fn the_noise_free_device_profiles_conform_on_both_paths() {
+    for name in ["faulty", "mcu-int8"] {
+        let profile =
+            pnn_sim::profile::DeviceProfile::load(std::path::Path::new(&profile_path(name)))
+                .unwrap();
+        let layer = |exact| {
+            let spec = LayerShape::dense(784, 16);
+            let mut o = SimOracle::for_profile(&[spec], &profile).unwrap().remove(0);
+            o.in_process().unwrap().set_exact_reference(exact);
+            o
+        };
+        for probe in probes() {
+            eprintln!("profile {name}");
+            check_contract(&mut layer(false), &probe).assert_passed();
+            check_contract(&mut layer(true), &probe).assert_passed();
+            check_agreement(
+                &mut layer(false),
+                &mut layer(true),
+                &probe,
+                Tolerance::EXACT,
+            )
+            .assert_passed();
+        }
+    }
+}
+
+/// The contract on every layer of a device, and the device held bit for bit to the simulated
+/// oracle of each layer it describes.
+fn device_conforms(oracles: &mut [SerialOracle]) {
+    assert!(!oracles.is_empty());
+    for o in oracles {
+        let spec = *o.spec();
+        for probe in probes() {
+            check_contract(o, &probe).assert_passed();
+            check_agreement(o, &mut sim(spec, false), &probe, Tolerance::EXACT).assert_passed();
+        }
+    }
+}
+
+/// The emulator's layers of [`shapes`], as `--layers` says them.
+const LAYERS: &str = "784x16,conv1x28x28:4";
+
+/// Oracles for every layer the device describes, as the device describes them.
+fn own_layers(device: serial::device::SerialDevice) -> Vec<SerialOracle> {
+    let specs: Vec<LayerShape> = (device.summary().layers.iter())
+        .map(|d| layer_spec(d).unwrap())
+        .collect();
+    device.oracles(&specs).unwrap()
+}
+
+#[test]
+fn the_serial_oracle_conforms_over_an_in_process_pipe() {
+    use pnn::backend::serial::faults::{FaultConfig, FaultyTransport, pipe, serve_device};
+    use pnn::backend::serial::link::{Link, RetryPolicy};
+    use pnn_sim::emulator::{EmulatorConfig, parse_layers};
+
+    let (host, device) = pipe();
+    let config = EmulatorConfig::new("in-process", parse_layers(LAYERS).unwrap());
+    let server = std::thread::spawn(move || {
+        let mut transport = FaultyTransport::new(device, FaultConfig::default());
+        serve_device(&mut transport, &config, usize::MAX, false).expect("serves");
+    });
+    let policy = RetryPolicy {
+        timeout: Duration::from_secs(10),
+        retries: 0,
+        baud: 921_600,
+    };
+    let link = Link::new(Box::new(host), policy, 1);
+    let device = serial::device::SerialDevice::connect(link).expect("handshakes");
+    let mut oracles = own_layers(device);
+    assert_eq!(
+        oracles.iter().map(|o| *o.spec()).collect::<Vec<_>>(),
+        shapes()
+    );
+    device_conforms(&mut oracles);
+    drop(oracles);
+    server.join().unwrap();
+}
+
+#[test]
+fn the_serial_oracle_conforms_over_the_emulators_pseudo_terminal() {
+    let emulator = Emulator::spawn(LAYERS, &[]);
+    let spec = SerialSpec::parse(&format!("{}?timeout_ms=10000", emulator.path)).unwrap();
+    let mut oracles = own_layers(serial::connect(&spec).expect("handshakes"));
+    device_conforms(&mut oracles);
+}
