@@ -40,8 +40,8 @@ pub struct Probe {
     pub eps: f32,
     /// Seeds the parameters, the input and the directions.
     pub seed: u64,
-    /// About two thirds of the input values zero (as MNIST's pixels are), which a simulator may
-    /// take a sparse path for; else every value nonzero.
+    /// About four fifths of the input values zero (as MNIST's pixels are), which a simulator
+    /// takes a sparse path for; else every value nonzero.
     pub sparse_input: bool,
     /// Repeating an evaluation gives the same bits (an ideal device). `false` for a device with
     /// noise drawn per evaluation: the checks that need it are skipped.
@@ -76,7 +76,7 @@ impl Probe {
             .map(|i| {
                 let h = splitmix(self.seed ^ 0x696e_7075_74 ^ (i as u64).wrapping_mul(0x9e37));
                 let x = (h >> 40) as f32 / (1u64 << 24) as f32;
-                if self.sparse_input && h % 3 != 0 {
+                if self.sparse_input && h % 5 != 0 {
                     0.0
                 } else {
                     x
