@@ -18,7 +18,7 @@ use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess, LayerShape,
     OracleError, PerturbedColumns, PerturbedPair, UpdateTerm,
 };
-use pnn::trainer::{Hyper, Trainer, epoch_order};
+use pnn::train::{Hyper, Trainer, epoch_order};
 use pnn_sim::dense::Choreography;
 
 /// Trains `batches` batches; returns every step's local losses and the final parameters.

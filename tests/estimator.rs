@@ -3,11 +3,11 @@
 
 use firmware_protocol::DirectionSeed;
 use pnn::backend::sim::SimOracle;
-use pnn::loss::cross_entropy;
 use pnn::model::InitialParams;
 use pnn::oracle::{Activations, ForwardOracle, LayerShape};
-use pnn::projection::Projection;
-use pnn::trainer::{Hyper, Trainer};
+use pnn::train::loss::cross_entropy;
+use pnn::train::projection::Projection;
+use pnn::train::{Hyper, Trainer};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 

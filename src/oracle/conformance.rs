@@ -74,9 +74,9 @@ impl Probe {
         let width = spec.input_width();
         let data = (0..self.rows * width)
             .map(|i| {
-                let h = splitmix(self.seed ^ 0x696e_7075_74 ^ (i as u64).wrapping_mul(0x9e37));
+                let h = splitmix(self.seed ^ 0x0069_6e70_7574 ^ (i as u64).wrapping_mul(0x9e37));
                 let x = (h >> 40) as f32 / (1u64 << 24) as f32;
-                if self.sparse_input && h % 5 != 0 {
+                if self.sparse_input && !h.is_multiple_of(5) {
                     0.0
                 } else {
                     x
