@@ -16,7 +16,6 @@
 #![cfg(feature = "hardware-tests")]
 
 use pnn::backend::serial::{self, SerialSpec, device::layer_spec};
-use pnn::oracle::ForwardOracle;
 use pnn::oracle::conformance::{Outcome, Probe, check_contract};
 
 fn port() -> SerialSpec {

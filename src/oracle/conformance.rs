@@ -526,7 +526,9 @@ pub fn check_contract<O: ForwardOracle + ?Sized>(oracle: &mut O, probe: &Probe) 
     report.run("keeps its layer state and restores it", || {
         let Some(state) = oracle.read_layer_state()? else {
             oracle.write_layer_state(&[])?;
-            return Err(Stop::Skip("the layer keeps no state".into()));
+            return Err(Stop::Skip(
+                "no layer state the host can read (none kept, or kept on the device)".into(),
+            ));
         };
         oracle.forward(ForwardMode::Train)?; // may move running statistics
         oracle.write_layer_state(&state)?;
