@@ -6,7 +6,8 @@
 //! - [`direction`]: the one specification of a perturbation direction and of the seeded update;
 //! - [`message`]: the requests and replies (there is no gradient request);
 //! - [`frame`]: postcard body, sequence number, CRC-32, COBS, `0x00` delimiter;
-//! - [`server`]: the device-side dispatcher over the [`server::PhysicalLayer`] trait.
+//! - [`server`]: the device-side dispatcher over the [`server::PhysicalLayer`] trait;
+//! - `link` (feature `std`): the host side of a link, shared by the pnn host and its emulator.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 #[cfg(feature = "alloc")]
@@ -14,6 +15,8 @@ extern crate alloc;
 
 pub mod direction;
 pub mod frame;
+#[cfg(feature = "std")]
+pub mod link;
 pub mod message;
 pub mod server;
 
