@@ -1,6 +1,5 @@
 //! [`Client`]: one typed call per request, over a [`Link`].
 
-
 use super::{Link, LinkCounters, LinkError, Transport, request_name};
 use crate::direction::{DirectionSeed, UpdateTerm};
 use crate::message::{
@@ -20,7 +19,10 @@ pub enum ClientError {
         error: DeviceError,
     },
     #[error("protocol error: unexpected reply to {request}: {reply}")]
-    Unexpected { request: &'static str, reply: String },
+    Unexpected {
+        request: &'static str,
+        reply: String,
+    },
     #[error("protocol error: the reply to {request} does not decode ({len} bytes)")]
     Undecodable { request: &'static str, len: usize },
     #[error(

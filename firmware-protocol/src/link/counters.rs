@@ -8,9 +8,7 @@ use core::ops::{Add, AddAssign, Sub};
 /// `retries` counts retransmissions (after silence, a damaged frame or a NAK); `resyncs` counts
 /// frames dropped as damaged, after each of which the receiver resynchronised at the next
 /// delimiter.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct LinkCounters {
     /// Bytes sent to the device, on the wire (COBS and delimiters included).

@@ -43,3 +43,17 @@ pub fn is_hangup(e: &std::io::Error) -> bool {
     ) || e.raw_os_error() == Some(5) // EIO: the other side of a pty is gone
         || e.to_string().contains("I/O error")
 }
+
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        (**self).send(bytes)
+    }
+
+    fn receive(&mut self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
+        (**self).receive(buf, timeout)
+    }
+
+    fn discard_input(&mut self) -> std::io::Result<()> {
+        (**self).discard_input()
+    }
+}
