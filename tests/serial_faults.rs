@@ -12,10 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
+use firmware_protocol::link::{LinkCounters, RetryPolicy, SerialPortTransport, Side};
 use firmware_protocol::message::{PROTOCOL_VERSION, Request, Response};
-use pnn::backend::serial::{
-    self, LinkCounters, RetryPolicy, SerialOracle, SerialPortTransport, Side,
-};
+use pnn::backend::serial::{self, SerialOracle};
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerSpec, OracleError, UpdateTerm,
 };

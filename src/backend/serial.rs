@@ -15,10 +15,7 @@ pub mod device;
 use std::time::Duration;
 
 pub use device::{SerialDevice, SerialOracle};
-pub use firmware_protocol::link::{
-    Client, ClientError, Link, LinkCounters, LinkError, RetryPolicy, SerialPortTransport, Side,
-    Transport,
-};
+use firmware_protocol::link::{Link, RetryPolicy, SerialPortTransport, Transport};
 
 use crate::oracle::{LayerSpec, OracleError};
 
