@@ -157,10 +157,7 @@ pub fn parse_encoding(s: &str) -> Result<ActivationEncoding, String> {
 
 /// A boot id that differs from one start to the next.
 pub fn fresh_boot_id() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    firmware_protocol::direction::mix(t.as_nanos() as u64 ^ std::process::id() as u64) as u32
+    firmware_protocol::link::fresh_nonce() as u32
 }
 
 #[cfg(test)]

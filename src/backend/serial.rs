@@ -89,13 +89,9 @@ impl SerialSpec {
     }
 }
 
-/// A first sequence number that differs between runs, so that a late reply left in the port by
-/// an earlier run can never be taken for a reply of this one.
+/// A first sequence number that differs between runs (see `firmware_protocol::link::fresh_nonce`).
 fn first_seq() -> u16 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    firmware_protocol::direction::mix(t.as_nanos() as u64 ^ std::process::id() as u64) as u16
+    firmware_protocol::link::fresh_nonce() as u16
 }
 
 /// Connects over `transport` and returns one oracle per model layer.

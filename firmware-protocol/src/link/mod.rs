@@ -32,3 +32,13 @@ pub use retry::{Link, LinkError, RetryPolicy, request_name};
 #[cfg(feature = "serialport")]
 pub use serial_port::{SerialPortTransport, Side};
 pub use transport::{Transport, is_hangup};
+
+/// A number that differs from one process start to the next (time and process id, mixed): a
+/// host's first sequence number, so that a late reply left in the port by an earlier run is
+/// never taken for one of this run's, and an emulator's boot id.
+pub fn fresh_nonce() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    crate::direction::mix(t.as_nanos() as u64 ^ std::process::id() as u64)
+}
