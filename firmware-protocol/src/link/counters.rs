@@ -75,3 +75,34 @@ impl Sub for LinkCounters {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up_and_differences_undo_them() {
+        let a = LinkCounters {
+            bytes_up: 10,
+            bytes_down: 20,
+            round_trips: 2,
+            retries: 1,
+            resyncs: 3,
+            stale_replies: 4,
+            naks: 5,
+        };
+        let mut total = LinkCounters::default();
+        total += a;
+        total += a;
+        assert_eq!(total - a, a);
+        assert_eq!(
+            a.traffic(),
+            LinkCounters {
+                bytes_up: 10,
+                bytes_down: 20,
+                round_trips: 2,
+                ..LinkCounters::default()
+            }
+        );
+    }
+}
