@@ -129,8 +129,8 @@ impl RunIdentity {
         Self {
             dataset: config.dataset.name().into(),
             arch: model.arch_name().into(),
-            layer_params: specs.iter().map(|s| s.param_count).collect(),
-            layer_features: specs.iter().map(|s| s.feature_width).collect(),
+            layer_params: specs.iter().map(|s| s.param_count()).collect(),
+            layer_features: specs.iter().map(|s| s.feature_width()).collect(),
             classes: model.classes,
             train_samples: data.train.len(),
             hyper_json: serde_json::to_string(&config.hyper).expect("hyperparameters serialise"),

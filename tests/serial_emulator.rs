@@ -8,7 +8,7 @@ mod serial_support;
 use std::time::{Duration, Instant};
 
 use pnn::backend::serial::{self, SerialOracle, SerialSpec};
-use pnn::oracle::{Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerSpec, UpdateTerm};
+use pnn::oracle::{Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerShape, UpdateTerm};
 use serial_support::{Emulator, in_process, pnn_train, summary};
 
 const RUN: [&str; 8] = [
@@ -178,7 +178,7 @@ fn exercise(o: &mut SerialOracle, n_in: usize, n_out: usize) -> Vec<Vec<u32>> {
 
 #[test]
 fn the_emulator_in_process_computes_what_the_binary_does_on_its_pty() {
-    let model = [LayerSpec::dense(100, 20)];
+    let model = [LayerShape::dense(100, 20)];
     let emulator = Emulator::spawn("100x20", &[]);
     let mut pty = serial::open(&SerialSpec::parse(&emulator.path).unwrap(), &model).unwrap();
     let (mut piped, device) = in_process("100x20", &model);

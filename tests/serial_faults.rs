@@ -16,7 +16,7 @@ use firmware_protocol::link::{LinkCounters, RetryPolicy, SerialPortTransport, Si
 use firmware_protocol::message::{PROTOCOL_VERSION, Request, Response};
 use pnn::backend::serial::{self, SerialOracle};
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerSpec, OracleError, UpdateTerm,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerShape, OracleError, UpdateTerm,
 };
 use pnn_emulator::{self as emulator, EmulatorConfig, LayerConfig};
 use serialport::{SerialPort, TTYPort};
@@ -129,7 +129,7 @@ fn connect(slave: TTYPort) -> Result<SerialOracle, OracleError> {
     let mut oracles = serial::open_transport(
         Box::new(transport),
         policy(),
-        &[LayerSpec::dense(N_IN, N_OUT)],
+        &[LayerShape::dense(N_IN, N_OUT)],
     )?;
     Ok(oracles.remove(0))
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use firmware_protocol::message::{ActivationEncoding, MAX_LAYERS};
-use pnn_sim::conv::{ConvShape, block_projection_seed};
+use pnn_sim::conv::{ConvGeometry, block_projection_seed};
 use pnn_sim::noise::NoiseModel;
 
 /// One layer of the emulated device, as `--layers` names it.
@@ -68,14 +68,14 @@ impl EmulatorConfig {
     }
 
     /// The shape of layer `l` if it is a CNN block, with its projection seed.
-    pub fn conv_shape(&self, l: usize) -> Option<ConvShape> {
+    pub fn conv_shape(&self, l: usize) -> Option<ConvGeometry> {
         match *self.layers.get(l)? {
             LayerConfig::Conv {
                 in_channels,
                 height,
                 width,
                 out_channels,
-            } => Some(ConvShape {
+            } => Some(ConvGeometry {
                 in_channels,
                 out_channels,
                 height,

@@ -104,11 +104,13 @@ mod tests {
         let layers = layers(&config).unwrap();
         for (l, layer) in layers.iter().enumerate() {
             let d = layer.descriptor();
-            let firmware_protocol::message::LayerKind::Conv {
-                projection_seed,
-                proj_dim,
-                ..
-            } = d.kind
+            let firmware_protocol::shape::LayerShape::Conv(
+                firmware_protocol::shape::ConvGeometry {
+                    projection_seed,
+                    proj_dim,
+                    ..
+                },
+            ) = d.kind
             else {
                 panic!("not a conv layer: {d:?}")
             };

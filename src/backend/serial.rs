@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use device::{SerialDevice, SerialOracle};
 use firmware_protocol::link::{Link, RetryPolicy, SerialPortTransport, Transport};
 
-use crate::oracle::{LayerSpec, OracleError};
+use crate::oracle::{LayerShape, OracleError};
 
 /// Where and how to reach a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,7 +98,7 @@ fn first_seq() -> u16 {
 pub fn open_transport(
     transport: Box<dyn Transport>,
     policy: RetryPolicy,
-    layers: &[LayerSpec],
+    layers: &[LayerShape],
 ) -> Result<Vec<SerialOracle>, OracleError> {
     SerialDevice::connect(Link::new(transport, policy, first_seq()))?.oracles(layers)
 }
@@ -111,7 +111,7 @@ pub fn connect(spec: &SerialSpec) -> Result<SerialDevice, OracleError> {
 }
 
 /// Opens the port and returns one oracle per model layer.
-pub fn open(spec: &SerialSpec, layers: &[LayerSpec]) -> Result<Vec<SerialOracle>, OracleError> {
+pub fn open(spec: &SerialSpec, layers: &[LayerShape]) -> Result<Vec<SerialOracle>, OracleError> {
     let transport = SerialPortTransport::open(&spec.path, spec.baud, spec.timeout)
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
     open_transport(Box::new(transport), spec.policy(), layers).map_err(|e| match e {

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use firmware_protocol::link::{RetryPolicy, pipe};
 use pnn::backend::serial::{self, SerialOracle};
-use pnn::oracle::LayerSpec;
+use pnn::oracle::LayerShape;
 use pnn_emulator::{EmulatorConfig, parse_layers};
 
 /// An ideal emulated device of `layers` (as `--layers` names them) served on a thread over
 /// `firmware_protocol::link::pipe`, by the emulator's one serve loop; returns the host's
 /// oracles for `model` and the device's thread, which ends when the oracles are dropped.
-pub fn in_process(layers: &str, model: &[LayerSpec]) -> (Vec<SerialOracle>, JoinHandle<()>) {
+pub fn in_process(layers: &str, model: &[LayerShape]) -> (Vec<SerialOracle>, JoinHandle<()>) {
     let (host, mut device) = pipe();
     let config = EmulatorConfig {
         boot_id: 9,

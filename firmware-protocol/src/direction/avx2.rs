@@ -17,6 +17,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use super::{DirectionSeed, GAMMA, finish_norm, normalise};
+use crate::simd::Avx2;
 use core::arch::x86_64::*;
 
 /// Values per step of the kernel: 8 pairs.
@@ -27,12 +28,9 @@ const STEP: usize = 16;
 /// Not itself compiled for AVX2: the inverse norm is computed between the two AVX2 passes,
 /// in plain code, because `libm::sqrt` is an SSE instruction that stalls if it runs while
 /// the upper halves of the vector registers are in use (as they are inside an AVX2
-/// function; returning from one clears them).
-///
-/// # Safety
-/// The CPU must support AVX2.
-pub(super) unsafe fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
-    // SAFETY: the caller guarantees AVX2.
+/// function; returning from one clears them). Safe: the token proves the CPU has AVX2.
+pub(super) fn fill_direction(_: Avx2, seed: DirectionSeed, out: &mut [f32]) {
+    // SAFETY: the token guarantees AVX2.
     let lanes = unsafe { fill_raw(seed, out) };
     let inv = finish_norm(lanes);
     // SAFETY: as above.

@@ -285,11 +285,8 @@ fn square_lanes(z: &[f32]) -> [f64; 8] {
 /// Writes the normalised direction `v_hat` of length `out.len()` named by `seed` into `out`.
 pub fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
-    {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { avx2::fill_direction(seed, out) };
-        }
+    if let Some(token) = crate::simd::Avx2::detect() {
+        return avx2::fill_direction(token, seed, out);
     }
     fill_direction_portable(seed, out)
 }
@@ -600,10 +597,10 @@ mod tests {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     #[test]
     fn the_avx2_path_equals_the_portable_path_bit_for_bit() {
-        if !std::is_x86_feature_detected!("avx2") {
+        let Some(token) = crate::simd::Avx2::detect() else {
             std::eprintln!("no AVX2 on this CPU: nothing to compare");
             return;
-        }
+        };
         let lengths = [
             0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 999, 1000, 1001,
             39_249, 39_250,
@@ -632,8 +629,7 @@ mod tests {
                 let mut portable = vec![f32::NAN; n];
                 fill_direction_portable(seed, &mut portable);
                 let mut fast = vec![f32::NAN; n];
-                // SAFETY: the CPU supports AVX2, checked above.
-                unsafe { avx2::fill_direction(seed, &mut fast) };
+                avx2::fill_direction(token, seed, &mut fast);
                 assert_eq!(
                     bits(&fast),
                     bits(&portable),
@@ -654,10 +650,10 @@ mod tests {
     #[test]
     fn the_avx2_arithmetic_equals_the_portable_one_on_every_input() {
         use core::arch::x86_64::*;
-        if !std::is_x86_feature_detected!("avx2") {
+        let Some(_) = crate::simd::Avx2::detect() else {
             std::eprintln!("no AVX2 on this CPU: nothing to compare");
             return;
-        }
+        };
         /// Radius, cos and sin of the 8 lanes `k1 = k..k+8`, `k2 = k'..k'+8`.
         #[target_feature(enable = "avx2")]
         unsafe fn eval(k1: &[u32; 8], k2: &[u32; 8]) -> ([f32; 8], [f32; 8], [f32; 8]) {
