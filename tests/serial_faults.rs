@@ -18,7 +18,7 @@ use pnn::backend::serial::{self, SerialOracle};
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerShape, OracleError, UpdateTerm,
 };
-use pnn_emulator::{self as emulator, EmulatorConfig, LayerConfig};
+use pnn_emulator::{self as emulator, EmulatorConfig};
 use serialport::{SerialPort, TTYPort};
 
 /// What the fake device does with one request, after the real server has executed it.
@@ -75,13 +75,7 @@ fn fake_device(mut script: impl FnMut(&Seen<'_>) -> Action + Send + 'static) -> 
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
     let thread = std::thread::spawn(move || {
-        let mut config = EmulatorConfig::new(
-            "fake",
-            vec![LayerConfig::Dense {
-                inputs: N_IN,
-                outputs: N_OUT,
-            }],
-        );
+        let mut config = EmulatorConfig::new("fake", vec![LayerShape::dense(N_IN, N_OUT)]);
         (config.max_batch, config.boot_id) = (64, 42);
         let mut server = emulator::server(&config).unwrap();
         let mut decoder = FrameDecoder::new(vec![0u8; MAX_ENCODED]);

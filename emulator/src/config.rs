@@ -1,37 +1,20 @@
 //! What the emulated device is: its layers, as `--layers` names them, its activation encoding,
 //! its profile's effects and the seed its CNN blocks' projections derive from.
 
-use std::fmt;
-
 use firmware_protocol::message::{ActivationEncoding, MAX_LAYERS};
-use pnn_sim::conv::{ConvGeometry, block_projection_seed};
+use firmware_protocol::shape::LayerShape;
+use pnn_sim::conv::block_projection_seed;
 use pnn_sim::noise::NoiseModel;
 
-/// One layer of the emulated device, as `--layers` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayerConfig {
-    /// `784x50`: Linear + ReLU.
-    Dense { inputs: usize, outputs: usize },
-    /// `conv1x28x28:32`: a CNN block on `in_channels` maps of `height` x `width`.
-    Conv {
-        in_channels: usize,
-        height: usize,
-        width: usize,
-        out_channels: usize,
-    },
-}
-
-impl fmt::Display for LayerConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::Dense { inputs, outputs } => write!(f, "{inputs}x{outputs}"),
-            Self::Conv {
-                in_channels,
-                height,
-                width,
-                out_channels,
-            } => write!(f, "conv{in_channels}x{height}x{width}:{out_channels}"),
-        }
+/// A layer as `--layers` names it: `784x50`, or `conv1x28x28:32` (a CNN block's d and
+/// projection seed are not part of its name).
+pub fn layer_name(shape: &LayerShape) -> String {
+    match shape {
+        LayerShape::Dense { inputs, outputs } => format!("{inputs}x{outputs}"),
+        LayerShape::Conv(g) => format!(
+            "conv{}x{}x{}:{}",
+            g.in_channels, g.height, g.width, g.out_channels
+        ),
     }
 }
 
@@ -39,22 +22,18 @@ impl fmt::Display for LayerConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EmulatorConfig {
     pub name: String,
-    pub layers: Vec<LayerConfig>,
+    /// The device's layers, in order (see [`parse_layers`]).
+    pub layers: Vec<LayerShape>,
     pub encoding: ActivationEncoding,
     pub max_batch: u32,
     pub boot_id: u32,
     /// The profile's hardware effects (dense layers).
     pub noise: NoiseModel,
-    /// d, projected features per channel of every CNN block.
-    pub proj_dim: usize,
-    /// The run seed the CNN blocks' projection seeds derive from.
-    pub seed: u64,
 }
 
 impl EmulatorConfig {
-    /// An ideal device of `layers` with f32 activations; CNN blocks with d = 16 and seed 0 (the
-    /// defaults of `pnn-train`).
-    pub fn new(name: &str, layers: Vec<LayerConfig>) -> Self {
+    /// An ideal device of `layers` with f32 activations.
+    pub fn new(name: &str, layers: Vec<LayerShape>) -> Self {
         Self {
             name: name.to_string(),
             layers,
@@ -62,28 +41,6 @@ impl EmulatorConfig {
             max_batch: 4096,
             boot_id: 1,
             noise: NoiseModel::default(),
-            proj_dim: 16,
-            seed: 0,
-        }
-    }
-
-    /// The shape of layer `l` if it is a CNN block, with its projection seed.
-    pub fn conv_shape(&self, l: usize) -> Option<ConvGeometry> {
-        match *self.layers.get(l)? {
-            LayerConfig::Conv {
-                in_channels,
-                height,
-                width,
-                out_channels,
-            } => Some(ConvGeometry {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim: self.proj_dim,
-                projection_seed: block_projection_seed(self.seed, l),
-            }),
-            LayerConfig::Dense { .. } => None,
         }
     }
 }
@@ -95,11 +52,14 @@ fn positive(what: &str, v: &str, layer: &str) -> Result<usize, String> {
     }
 }
 
-/// `784x50,conv1x28x28:32` as layers (see the module docs).
-pub fn parse_layers(s: &str) -> Result<Vec<LayerConfig>, String> {
+/// `784x50,conv1x28x28:32` as layers (see the module docs): every CNN block projects to
+/// `proj_dim` features per channel, and block `l` of the list (counting every layer) draws its
+/// projection from `block_projection_seed(seed, l)`, the rule of `pnn-train --seed`.
+pub fn parse_layers(s: &str, proj_dim: usize, seed: u64) -> Result<Vec<LayerShape>, String> {
     let layers = s
         .split(',')
-        .map(|l| {
+        .enumerate()
+        .map(|(index, l)| {
             let l = l.trim();
             if let Some(conv) = l.strip_prefix("conv") {
                 let form = || {
@@ -112,12 +72,17 @@ pub fn parse_layers(s: &str) -> Result<Vec<LayerConfig>, String> {
                 let [c, h, w] = dims[..] else {
                     return Err(form());
                 };
-                return Ok(LayerConfig::Conv {
-                    in_channels: positive("the input channel count", c, l)?,
-                    height: positive("the height", h, l)?,
-                    width: positive("the width", w, l)?,
-                    out_channels: positive("the output channel count", out, l)?,
-                });
+                let in_channels = positive("the input channel count", c, l)?;
+                let height = positive("the height", h, l)?;
+                let width = positive("the width", w, l)?;
+                let out_channels = positive("the output channel count", out, l)?;
+                return Ok(LayerShape::conv(
+                    in_channels,
+                    out_channels,
+                    (height, width),
+                    proj_dim,
+                    block_projection_seed(seed, index),
+                ));
             }
             let (a, b) = l.split_once('x').ok_or_else(|| {
                 format!(
@@ -125,10 +90,7 @@ pub fn parse_layers(s: &str) -> Result<Vec<LayerConfig>, String> {
                 )
             })?;
             match (a.parse::<usize>(), b.parse::<usize>()) {
-                (Ok(a), Ok(b)) if a > 0 && b > 0 => Ok(LayerConfig::Dense {
-                    inputs: a,
-                    outputs: b,
-                }),
+                (Ok(a), Ok(b)) if a > 0 && b > 0 => Ok(LayerShape::dense(a, b)),
                 _ => Err(format!("'{l}': both sizes must be positive integers")),
             }
         })
@@ -166,24 +128,19 @@ mod tests {
 
     #[test]
     fn layer_lists_and_encodings_parse() {
-        let dense = |inputs, outputs| LayerConfig::Dense { inputs, outputs };
+        let dense = LayerShape::dense;
         assert_eq!(
-            parse_layers("784x50, 50x50").unwrap(),
+            parse_layers("784x50, 50x50", 16, 0).unwrap(),
             vec![dense(784, 50), dense(50, 50)]
         );
-        assert!(parse_layers("784x0").is_err());
-        assert!(parse_layers("784-50").is_err());
-        let layers = parse_layers("conv1x28x28:32,conv32x14x14:32,1568x10").unwrap();
+        assert!(parse_layers("784x0", 16, 0).is_err());
+        assert!(parse_layers("784-50", 16, 0).is_err());
+        let layers = parse_layers("conv1x28x28:32,conv32x14x14:32,1568x10", 8, 3).unwrap();
         assert_eq!(
             layers[1],
-            LayerConfig::Conv {
-                in_channels: 32,
-                height: 14,
-                width: 14,
-                out_channels: 32
-            }
+            LayerShape::conv(32, 32, (14, 14), 8, block_projection_seed(3, 1))
         );
-        assert_eq!(layers[0].to_string(), "conv1x28x28:32");
+        assert_eq!(layer_name(&layers[0]), "conv1x28x28:32");
         assert_eq!(layers[2], dense(1568, 10));
         for bad in [
             "conv1x28:32",
@@ -192,7 +149,7 @@ mod tests {
             "convx28x28:3",
             "conv1x2x3x4:5",
         ] {
-            let err = parse_layers(bad).unwrap_err();
+            let err = parse_layers(bad, 16, 0).unwrap_err();
             assert!(err.contains(bad), "{err}");
         }
         assert_eq!(parse_encoding("f32").unwrap(), ActivationEncoding::F32);

@@ -3,10 +3,11 @@
 use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::message::{ActivationEncoding, Capabilities, MAX_LAYERS};
 use firmware_protocol::server::{DeviceConfig, Server};
+use firmware_protocol::shape::LayerShape;
 use pnn_sim::noise::layer_seed;
 use pnn_sim::physical::{DeviceConv, DeviceDense, DeviceLayer};
 
-use crate::config::{EmulatorConfig, LayerConfig};
+use crate::config::{EmulatorConfig, layer_name};
 
 /// The server type the emulator runs.
 pub type EmulatedServer<'n> = Server<'n, DeviceLayer, Vec<DeviceLayer>, Vec<f32>>;
@@ -21,8 +22,9 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
         .iter()
         .enumerate()
         .map(|(l, layer)| match *layer {
-            LayerConfig::Dense { inputs, outputs } => {
+            LayerShape::Dense { inputs, outputs } => {
                 if u32::try_from(inputs.saturating_mul(outputs).saturating_add(outputs)).is_err() {
+                    let layer = layer_name(layer);
                     return Err(format!("layer {l} ({layer}) has too many parameters"));
                 }
                 Ok(DeviceLayer::Dense(Box::new(DeviceDense::with_noise(
@@ -33,7 +35,8 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
                     layer_seed(config.noise.seed, l),
                 ))))
             }
-            LayerConfig::Conv { .. } => {
+            LayerShape::Conv(geometry) => {
+                let layer = layer_name(layer);
                 if !config.noise.is_ideal() {
                     return Err(format!(
                         "layer {l} ({layer}): device profile '{}' has hardware effects, and the \
@@ -48,8 +51,7 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
                          ADC codes (0 and up) cannot carry; use --encoding f32"
                     ));
                 }
-                let shape = config.conv_shape(l).expect("a conv layer");
-                DeviceConv::new(shape, config.encoding)
+                DeviceConv::new(geometry, config.encoding)
                     .map(|b| DeviceLayer::Conv(Box::new(b)))
                     .map_err(|e| format!("layer {l} ({layer}): {e}"))
             }
@@ -95,12 +97,10 @@ mod tests {
 
     #[test]
     fn conv_blocks_draw_the_projection_seeds_of_the_model_rule() {
-        let mut config = EmulatorConfig::new(
+        let config = EmulatorConfig::new(
             "ideal",
-            parse_layers("conv1x28x28:4,conv4x14x14:4").unwrap(),
+            parse_layers("conv1x28x28:4,conv4x14x14:4", 8, 7).unwrap(),
         );
-        config.seed = 7;
-        config.proj_dim = 8;
         let layers = layers(&config).unwrap();
         for (l, layer) in layers.iter().enumerate() {
             let d = layer.descriptor();
@@ -122,8 +122,10 @@ mod tests {
     #[test]
     fn conv_blocks_on_a_noisy_profile_or_adc_codes_are_refused_clearly() {
         let pcm = profile("pcm");
-        let mut config =
-            EmulatorConfig::new(&pcm.name, parse_layers("784x50,conv1x28x28:4").unwrap());
+        let mut config = EmulatorConfig::new(
+            &pcm.name,
+            parse_layers("784x50,conv1x28x28:4", 16, 0).unwrap(),
+        );
         config.noise = pcm.noise.clone();
         let err = layers(&config).err().unwrap();
         assert!(
@@ -135,10 +137,11 @@ mod tests {
         // Dense layers alone take the profile.
         config.layers.truncate(1);
         assert!(layers(&config).is_ok());
-        let mut config = EmulatorConfig::new("ideal", parse_layers("conv1x28x28:4").unwrap());
+        let mut config =
+            EmulatorConfig::new("ideal", parse_layers("conv1x28x28:4", 16, 0).unwrap());
         config.encoding = ActivationEncoding::AdcU8 { scale: 0.1 };
         assert!(layers(&config).err().unwrap().contains("--encoding f32"));
-        let config = EmulatorConfig::new("ideal", parse_layers("conv1x1x9:4").unwrap());
+        let config = EmulatorConfig::new("ideal", parse_layers("conv1x1x9:4", 16, 0).unwrap());
         assert!(layers(&config).err().unwrap().contains("2x2"));
     }
 
@@ -147,7 +150,7 @@ mod tests {
         let mut pcm = profile("pcm");
         // Drift from the first second on, so that a write's instant shows in the outputs.
         pcm.noise.drift.as_mut().unwrap().t0 = 0.5;
-        let mut config = EmulatorConfig::new(&pcm.name, parse_layers("20x6,6x4").unwrap());
+        let mut config = EmulatorConfig::new(&pcm.name, parse_layers("20x6,6x4", 16, 0).unwrap());
         config.noise = pcm.noise.clone();
         let mut layers = layers(&config).unwrap();
         let mut distinct = Vec::new();

@@ -236,9 +236,10 @@ impl<T: Transport> Transport for FaultyTransport<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{EmulatorConfig, LayerConfig, serve};
+    use crate::{EmulatorConfig, serve};
     use firmware_protocol::link::{Client, Link, PipeEnd, RetryPolicy, pipe};
     use firmware_protocol::message::ActivationEncoding;
+    use firmware_protocol::shape::LayerShape;
 
     /// An emulated device (one dense layer) behind `faults`, on a thread; returns the host's end.
     fn device(
@@ -251,13 +252,7 @@ mod tests {
                 encoding: ActivationEncoding::F32,
                 max_batch: 64,
                 boot_id: 100,
-                ..EmulatorConfig::new(
-                    "faulty",
-                    vec![LayerConfig::Dense {
-                        inputs: 6,
-                        outputs: 4,
-                    }],
-                )
+                ..EmulatorConfig::new("faulty", vec![LayerShape::dense(6, 4)])
             };
             let mut t = FaultyTransport::new(dev, faults);
             serve(&mut t, &config, max_frame, false).unwrap();

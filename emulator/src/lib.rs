@@ -29,7 +29,7 @@ pub mod faults;
 pub mod pty;
 pub mod serve;
 
-pub use config::{EmulatorConfig, LayerConfig, fresh_boot_id, parse_encoding, parse_layers};
+pub use config::{EmulatorConfig, fresh_boot_id, layer_name, parse_encoding, parse_layers};
 pub use device::{EmulatedServer, layers, server};
 pub use faults::{FaultConfig, FaultCounters, FaultyTransport};
 pub use pty::{Pty, open_pty};

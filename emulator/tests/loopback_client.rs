@@ -7,7 +7,8 @@ use std::time::Duration;
 use firmware_protocol::direction::{DirectionSeed, UpdateTerm};
 use firmware_protocol::link::{Client, ClientError, Link, Loopback, RetryPolicy, Transport, pipe};
 use firmware_protocol::message::{ActivationEncoding, ChunkRange, DeviceError, ForwardMode};
-use pnn_emulator::{EmulatorConfig, LayerConfig, serve, server};
+use firmware_protocol::shape::LayerShape;
+use pnn_emulator::{EmulatorConfig, serve, server};
 
 const N_IN: usize = 30;
 const N_OUT: usize = 8;
@@ -24,13 +25,7 @@ fn policy() -> RetryPolicy {
 fn config() -> EmulatorConfig {
     EmulatorConfig {
         boot_id: 77,
-        ..EmulatorConfig::new(
-            "loopback",
-            vec![LayerConfig::Dense {
-                inputs: N_IN,
-                outputs: N_OUT,
-            }],
-        )
+        ..EmulatorConfig::new("loopback", vec![LayerShape::dense(N_IN, N_OUT)])
     }
 }
 

@@ -245,8 +245,8 @@ fn a_damaged_request_is_nakked_under_its_sequence_number() {
     assert_eq!(server.stats().naks, 1);
 }
 
-fn dense(inputs: usize, outputs: usize) -> pnn_emulator::LayerConfig {
-    pnn_emulator::LayerConfig::Dense { inputs, outputs }
+fn dense(inputs: usize, outputs: usize) -> firmware_protocol::shape::LayerShape {
+    firmware_protocol::shape::LayerShape::dense(inputs, outputs)
 }
 
 #[test]

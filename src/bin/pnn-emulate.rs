@@ -32,7 +32,7 @@ use clap::Parser;
 use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::message::ActivationEncoding;
 use pnn::model::DEFAULT_PROJ_DIM;
-use pnn_emulator::{self as emulator, EmulatorConfig, FaultConfig, FaultyTransport, LayerConfig};
+use pnn_emulator::{self as emulator, EmulatorConfig, FaultConfig, FaultyTransport};
 use pnn_sim::profile::DeviceProfile;
 
 #[derive(Parser, Debug)]
@@ -48,8 +48,8 @@ struct Args {
     profile: PathBuf,
     /// The device's layers, comma-separated: INPUTSxOUTPUTS for a dense layer (784x50),
     /// convCxHxW:OUT for a CNN block on C maps of H x W with OUT channels (conv1x28x28:32).
-    #[arg(long, value_parser = parse_layers)]
-    layers: Layers,
+    #[arg(long, value_parser = check_layers)]
+    layers: String,
     /// CNN blocks: projected features d per channel (pnn-train's --proj-dim).
     #[arg(long, default_value_t = DEFAULT_PROJ_DIM, value_parser = positive_usize)]
     proj_dim: usize,
@@ -89,11 +89,10 @@ struct Args {
     max_frame: Option<u32>,
 }
 
-#[derive(Clone, Debug)]
-struct Layers(Vec<LayerConfig>);
-
-fn parse_layers(s: &str) -> Result<Layers, String> {
-    emulator::parse_layers(s).map(Layers)
+/// The layer list's syntax, checked while the arguments are parsed; the layers themselves are
+/// built once `--proj-dim` and `--seed` are known.
+fn check_layers(s: &str) -> Result<String, String> {
+    emulator::parse_layers(s, DEFAULT_PROJ_DIM, 0).map(|_| s.to_string())
 }
 
 fn positive_usize(s: &str) -> Result<usize, String> {
@@ -126,13 +125,12 @@ fn main() -> ExitCode {
     };
     let config = EmulatorConfig {
         name: profile.name.clone(),
-        layers: args.layers.0.clone(),
+        layers: emulator::parse_layers(&args.layers, args.proj_dim, args.seed)
+            .expect("checked while parsing the arguments"),
         encoding: args.encoding,
         max_batch: args.max_batch,
         boot_id: args.boot_id.unwrap_or_else(emulator::fresh_boot_id),
         noise: profile.noise.clone(),
-        proj_dim: args.proj_dim,
-        seed: args.seed,
     };
     // Built before the pty exists, so that a device the profile cannot be is refused at once.
     if let Err(e) = emulator::layers(&config) {
@@ -150,7 +148,7 @@ fn main() -> ExitCode {
     if std::io::stdout().flush().is_err() {
         return ExitCode::from(4);
     }
-    let layers: Vec<String> = config.layers.iter().map(|l| l.to_string()).collect();
+    let layers: Vec<String> = config.layers.iter().map(emulator::layer_name).collect();
     eprintln!(
         "pnn-emulate: device '{}' (boot id {:#010x}), layers [{}]{}, serving on {}",
         config.name,

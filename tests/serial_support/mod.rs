@@ -19,7 +19,7 @@ pub fn in_process(layers: &str, model: &[LayerShape]) -> (Vec<SerialOracle>, Joi
     let (host, mut device) = pipe();
     let config = EmulatorConfig {
         boot_id: 9,
-        ..EmulatorConfig::new("in-process", parse_layers(layers).unwrap())
+        ..EmulatorConfig::new("in-process", parse_layers(layers, 16, 0).unwrap())
     };
     let thread = std::thread::spawn(move || {
         pnn_emulator::serve(&mut device, &config, usize::MAX, false).expect("serves");
