@@ -96,16 +96,35 @@ fn a_server_in_process_answers_the_client_as_the_emulator_over_a_pipe_does() {
         0,
     ));
     let in_process = exercise(&mut loopback);
+    let traffic = loopback.counters();
     // The server is there to inspect (as layer tests inspect their layers).
     let stats = loopback.link().transport().server().stats();
     assert_eq!(stats.requests, loopback.counters().round_trips);
+    // A request sent again under its sequence number is answered from the device's cache.
+    let chunk = ChunkRange { start: 0, end: 10 };
+    let term = [UpdateTerm {
+        seed: DirectionSeed(9),
+        derivative: 1.0,
+    }];
+    let count = N_IN * N_OUT + N_OUT;
+    loopback.set_parameters(0, 0, &vec![0.0; count]).unwrap();
+    let (mut first, mut again) = (Vec::new(), Vec::new());
+    for read in [&mut first, &mut again] {
+        loopback.link_mut().set_last_seq(499);
+        loopback.apply_update(0, chunk, 0.5, &term).unwrap();
+        loopback.read_parameters(0, count, read).unwrap();
+    }
+    assert!(first[..10].iter().any(|&p| p != 0.0));
+    assert_eq!(first, again, "applied once");
+    let server = loopback.link().transport().server();
+    assert_eq!(server.stats().retransmissions, 1);
 
     let (host, mut device) = pipe();
     let served = config.clone();
     let thread = std::thread::spawn(move || serve(&mut device, &served, usize::MAX, false));
     let mut piped = Client::new(Link::new(host, policy(), 0));
     assert_eq!(exercise(&mut piped), in_process);
-    assert_eq!(piped.counters(), loopback.counters());
+    assert_eq!(piped.counters(), traffic);
     drop(piped);
     thread.join().unwrap().unwrap();
 }

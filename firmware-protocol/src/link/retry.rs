@@ -113,6 +113,12 @@ impl<T: Transport> Link<T> {
         &mut self.transport
     }
 
+    /// Makes the next request go out under sequence number `last + 1`: a test sends a
+    /// request again under the number it went out with, as a retransmission does.
+    pub fn set_last_seq(&mut self, last: u16) {
+        self.seq = last;
+    }
+
     /// Sends `request` and returns the body of its reply, retransmitting as the module docs say.
     pub fn call(&mut self, request: &Request<'_>) -> Result<&[u8], LinkError> {
         self.seq = self.seq.wrapping_add(1);
