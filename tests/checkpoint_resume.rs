@@ -19,7 +19,7 @@ use pnn::model::{ArchKind, ModelSpec};
 use pnn::observe::NoObserver;
 use pnn::oracle::{
     Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape,
-    LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
+    LinkCounters, OracleError, PerturbedPair, UpdateTerm,
 };
 use pnn::run::{RunConfig, RunError, run, run_with};
 use serde_json::Value;
@@ -295,11 +295,8 @@ impl<O: ForwardOracle> ForwardOracle for Unplugged<O> {
 }
 
 impl<O: ForwardOracle> DeviceLink for Unplugged<O> {
-    fn wire_stats(&self) -> WireStats {
-        WireStats::default()
-    }
-    fn link_health(&self) -> LinkHealth {
-        LinkHealth::default()
+    fn counters(&self) -> LinkCounters {
+        LinkCounters::default()
     }
     fn session(&mut self) -> Result<u64, OracleError> {
         self.spend()?;

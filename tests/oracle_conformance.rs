@@ -11,8 +11,6 @@
 
 mod serial_support;
 
-use std::time::Duration;
-
 use pnn::backend::serial::{self, SerialOracle, SerialSpec, device::layer_spec};
 use pnn::backend::sim::SimOracle;
 use pnn::data::DatasetKind;
@@ -159,27 +157,10 @@ fn own_layers(device: serial::device::SerialDevice) -> Vec<SerialOracle> {
 
 #[test]
 fn the_serial_oracle_conforms_over_an_in_process_pipe() {
-    use pnn::backend::serial::faults::{FaultConfig, FaultyTransport, pipe, serve_device};
-    use pnn::backend::serial::link::{Link, RetryPolicy};
-    use pnn_sim::emulator::{EmulatorConfig, parse_layers};
-
-    let (host, device) = pipe();
-    let config = EmulatorConfig::new("in-process", parse_layers(LAYERS).unwrap());
-    let server = std::thread::spawn(move || {
-        let mut transport = FaultyTransport::new(device, FaultConfig::default());
-        serve_device(&mut transport, &config, usize::MAX, false).expect("serves");
-    });
-    let policy = RetryPolicy {
-        timeout: Duration::from_secs(10),
-        retries: 0,
-        baud: 921_600,
-    };
-    let link = Link::new(Box::new(host), policy, 1);
-    let device = serial::device::SerialDevice::connect(link).expect("handshakes");
-    let mut oracles = own_layers(device);
+    let (mut oracles, device) = serial_support::in_process(LAYERS, &shapes());
     device_conforms(&mut oracles);
     drop(oracles);
-    server.join().unwrap();
+    device.join().unwrap();
 }
 
 #[test]

@@ -5,6 +5,8 @@
 
 use std::ops::Range;
 
+pub use firmware_protocol::link::LinkCounters;
+
 use super::{DirectionSeed, OracleError, PerturbedColumns};
 
 /// A layer held in this process's memory (the simulator): shortcuts that change no result, and
@@ -42,30 +44,12 @@ pub trait InProcess {
 /// A layer behind a link to a device (the serial backend): what went over the link, and the
 /// device's power-on session.
 pub trait DeviceLink {
-    /// This layer's share of its link's traffic.
-    fn wire_stats(&self) -> WireStats;
-
-    /// This layer's share of its link's retries and resyncs.
-    fn link_health(&self) -> LinkHealth;
+    /// This layer's share of its link's counters (traffic, retries, resyncs...): the shares of
+    /// all layers on one link add up to the link's.
+    fn counters(&self) -> LinkCounters;
 
     /// The device's current power-on session (its boot id), asked of the device. A changed value
     /// means the device lost what was written to it (a reset, a brown-out) and must be
     /// re-programmed (see `crate::recovery`).
     fn session(&mut self) -> Result<u64, OracleError>;
-}
-
-/// Traffic on a device link: bytes each way and request/reply exchanges.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WireStats {
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub round_trips: u64,
-}
-
-/// How a device link has fared: retransmissions (after silence, damage or a NAK) and frames
-/// dropped as damaged, after which the receiver resynchronised at the next delimiter.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LinkHealth {
-    pub retries: u64,
-    pub resyncs: u64,
 }

@@ -16,7 +16,7 @@ use std::ops::Range;
 mod capabilities;
 pub mod conformance;
 
-pub use capabilities::{DeviceLink, InProcess, LinkHealth, WireStats};
+pub use capabilities::{DeviceLink, InProcess, LinkCounters};
 pub use firmware_protocol::shape::{ChunkUnits, ConvGeometry, ForwardMode, LayerShape};
 pub use firmware_protocol::{DirectionSeed, UpdateTerm};
 
