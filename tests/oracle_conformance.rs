@@ -13,23 +13,15 @@ mod serial_support;
 
 use pnn::backend::serial::{self, SerialOracle, SerialSpec, device::layer_spec};
 use pnn::backend::sim::SimOracle;
-use pnn::data::DatasetKind;
-use pnn::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec};
+use pnn::model::DEFAULT_PROJ_DIM;
 use pnn::oracle::conformance::{Probe, Tolerance, check_agreement, check_contract};
 use pnn::oracle::{ForwardOracle, LayerShape};
 use serial_support::{Emulator, profile_path};
 
-/// A small dense layer and the first CNN block of the MNIST CNN with 4 channels.
+/// A small dense layer and a CNN block of 4 channels on MNIST's images, as the emulator builds
+/// them from [`LAYERS`] (the block's fixed projection drawn from the run seed 0 and its index).
 fn shapes() -> Vec<LayerShape> {
-    let cnn = ModelSpec::new(
-        DatasetKind::Mnist,
-        ArchKind::Cnn,
-        Some(vec![4, 4]),
-        DEFAULT_PROJ_DIM,
-        0,
-    )
-    .unwrap();
-    vec![LayerShape::dense(784, 16), cnn.layer_specs()[0]]
+    pnn_emulator::parse_layers(LAYERS, DEFAULT_PROJ_DIM, 0).unwrap()
 }
 
 fn sim(spec: LayerShape, exact_reference: bool) -> SimOracle {
@@ -144,7 +136,7 @@ fn device_conforms(oracles: &mut [SerialOracle]) {
     }
 }
 
-/// The emulator's layers of [`shapes`], as `--layers` says them.
+/// The layers every backend here is checked on, as `pnn-emulate --layers` says them.
 const LAYERS: &str = "784x16,conv1x28x28:4";
 
 /// Oracles for every layer the device describes, as the device describes them.
