@@ -50,11 +50,6 @@ pub struct ForwardOutput {
 
 impl ForwardOutput {
     /// The input of the next layer: `next` where the layer gives one, else the features.
-    pub fn next_input(&self) -> &Activations {
-        self.next.as_ref().unwrap_or(&self.features)
-    }
-
-    /// [`ForwardOutput::next_input`], by value.
     pub fn into_next_input(self) -> Activations {
         self.next.unwrap_or(self.features)
     }
