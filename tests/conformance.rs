@@ -8,6 +8,11 @@
 //! differ by ~1e-3 relative, the updates (lr n/P dd v, of size ~1e-4 per weight) by ~1e-7, and
 //! the weights drift apart by that much per step. Over the few steps run here the tolerances
 //! below hold with a margin of ten over what was measured (printed with --nocapture).
+//!
+//! Single evaluations (each oracle against the contract, fast paths against the reference
+//! within a tolerance, touched columns against whole features) are the library's conformance
+//! suite, run on every backend by tests/oracle_conformance.rs; this file holds what the suite
+//! does not: whole training steps through the trainer, chunk after chunk.
 
 mod common;
 
