@@ -323,8 +323,7 @@ impl<O: ForwardOracle> Trainer<O> {
                     terms: &s.terms,
                     lr: hyper.lr,
                 };
-                self.rule
-                    .step_weights(&step, oracle, &mut state.shadow[chunk.clone()])?;
+                self.rule.step_weights(&step, oracle, &mut state.shadow)?;
             }
             // Line 25, before the M update as the reference implementation does: the clean pass
             // with the updated W_l gives the a_l that trains M_l and feeds layer l+1.

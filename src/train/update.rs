@@ -7,12 +7,13 @@
 //! [`super::Trainer::with_update_rule`]. It implements:
 //!
 //! - [`UpdateRule::step_weights`]: one chunk of `W_l`. It gets the chunk's `P` seeded terms
-//!   `(seed_p, dd_p)` and must change the layer (through the oracle) and the host's shadow of
-//!   the chunk to the same bits. A rule with a seeded form (SGD) sends the terms with
-//!   `ForwardOracle::apply_update`; a rule without one computes the new chunk on the host (the
+//!   `(seed_p, dd_p)` and must change the layer (through the oracle) and the host's shadow to
+//!   the same bits. A rule with a seeded form (SGD) sends the terms with
+//!   `ForwardOracle::apply_update`; a rule without one computes the new chunk in the shadow (the
 //!   directions are `firmware_protocol::direction::fill_direction(seed_p, ..)`), keeps its state
 //!   (moments, keyed by [`WeightStep::layer`] and [`WeightStep::chunk_index`]) on the host, and
-//!   programs the layer from the shadow.
+//!   programs the layer from the shadow (`ForwardOracle::write_parameters`: the whole layer, as
+//!   the contract has no write of one chunk yet). `tests/estimator.rs` has such a rule.
 //! - [`UpdateRule::step_projection`]: one chunk of `M_l` (host only), given the explicit
 //!   direction vectors.
 //! - [`UpdateRule::state`] / [`UpdateRule::restore_state`] where it keeps state, so a checkpoint
@@ -59,8 +60,8 @@ pub struct ProjectionStep<'a> {
 
 /// How derivatives along random directions change the parameters (see the module docs).
 pub trait UpdateRule {
-    /// Steps one chunk of `W_l` on the layer and, to the same bits, in `shadow` (the host's copy
-    /// of the chunk).
+    /// Steps the chunk `step.chunk` of `W_l` on the layer and, to the same bits, in `shadow`
+    /// (the host's copy of the whole layer).
     fn step_weights(
         &mut self,
         step: &WeightStep<'_>,
@@ -115,6 +116,7 @@ impl UpdateRule for Sgd {
         let chunk = step.chunk;
         let scale = Self::scale(step.lr, chunk.len(), step.terms.len());
         oracle.apply_update(chunk.clone(), scale, step.terms)?;
+        let shadow = &mut shadow[chunk.clone()];
         match oracle.in_process() {
             // The layer is in this process: its chunk is the update's result already.
             Some(layer) => shadow.copy_from_slice(&layer.parameters()[chunk.clone()]),
