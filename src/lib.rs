@@ -6,20 +6,12 @@
 //! [`oracle::ForwardOracle`] is that boundary; [`trainer::Trainer`] drives it.
 
 pub mod backend;
-pub mod checkpoint;
 pub mod chunking;
-pub mod config;
 pub mod data;
-pub mod export;
 pub mod loss;
-pub mod metrics;
 pub mod model;
-pub mod observe;
 pub mod oracle;
-pub mod progress;
 pub mod projection;
-pub mod recovery;
 pub mod report;
 pub mod run;
-pub mod study;
 pub mod trainer;

@@ -13,14 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pnn::checkpoint::{Checkpoint, Position};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
 use pnn::model::{ArchKind, ModelSpec};
-use pnn::observe::NoObserver;
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
     PerturbedPair, UpdateTerm,
 };
+use pnn::report::observe::NoObserver;
+use pnn::run::checkpoint::{Checkpoint, Position};
 use pnn::run::{RunConfig, RunError, run, run_with};
 use serde_json::Value;
 
@@ -303,7 +303,7 @@ fn cnn_config() -> RunConfig {
 
 /// Everything but timings, the backend's name and link counters (the cut run's fake device
 /// reported a session, so its resumption carries that link's counters, all zero).
-fn core(s: &pnn::metrics::RunSummary) -> Value {
+fn core(s: &pnn::report::metrics::RunSummary) -> Value {
     let mut v = untimed(serde_json::to_value(s).unwrap());
     let o = v.as_object_mut().unwrap();
     for key in [

@@ -28,11 +28,11 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer};
 
+use super::RunConfig;
 use crate::backend::BackendSpec;
 use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
-use crate::run::RunConfig;
 use crate::trainer::Hyper;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
