@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use pnn::data::DatasetKind;
 use pnn::report::sweep;
-use pnn::run::RunError;
 use pnn::run::noise_sweep::{self, NoiseParam, Setup};
 use pnn::trainer::Hyper;
 use pnn_sim::profile::DeviceProfile;
@@ -102,12 +101,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(match e {
-                RunError::Config(_) => 2,
-                RunError::Data(_) => 3,
-                RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
-                RunError::Checkpoint(_) => 6,
-            });
+            return ExitCode::from(e.exit_code());
         }
     };
     if let Err(e) = std::fs::create_dir_all(&args.out_dir) {

@@ -21,8 +21,8 @@ use clap::Parser;
 use pnn::report::observe::{ByRef, NoObserver, SaveModel};
 use pnn::report::progress::{Progress, ProgressMode, init_tracing};
 use pnn::run::checkpoint::Checkpoint;
+use pnn::run::run;
 use pnn::run::settings::ExperimentConfig;
-use pnn::run::{RunError, run};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -122,15 +122,7 @@ fn main() -> ExitCode {
     }
     let summary = match result {
         Ok(summary) => summary,
-        Err(e) => {
-            let code = match e {
-                RunError::Config(_) => 2,
-                RunError::Data(_) => 3,
-                RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
-                RunError::Checkpoint(_) => 6,
-            };
-            return fail(code, e);
-        }
+        Err(e) => return fail(e.exit_code(), e),
     };
     if let Some(Some(Err(e))) = saver.map(|s| s.result) {
         return fail(5, e);

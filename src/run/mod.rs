@@ -106,6 +106,19 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// The exit status the command-line tools give this error: 2 invalid configuration, 3 data
+    /// error, 4 backend or device error (an interrupted run too), 6 checkpoint error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 2,
+            RunError::Data(_) => 3,
+            RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
+            RunError::Checkpoint(_) => 6,
+        }
+    }
+}
+
 /// Loads the data, builds the backend's oracles and trains, reporting to `observer` (a closure
 /// `FnMut(&EpochMetrics)` is one).
 pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary, RunError> {
