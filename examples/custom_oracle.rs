@@ -15,13 +15,13 @@ use firmware_protocol::direction::{apply_update, fill_direction};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
 use pnn::model::ModelSpec;
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind, LayerSpec,
-    OracleError, PerturbedPair, UpdateTerm,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
+    PerturbedPair, UpdateTerm,
 };
 use pnn::run::{RunConfig, run_with};
 
 struct QuirkyDense {
-    spec: LayerSpec,
+    spec: LayerShape,
     inputs: usize,
     outputs: usize,
     /// `W` (outputs x inputs, row-major) then the bias: the layout of `LayerKind::Dense`.
@@ -33,8 +33,8 @@ struct QuirkyDense {
 }
 
 impl QuirkyDense {
-    fn new(spec: LayerSpec, unit_seed: u32) -> Self {
-        let LayerKind::Dense { inputs, outputs } = spec.kind else {
+    fn new(spec: LayerShape, unit_seed: u32) -> Self {
+        let LayerShape::Dense { inputs, outputs } = spec else {
             panic!("this toy device implements dense layers only");
         };
         // A fixed gain per output unit within +-10 %, from a tiny hash of the unit's index.
@@ -45,7 +45,7 @@ impl QuirkyDense {
             })
             .collect();
         Self {
-            params: vec![0.0; spec.param_count],
+            params: vec![0.0; spec.param_count()],
             spec,
             inputs,
             outputs,
@@ -73,7 +73,7 @@ impl QuirkyDense {
 }
 
 impl ForwardOracle for QuirkyDense {
-    fn spec(&self) -> &LayerSpec {
+    fn spec(&self) -> &LayerShape {
         &self.spec
     }
 

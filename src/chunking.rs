@@ -13,30 +13,21 @@ pub fn weight_chunks(
     chunk_max: usize,
 ) -> Vec<Range<usize>> {
     assert!(chunk_max > 0, "chunk_max must be positive");
-    match units {
+    match *units {
         ChunkUnits::Flat => (0..param_count)
             .step_by(chunk_max)
             .map(|start| start..(start + chunk_max).min(param_count))
             .collect(),
-        ChunkUnits::Groups(sizes) => {
-            assert_eq!(
-                sizes.iter().sum::<usize>(),
-                param_count,
-                "groups must cover the parameters"
+        ChunkUnits::Groups { size } => {
+            assert!(
+                size > 0 && param_count.is_multiple_of(size),
+                "groups of {size} must cover the {param_count} parameters"
             );
-            let mut chunks = Vec::new();
-            let (mut start, mut end) = (0, 0);
-            for &size in sizes {
-                if end > start && end - start + size > chunk_max {
-                    chunks.push(start..end);
-                    start = end;
-                }
-                end += size;
-            }
-            if end > start {
-                chunks.push(start..end);
-            }
-            chunks
+            let per_chunk = (chunk_max / size).max(1) * size;
+            (0..param_count)
+                .step_by(per_chunk)
+                .map(|start| start..(start + per_chunk).min(param_count))
+                .collect()
         }
     }
 }
@@ -68,8 +59,11 @@ mod tests {
 
     #[test]
     fn groups_are_never_split() {
-        let chunks = weight_chunks(&ChunkUnits::Groups(vec![10, 10, 10, 25, 5]), 60, 25);
-        assert_eq!(chunks, vec![0..20, 20..30, 30..55, 55..60]);
+        let chunks = weight_chunks(&ChunkUnits::Groups { size: 10 }, 60, 25);
+        assert_eq!(chunks, vec![0..20, 20..40, 40..60]);
+        // A group larger than the bound is a chunk by itself.
+        let chunks = weight_chunks(&ChunkUnits::Groups { size: 30 }, 60, 25);
+        assert_eq!(chunks, vec![0..30, 30..60]);
     }
 
     #[test]

@@ -487,19 +487,11 @@ impl Simd for Portable {
     }
 }
 
-/// Lanes in AVX2 registers. A value of this type exists only where the CPU has AVX2 (it is made
-/// by [`Avx2::detect`] alone), which is what makes its methods sound; they are meant to be
-/// inlined into [`cross_entropy_avx2`], compiled for AVX2.
+/// Lanes in AVX2 registers. An [`Avx2`] exists only where the CPU has AVX2 (only its detection
+/// makes one), which is what makes these methods sound; they are meant to be inlined into
+/// [`cross_entropy_avx2`], compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Avx2(());
-
-#[cfg(target_arch = "x86_64")]
-impl Avx2 {
-    fn detect() -> Option<Self> {
-        std::is_x86_feature_detected!("avx2").then_some(Avx2(()))
-    }
-}
+use firmware_protocol::simd::Avx2;
 
 // SAFETY (for every `unsafe` block of this impl): an `Avx2` proves that the CPU has AVX2 (see
 // `Avx2`), and every pointer comes from a reference to exactly the 16 or 32 bytes that the

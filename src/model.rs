@@ -8,7 +8,7 @@ use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
 
 use crate::data::DatasetKind;
-use crate::oracle::{LayerKind, LayerSpec};
+use crate::oracle::LayerShape;
 use crate::projection::Projection;
 
 /// The architectures of thesis Appendix A, as named on the command line (`--arch`).
@@ -128,7 +128,7 @@ impl ModelSpec {
         }
         let (_, mut h, mut w) = image;
         for (l, &c) in model.hidden.iter().enumerate() {
-            pnn_sim::conv::ConvShape {
+            pnn_sim::conv::ConvGeometry {
                 in_channels: 1,
                 out_channels: c,
                 height: h,
@@ -170,7 +170,7 @@ impl ModelSpec {
         }
     }
 
-    pub fn layer_specs(&self) -> Vec<LayerSpec> {
+    pub fn layer_specs(&self) -> Vec<LayerShape> {
         if let Arch::Cnn {
             image: (channels, height, width),
             proj_dim,
@@ -183,7 +183,7 @@ impl ModelSpec {
                 .iter()
                 .enumerate()
                 .map(|(l, &c_out)| {
-                    let spec = LayerSpec::conv(
+                    let spec = LayerShape::conv(
                         c_in,
                         c_out,
                         (h, w),
@@ -199,7 +199,7 @@ impl ModelSpec {
         self.hidden
             .iter()
             .map(|&outputs| {
-                let spec = LayerSpec::dense(inputs, outputs);
+                let spec = LayerShape::dense(inputs, outputs);
                 inputs = outputs;
                 spec
             })
@@ -210,7 +210,7 @@ impl ModelSpec {
     pub fn mf_parameter_count(&self) -> usize {
         self.layer_specs()
             .iter()
-            .map(|s| s.param_count + s.feature_width * self.classes)
+            .map(|s| s.param_count() + s.feature_width() * self.classes)
             .sum()
     }
 }
@@ -229,24 +229,24 @@ const INIT_DOMAIN: u64 = 0x706E_6E2D_696E_6974; // "pnn-init"
 /// Layer `l` draws from its own ChaCha8 stream keyed by (seed, l): weights, bias, then `M_l`.
 /// A CNN block's `Conv2d` weight and bias are uniform in `±1/sqrt(C_in*9)` (drawn channel by
 /// channel, in the layout's order), its BatchNorm scale is 1 and shift 0.
-pub fn initialise(specs: &[LayerSpec], classes: usize, seed: u64) -> InitialParams {
+pub fn initialise(specs: &[LayerShape], classes: usize, seed: u64) -> InitialParams {
     let mut layers = Vec::new();
     let mut projections = Vec::new();
     for (l, spec) in specs.iter().enumerate() {
         let mut rng =
             ChaCha8Rng::seed_from_u64(mix(mix(seed ^ INIT_DOMAIN).wrapping_add(l as u64)));
-        let params: Vec<f32> = match spec.kind {
-            LayerKind::Dense { .. } => {
-                let bound = 1.0 / (spec.input_width as f32).sqrt();
-                (0..spec.param_count)
+        let params: Vec<f32> = match spec {
+            LayerShape::Dense { .. } => {
+                let bound = 1.0 / (spec.input_width() as f32).sqrt();
+                (0..spec.param_count())
                     .map(|_| rng.random_range(-bound..bound))
                     .collect()
             }
-            LayerKind::Conv { in_channels, .. } => {
-                let fan_in = in_channels * 9;
+            LayerShape::Conv(g) => {
+                let fan_in = g.kernel_len();
                 let bound = 1.0 / (fan_in as f32).sqrt();
-                let mut params = Vec::with_capacity(spec.param_count);
-                while params.len() < spec.param_count {
+                let mut params = Vec::with_capacity(spec.param_count());
+                while params.len() < spec.param_count() {
                     params.extend((0..=fan_in).map(|_| rng.random_range(-bound..bound)));
                     params.extend([1.0, 0.0]);
                 }
@@ -254,11 +254,11 @@ pub fn initialise(specs: &[LayerSpec], classes: usize, seed: u64) -> InitialPara
             }
         };
         let m_bound = 1.0 / (classes as f32).sqrt();
-        let m: Vec<f32> = (0..spec.feature_width * classes)
+        let m: Vec<f32> = (0..spec.feature_width() * classes)
             .map(|_| rng.random_range(-m_bound..m_bound))
             .collect();
         layers.push(params);
-        projections.push(Projection::new(spec.feature_width, classes, m));
+        projections.push(Projection::new(spec.feature_width(), classes, m));
     }
     InitialParams {
         layers,
@@ -298,24 +298,23 @@ mod tests {
         let specs = model.layer_specs();
         assert_eq!(specs.len(), 2);
         // Spatial 32x32 then 16x16 before pooling; features C*d; the output is pooled.
-        let LayerKind::Conv { height, width, .. } = specs[1].kind else {
+        let LayerShape::Conv(g) = specs[1] else {
             panic!("not a conv block")
         };
-        assert_eq!((height, width), (16, 16));
-        assert_eq!(specs[0].input_width, 3 * 32 * 32);
-        assert_eq!(specs[0].output_width, specs[1].input_width);
-        assert_eq!(specs[1].feature_width, 128 * 16);
-        assert_eq!(specs[1].output_width, 128 * 8 * 8);
+        assert_eq!((g.height, g.width), (16, 16));
+        assert_eq!(specs[0].input_width(), 3 * 32 * 32);
+        assert_eq!(specs[0].output_width(), specs[1].input_width());
+        assert_eq!(specs[1].feature_width(), 128 * 16);
+        assert_eq!(specs[1].output_width(), 128 * 8 * 8);
         assert_ne!(
-            specs[0].kind,
+            specs[0],
             ModelSpec::cnn(DatasetKind::Cifar10, None, 16, 6)
                 .unwrap()
                 .layer_specs()[0]
-                .kind
         );
         // Whole channels per chunk (section 4.4): 1155 parameters each.
         let chunks =
-            crate::chunking::weight_chunks(&specs[1].chunk_units, specs[1].param_count, 5000);
+            crate::chunking::weight_chunks(&specs[1].chunk_units(), specs[1].param_count(), 5000);
         assert_eq!(chunks[0], 0..4 * 1155);
         assert_eq!(chunks.len(), 32);
         // Too many blocks for the image.

@@ -7,138 +7,8 @@
 
 use std::ops::Range;
 
+pub use firmware_protocol::shape::{ChunkUnits, ConvGeometry, ForwardMode, LayerShape};
 pub use firmware_protocol::{DirectionSeed, UpdateTerm};
-
-/// What one layer is, as the trainer needs to know it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayerSpec {
-    pub kind: LayerKind,
-    /// Values per sample of the layer's input.
-    pub input_width: usize,
-    /// Values per sample of the features the goodness `G_l = a_l M_l` is computed from.
-    pub feature_width: usize,
-    /// Values per sample passed to the next layer.
-    pub output_width: usize,
-    /// Parameters `W_l` in the device's flat layout.
-    pub param_count: usize,
-    /// Parameter groups that a chunk must not split (thesis section 4.4).
-    pub chunk_units: ChunkUnits,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LayerKind {
-    /// Linear + ReLU: weights (outputs x inputs, row-major) then bias.
-    Dense { inputs: usize, outputs: usize },
-    /// A CNN block (thesis Appendix A, Table 4): Conv2d 3x3 (stride 1, padding 1) -> BatchNorm2d
-    /// -> ReLU; its features are the ReLU output projected per channel by a fixed random
-    /// `A_c` (d x HW, section 4.4), drawn on the device side from `projection_seed`; its output
-    /// is the ReLU output max-pooled 2x2. Parameters per output channel: conv weights
-    /// (in_channels x 3 x 3), conv bias, BatchNorm scale, BatchNorm shift; chunks are whole
-    /// channels. Inputs and outputs are per sample in CHW order.
-    Conv {
-        in_channels: usize,
-        out_channels: usize,
-        height: usize,
-        width: usize,
-        proj_dim: usize,
-        projection_seed: u64,
-    },
-}
-
-impl LayerSpec {
-    pub fn dense(inputs: usize, outputs: usize) -> Self {
-        Self {
-            kind: LayerKind::Dense { inputs, outputs },
-            input_width: inputs,
-            feature_width: outputs,
-            output_width: outputs,
-            param_count: outputs * inputs + outputs,
-            chunk_units: ChunkUnits::Flat,
-        }
-    }
-}
-
-impl LayerSpec {
-    /// A CNN block (see [`LayerKind::Conv`]) on `in_channels` maps of `height` x `width`.
-    pub fn conv(
-        in_channels: usize,
-        out_channels: usize,
-        (height, width): (usize, usize),
-        proj_dim: usize,
-        projection_seed: u64,
-    ) -> Self {
-        let per_channel = in_channels * 9 + 3;
-        Self {
-            kind: LayerKind::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            },
-            input_width: in_channels * height * width,
-            feature_width: out_channels * proj_dim,
-            output_width: out_channels * (height / 2) * (width / 2),
-            param_count: out_channels * per_channel,
-            chunk_units: ChunkUnits::Groups(vec![per_channel; out_channels]),
-        }
-    }
-}
-
-impl LayerSpec {
-    /// The feature columns that perturbing the parameters in `chunk` can change: a dense
-    /// layer's outputs whose weight rows or bias entries the chunk covers, a conv block's
-    /// projected features of the channels it covers. Every other feature keeps its clean value.
-    pub fn touched_features(&self, chunk: &Range<usize>) -> Range<usize> {
-        if chunk.is_empty() {
-            return 0..0;
-        }
-        match self.kind {
-            LayerKind::Dense { inputs, outputs } => {
-                let nw = inputs * outputs;
-                let (mut lo, mut hi) = (outputs, 0);
-                if chunk.start < nw {
-                    lo = chunk.start / inputs;
-                    hi = chunk.end.min(nw).div_ceil(inputs);
-                }
-                if chunk.end > nw {
-                    lo = lo.min(chunk.start.max(nw) - nw);
-                    hi = hi.max(chunk.end - nw);
-                }
-                lo.min(outputs)..hi.min(outputs)
-            }
-            LayerKind::Conv {
-                in_channels,
-                out_channels,
-                proj_dim,
-                ..
-            } => {
-                let per_channel = in_channels * 9 + 3;
-                let first = (chunk.start / per_channel).min(out_channels);
-                let end = chunk.end.div_ceil(per_channel).min(out_channels);
-                first * proj_dim..end * proj_dim
-            }
-        }
-    }
-}
-
-/// How a layer's parameters may be cut into chunks.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ChunkUnits {
-    /// Any consecutive range (MLP layers).
-    Flat,
-    /// Consecutive groups of these sizes, kept whole (a conv block's output channels).
-    Groups(Vec<usize>),
-}
-
-/// Whether a clean forward pass is part of training (BatchNorm uses and commits batch
-/// statistics) or evaluation (running statistics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardMode {
-    Train,
-    Eval,
-}
 
 /// A batch of row vectors, row-major.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -181,7 +51,7 @@ pub type PerturbedPair = (Activations, Activations);
 /// [`ForwardOracle::evaluate_perturbed_columns`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PerturbedColumns {
-    /// [`LayerSpec::touched_features`] of the chunk.
+    /// [`LayerShape::touched_features`] of the chunk.
     pub touched: Range<usize>,
     /// `(a+, a-)` per seed, each rows x `touched.len()`: the touched columns only.
     pub pairs: Vec<PerturbedPair>,
@@ -227,9 +97,9 @@ pub struct LinkHealth {
 /// `firmware_protocol::direction::apply_update`, so the host's shadow copy of the parameters,
 /// updated with the same call, stays bit-identical to the layer's.
 pub trait ForwardOracle {
-    fn spec(&self) -> &LayerSpec;
+    fn spec(&self) -> &LayerShape;
 
-    /// Programs all parameters `W_l` (flat, in the layout of [`LayerSpec::kind`]).
+    /// Programs all parameters `W_l` (flat, in the layout of [`LayerShape`]).
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError>;
 
     /// Reads the parameters back, where the backend can.

@@ -202,19 +202,23 @@ impl<O: ForwardOracle> Trainer<O> {
             .zip(init.projections)
             .enumerate()
         {
-            let spec = oracle.spec().clone();
-            if spec.param_count != params.len() || spec.feature_width != projection.rows {
+            let spec = *oracle.spec();
+            if spec.param_count() != params.len() || spec.feature_width() != projection.rows {
                 return Err(OracleError::Shape(format!(
                     "layer {l}: the backend's layer has {} parameters and {} features, the model {} and {}",
-                    spec.param_count,
-                    spec.feature_width,
+                    spec.param_count(),
+                    spec.feature_width(),
                     params.len(),
                     projection.rows
                 )));
             }
             oracle.write_parameters(&params)?;
             layers.push(LayerState {
-                weight_chunks: weight_chunks(&spec.chunk_units, spec.param_count, hyper.chunk_max),
+                weight_chunks: weight_chunks(
+                    &spec.chunk_units(),
+                    spec.param_count(),
+                    hyper.chunk_max,
+                ),
                 projection_rows: projection_row_chunks(projection.rows, classes, hyper.chunk_max),
                 shadow: params,
                 projection,
@@ -330,7 +334,7 @@ impl<O: ForwardOracle> Trainer<O> {
             };
             let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
             oracle.load_input(produced.as_ref().unwrap_or(input))?;
-            let spec = oracle.spec().clone();
+            let spec = *oracle.spec();
             let s = &mut self.scratch;
             // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
             for (k, chunk) in state.weight_chunks.iter().enumerate() {
@@ -477,7 +481,7 @@ impl<O: ForwardOracle> Trainer<O> {
 
 /// Lines 6-9 of Algorithm 1 on one chunk: `(L+, L-)` per seed.
 ///
-/// A chunk changes only the features [`LayerSpec::touched_features`] names, so the goodness is
+/// A chunk changes only the features [`LayerShape::touched_features`] names, so the goodness is
 /// computed as `G = a[:, outside] M[outside] + a[:, touched] M[touched]`. A backend that can
 /// promise the untouched features are the clean ones gives the touched columns alone and the
 /// first term is computed once for all evaluations; any other backend gives whole features and
@@ -487,7 +491,7 @@ impl<O: ForwardOracle> Trainer<O> {
 #[allow(clippy::too_many_arguments)]
 fn perturbed_losses<O: ForwardOracle>(
     oracle: &mut O,
-    spec: &crate::oracle::LayerSpec,
+    spec: &crate::oracle::LayerShape,
     projection: &Projection,
     chunk: &Range<usize>,
     seeds: &[firmware_protocol::DirectionSeed],
@@ -497,13 +501,13 @@ fn perturbed_losses<O: ForwardOracle>(
 ) -> Result<Vec<(f64, f64)>, OracleError> {
     let classes = projection.classes;
     let touched = spec.touched_features(chunk);
-    let split = touched.len() < spec.feature_width;
+    let split = touched.len() < spec.feature_width();
     let mut losses = Vec::with_capacity(seeds.len());
     if split && oracle.evaluate_perturbed_columns(chunk.clone(), seeds, eps, &mut s.columns)? {
         let c = &s.columns;
         if c.touched != touched
             || c.pairs.len() != seeds.len()
-            || c.clean.width != spec.feature_width
+            || c.clean.width != spec.feature_width()
         {
             return Err(OracleError::Shape(format!(
                 "the backend's perturbed columns {:?} are not the chunk's {touched:?}",

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
 use pnn::model::{ArchKind, ModelSpec};
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
     PerturbedPair, UpdateTerm,
 };
 use pnn::report::observe::NoObserver;
@@ -244,7 +244,7 @@ impl<O: ForwardOracle> Unplugged<O> {
 }
 
 impl<O: ForwardOracle> ForwardOracle for Unplugged<O> {
-    fn spec(&self) -> &LayerSpec {
+    fn spec(&self) -> &LayerShape {
         self.inner.spec()
     }
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {

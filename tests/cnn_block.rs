@@ -7,7 +7,7 @@ use firmware_protocol::direction::direction_values;
 use pnn::backend::sim::SimOracle;
 use pnn::chunking::weight_chunks;
 use pnn::model::{ModelSpec, initialise};
-use pnn::oracle::{Activations, ForwardMode, ForwardOracle, LayerSpec};
+use pnn::oracle::{Activations, ForwardMode, ForwardOracle, LayerShape};
 use pnn::trainer::{Hyper, Trainer};
 use pnn_sim::dense::Choreography;
 
@@ -21,19 +21,19 @@ fn gaussian(seed: u64, n: usize) -> Vec<f32> {
 
 #[test]
 fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical() {
-    let spec = LayerSpec::conv(3, 6, (10, 8), 4, 99);
+    let spec = LayerShape::conv(3, 6, (10, 8), 4, 99);
     for choreography in [Choreography::Fast, Choreography::Reference] {
-        let mut oracle = SimOracle::new(spec.clone());
+        let mut oracle = SimOracle::new(spec);
         oracle.set_choreography(choreography);
         // Parameters with BatchNorm scales and shifts away from 1 and 0.
         oracle
-            .write_parameters(&gaussian(1, spec.param_count))
+            .write_parameters(&gaussian(1, spec.param_count()))
             .unwrap();
         let batch = 5;
         let input = Activations::new(
             batch,
-            spec.input_width,
-            gaussian(2, batch * spec.input_width),
+            spec.input_width(),
+            gaussian(2, batch * spec.input_width()),
         );
         oracle.load_input(&input).unwrap();
         // Two clean training passes move the running statistics away from (0, 1).
@@ -44,7 +44,7 @@ fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical()
         let params = bits(&oracle.read_parameters().unwrap());
         let eval_before = oracle.forward(ForwardMode::Eval).unwrap();
         // Every chunk of whole channels (3 channels of 30 parameters per chunk), 3 directions.
-        let chunks = weight_chunks(&spec.chunk_units, spec.param_count, 90);
+        let chunks = weight_chunks(&spec.chunk_units(), spec.param_count(), 90);
         assert_eq!(chunks.len(), 2);
         let mut out = Vec::new();
         for (k, chunk) in chunks.iter().enumerate() {
@@ -54,7 +54,7 @@ fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical()
                 .unwrap();
             assert_eq!(out.len(), 3);
             assert_ne!(out[0].0, out[0].1, "the perturbation changed nothing");
-            assert_eq!(out[0].0.width, spec.feature_width);
+            assert_eq!(out[0].0.width, spec.feature_width());
         }
         let block = oracle.conv_block().unwrap();
         assert_eq!(
@@ -80,7 +80,7 @@ fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical()
         );
         let next = eval_after.next.as_ref().expect("a conv block pools");
         assert_eq!(bits(&eval_before.next.unwrap().data), bits(&next.data));
-        assert_eq!((next.rows, next.width), (batch, spec.output_width));
+        assert_eq!((next.rows, next.width), (batch, spec.output_width()));
     }
 }
 

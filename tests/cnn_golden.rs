@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use firmware_protocol::direction::step_with_vectors;
 use pnn::chunking::{projection_row_chunks, weight_chunks};
 use pnn::loss::cross_entropy;
-use pnn::oracle::{Activations, LayerSpec};
+use pnn::oracle::{Activations, ForwardMode, LayerShape};
 use pnn::projection::Projection;
-use pnn_sim::conv::{BnMode, ConvBlock, ConvShape};
+use pnn_sim::conv::ConvBlock;
 use pnn_sim::dense::Choreography;
 
 struct Golden(zip::ZipArchive<File>);
@@ -51,33 +51,18 @@ impl Golden {
 const CLASSES: usize = 10;
 
 /// The two blocks of the MNIST CNN [32, 32] (thesis Table 4) in pnn's description.
-fn specs() -> Vec<LayerSpec> {
+fn specs() -> Vec<LayerShape> {
     vec![
-        LayerSpec::conv(1, 32, (28, 28), 16, 0),
-        LayerSpec::conv(32, 32, (14, 14), 16, 0),
+        LayerShape::conv(1, 32, (28, 28), 16, 0),
+        LayerShape::conv(32, 32, (14, 14), 16, 0),
     ]
 }
 
-fn block(spec: &LayerSpec, params: &[f32], a: &[f32], choreography: Choreography) -> ConvBlock {
-    let pnn::oracle::LayerKind::Conv {
-        in_channels,
-        out_channels,
-        height,
-        width,
-        proj_dim,
-        projection_seed,
-    } = spec.kind
-    else {
+fn block(spec: &LayerShape, params: &[f32], a: &[f32], choreography: Choreography) -> ConvBlock {
+    let LayerShape::Conv(geometry) = *spec else {
         unreachable!()
     };
-    let mut b = ConvBlock::new(ConvShape {
-        in_channels,
-        out_channels,
-        height,
-        width,
-        proj_dim,
-        projection_seed,
-    });
+    let mut b = ConvBlock::new(geometry);
     b.set_choreography(choreography);
     b.set_params(params).unwrap();
     b.set_projection(a).unwrap();
@@ -139,14 +124,14 @@ fn golden_cnn_batch_replays() {
         let m_before = golden.f32(&format!("M{i}_before"));
         let m_after = golden.f32(&format!("M{i}_after"));
         let a = golden.f32(&format!("A{i}"));
-        assert_eq!(theta_before.len(), spec.param_count, "layer {i}: layout");
-        assert_eq!(m_before.len(), spec.feature_width * CLASSES);
-        let m0 = Projection::new(spec.feature_width, CLASSES, m_before.clone());
+        assert_eq!(theta_before.len(), spec.param_count(), "layer {i}: layout");
+        assert_eq!(m_before.len(), spec.feature_width() * CLASSES);
+        let m0 = Projection::new(spec.feature_width(), CLASSES, m_before.clone());
 
         // Chunks: whole channels up to C_max, M in whole rows; the recorded directions have
         // exactly these lengths, in this order.
-        let w_chunks = weight_chunks(&spec.chunk_units, spec.param_count, chunk_max);
-        let m_chunks = projection_row_chunks(spec.feature_width, CLASSES, chunk_max);
+        let w_chunks = weight_chunks(&spec.chunk_units(), spec.param_count(), chunk_max);
+        let m_chunks = projection_row_chunks(spec.feature_width(), CLASSES, chunk_max);
 
         // W: recompute L± through the simulated block along the recorded directions (both
         // choreographies), then replay the recorded L± through the update arithmetic.
@@ -202,7 +187,8 @@ fn golden_cnn_batch_replays() {
         .unwrap();
         b.load_input(&input).unwrap();
         let (mut features, mut next) = (Vec::new(), Vec::new());
-        b.forward(BnMode::Train, &mut features, &mut next).unwrap();
+        b.forward(ForwardMode::Train, &mut features, &mut next)
+            .unwrap();
         let dm = max_diff(b.running_mean(), &golden.f32(&format!("bn_mean{i}_after")));
         let dv = max_diff(b.running_var(), &golden.f32(&format!("bn_var{i}_after")));
         assert!(

@@ -4,12 +4,13 @@
 
 use firmware_protocol::DirectionSeed;
 use firmware_protocol::direction::direction_values;
-use pnn_sim::conv::{BnMode, ConvBlock, ConvShape};
+use pnn::oracle::ForwardMode;
+use pnn_sim::conv::{ConvBlock, ConvGeometry};
 
 /// mean(z^2) of the features over samples, channels and projected entries, and mean(u^2) of the
 /// ReLU output they were projected from.
 fn second_moments(side: usize) -> (f64, f64) {
-    let shape = ConvShape {
+    let shape = ConvGeometry {
         in_channels: 2,
         out_channels: 64,
         height: side,
@@ -33,7 +34,7 @@ fn second_moments(side: usize) -> (f64, f64) {
     block.load_input(&x).unwrap();
     let (mut features, mut next) = (Vec::new(), Vec::new());
     block
-        .forward(BnMode::Train, &mut features, &mut next)
+        .forward(ForwardMode::Train, &mut features, &mut next)
         .unwrap();
     let mean_sq = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64;
     (mean_sq(&features), mean_sq(block.relu_output()))

@@ -15,7 +15,7 @@ use pnn::backend::sim::SimOracle;
 use pnn::data::{Dataset, DatasetKind};
 use pnn::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, OracleError,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
     PerturbedColumns, PerturbedPair, UpdateTerm,
 };
 use pnn::trainer::{Hyper, Trainer, epoch_order};
@@ -87,7 +87,7 @@ struct Gate {
 }
 
 impl ForwardOracle for Gate {
-    fn spec(&self) -> &LayerSpec {
+    fn spec(&self) -> &LayerShape {
         self.inner.spec()
     }
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {

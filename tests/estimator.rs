@@ -5,7 +5,7 @@ use firmware_protocol::DirectionSeed;
 use pnn::backend::sim::SimOracle;
 use pnn::loss::cross_entropy;
 use pnn::model::InitialParams;
-use pnn::oracle::{Activations, ForwardOracle, LayerSpec};
+use pnn::oracle::{Activations, ForwardOracle, LayerShape};
 use pnn::projection::Projection;
 use pnn::trainer::{Hyper, Trainer};
 use rand::rngs::ChaCha8Rng;
@@ -86,7 +86,7 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 /// `n / N * sum_p dd_p v_p` over `count` directions, with `dd_p = (L+ - L-) / (2 eps)` computed
 /// from the oracle's perturbed activations as the trainer does (eq. 10).
 fn estimate(p: &Problem, count: usize, eps: f32) -> Vec<f64> {
-    let mut oracle = SimOracle::new(LayerSpec::dense(N_IN, N_OUT));
+    let mut oracle = SimOracle::new(LayerShape::dense(N_IN, N_OUT));
     oracle.write_parameters(&p.params).unwrap();
     oracle
         .load_input(&Activations::new(BATCH, N_IN, p.x.clone()))
@@ -151,7 +151,7 @@ fn one_update_step_lowers_the_local_loss_in_expectation() {
     let p = problem(11);
     let before = {
         let mut g = Vec::new();
-        let mut o = SimOracle::new(LayerSpec::dense(N_IN, N_OUT));
+        let mut o = SimOracle::new(LayerShape::dense(N_IN, N_OUT));
         o.write_parameters(&p.params).unwrap();
         o.load_input(&Activations::new(BATCH, N_IN, p.x.clone()))
             .unwrap();
@@ -173,7 +173,7 @@ fn one_update_step_lowers_the_local_loss_in_expectation() {
                 ..Hyper::default()
             };
             let mut t = Trainer::new(
-                vec![SimOracle::new(LayerSpec::dense(N_IN, N_OUT))],
+                vec![SimOracle::new(LayerShape::dense(N_IN, N_OUT))],
                 init,
                 hyper,
             )

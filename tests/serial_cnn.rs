@@ -83,9 +83,9 @@ fn serial_cnn_training_matches_sim_bit_for_bit() {
     .layer_specs();
     let (train, test, p) = (512u64, 10_000u64, 4u64);
     let samples = train + test;
-    let inputs: u64 = specs.iter().map(|s| s.input_width as u64).sum::<u64>() * 4 * samples;
-    let features: u64 = specs.iter().map(|s| s.feature_width as u64).sum::<u64>() * 4;
-    let pooled: Vec<u64> = specs.iter().map(|s| s.output_width as u64 * 4).collect();
+    let inputs: u64 = specs.iter().map(|s| s.input_width() as u64).sum::<u64>() * 4 * samples;
+    let features: u64 = specs.iter().map(|s| s.feature_width() as u64).sum::<u64>() * 4;
+    let pooled: Vec<u64> = specs.iter().map(|s| s.output_width() as u64 * 4).collect();
     let needed = features * (samples + 2 * p * train) + pooled[0] * samples;
     let sent = needed + pooled[1] * samples;
     let (up, down) = (
@@ -146,19 +146,19 @@ fn a_serial_conv_block_computes_what_the_simulated_one_does_and_keeps_no_trace()
             );
             assert_eq!(bits(&a.features.data), bits(&b.features.data));
             let (na, nb) = (a.next.unwrap(), b.next.unwrap());
-            assert_eq!(na.width, spec.output_width);
+            assert_eq!(na.width, spec.output_width());
             assert_eq!(bits(&na.data), bits(&nb.data));
             input = [na, nb];
         }
         let eval_before = s.forward(ForwardMode::Eval).unwrap();
         let seeds: Vec<DirectionSeed> = (0..3).map(DirectionSeed).collect();
         let (mut pa, mut pb) = (Vec::new(), Vec::new());
-        s.evaluate_perturbed(0..spec.param_count, &seeds, 1e-3, &mut pa)
+        s.evaluate_perturbed(0..spec.param_count(), &seeds, 1e-3, &mut pa)
             .unwrap();
-        o.evaluate_perturbed(0..spec.param_count, &seeds, 1e-3, &mut pb)
+        o.evaluate_perturbed(0..spec.param_count(), &seeds, 1e-3, &mut pb)
             .unwrap();
         for ((a_plus, a_minus), (b_plus, b_minus)) in pa.iter().zip(&pb) {
-            assert_eq!(a_plus.width, spec.feature_width);
+            assert_eq!(a_plus.width, spec.feature_width());
             assert_eq!(bits(&a_plus.data), bits(&b_plus.data));
             assert_eq!(bits(&a_minus.data), bits(&b_minus.data));
         }
@@ -176,8 +176,8 @@ fn a_serial_conv_block_computes_what_the_simulated_one_does_and_keeps_no_trace()
             seed: seeds[1],
             derivative: 0.5,
         }];
-        s.apply_update(0..spec.param_count, 1e-2, &terms).unwrap();
-        o.apply_update(0..spec.param_count, 1e-2, &terms).unwrap();
+        s.apply_update(0..spec.param_count(), 1e-2, &terms).unwrap();
+        o.apply_update(0..spec.param_count(), 1e-2, &terms).unwrap();
         assert_eq!(
             bits(&s.read_parameters().unwrap()),
             bits(&o.read_parameters().unwrap())

@@ -15,7 +15,7 @@ use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
 use firmware_protocol::message::{PROTOCOL_VERSION, Request, Response};
 use pnn::backend::serial::{self, RetryPolicy, SerialOracle, SerialTransport};
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerSpec, OracleError, UpdateTerm,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerShape, OracleError, UpdateTerm,
 };
 use pnn_sim::emulator::{self, EmulatorConfig, LayerConfig};
 use serialport::{SerialPort, TTYPort};
@@ -128,7 +128,7 @@ fn connect(slave: TTYPort) -> Result<SerialOracle, OracleError> {
     let mut oracles = serial::open_transport(
         Box::new(transport),
         policy(),
-        &[LayerSpec::dense(N_IN, N_OUT)],
+        &[LayerShape::dense(N_IN, N_OUT)],
     )?;
     Ok(oracles.remove(0))
 }

@@ -36,18 +36,18 @@ fn the_device_handshakes_and_every_layer_conforms() {
     let rows = (summary.max_batch as usize).clamp(1, 8);
     for (l, o) in oracles.iter_mut().enumerate() {
         let spec = o.spec().clone();
-        let mut params: Vec<f32> = (0..spec.param_count)
+        let mut params: Vec<f32> = (0..spec.param_count())
             .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
             .collect();
         o.write_parameters(&params).expect("programs");
-        let x: Vec<f32> = (0..rows * spec.input_width)
+        let x: Vec<f32> = (0..rows * spec.input_width())
             .map(|i| (i % 13) as f32 / 13.0)
             .collect();
-        o.load_input(&Activations::new(rows, spec.input_width, x))
+        o.load_input(&Activations::new(rows, spec.input_width(), x))
             .expect("loads a batch");
         let clean = o.forward(ForwardMode::Eval).expect("forward");
-        assert_eq!(clean.features.data.len(), rows * spec.feature_width);
-        let chunk = 0..spec.param_count.min(1000);
+        assert_eq!(clean.features.data.len(), rows * spec.feature_width());
+        let chunk = 0..spec.param_count().min(1000);
         let seeds = [DirectionSeed(11), DirectionSeed(12)];
         let mut pairs = Vec::new();
         o.evaluate_perturbed(chunk.clone(), &seeds, 1e-2, &mut pairs)

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use pnn::backend::serial::{self, SerialSpec};
 use pnn::model::initialise;
-use pnn::oracle::{Activations, DirectionSeed, ForwardOracle, LayerSpec, UpdateTerm, WireStats};
+use pnn::oracle::{Activations, DirectionSeed, ForwardOracle, LayerShape, UpdateTerm, WireStats};
 use pnn::trainer::{Hyper, Trainer};
 use serial_support::Emulator;
 
@@ -32,7 +32,7 @@ fn input(rows: usize, width: usize) -> Activations {
 fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
     let emulator = Emulator::spawn("784x50", &[]);
     let spec = SerialSpec::parse(&emulator.path).unwrap();
-    let layer = LayerSpec::dense(784, 50);
+    let layer = LayerShape::dense(784, 50);
     let mut o = serial::open(&spec, std::slice::from_ref(&layer))
         .unwrap()
         .remove(0);
@@ -117,7 +117,7 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
 fn a_training_step_sends_each_input_once_per_layer() {
     let emulator = Emulator::spawn("784x50,50x50", &[]);
     let spec = SerialSpec::parse(&emulator.path).unwrap();
-    let specs = [LayerSpec::dense(784, 50), LayerSpec::dense(50, 50)];
+    let specs = [LayerShape::dense(784, 50), LayerShape::dense(50, 50)];
     let oracles = serial::open(&spec, &specs).unwrap();
     let hyper = Hyper::default();
     let mut trainer = Trainer::new(oracles, initialise(&specs, 10, 0), hyper.clone()).unwrap();
@@ -157,7 +157,7 @@ fn a_training_step_sends_each_input_once_per_layer() {
 
 #[test]
 fn adc_coded_activations_come_down_in_the_declared_encoding() {
-    let layer = LayerSpec::dense(784, 50);
+    let layer = LayerShape::dense(784, 50);
     let params = initialise(std::slice::from_ref(&layer), 10, 5)
         .layers
         .remove(0);

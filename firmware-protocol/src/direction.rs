@@ -694,7 +694,7 @@ fn square_lanes(z: &[f32]) -> [f64; 8] {
 pub fn fill_direction(seed: DirectionSeed, out: &mut [f32]) {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     {
-        if std::is_x86_feature_detected!("avx2") {
+        if crate::simd::level() >= crate::simd::SimdLevel::Avx2 {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { avx2::fill_direction(seed, out) };
         }

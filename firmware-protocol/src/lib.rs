@@ -6,7 +6,9 @@
 //! - [`direction`]: the one specification of a perturbation direction and of the seeded update;
 //! - [`message`]: the requests and replies (there is no gradient request);
 //! - [`frame`]: postcard body, sequence number, CRC-32, COBS, `0x00` delimiter;
-//! - [`server`]: the device-side dispatcher over the [`server::PhysicalLayer`] trait.
+//! - [`shape`]: what a layer is (shapes, conv geometry, chunking, forward mode), for every crate;
+//! - [`server`]: the device-side dispatcher over the [`server::PhysicalLayer`] trait;
+//! - [`simd`] (host builds): the one detection of the CPU's vector instructions.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 #[cfg(feature = "alloc")]
@@ -16,5 +18,8 @@ pub mod direction;
 pub mod frame;
 pub mod message;
 pub mod server;
+pub mod shape;
+#[cfg(feature = "std")]
+pub mod simd;
 
 pub use direction::{DirectionKey, DirectionSeed, ParamGroup, UpdateTerm};

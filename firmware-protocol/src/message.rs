@@ -25,11 +25,12 @@ use serde::ser::{SerializeSeq, SerializeTuple, Serializer};
 use serde::{Deserialize, Serialize};
 
 use crate::direction::{DirectionSeed, UpdateTerm};
+pub use crate::shape::{ChunkUnits, ForwardMode, LayerShape};
 
 /// Bumped with every change to the messages or the framing. Host and device must agree.
 ///
 /// - 1: dense layers.
-/// - 2: CNN blocks ([`LayerKind::Conv`]); a clean forward pass of a layer whose next-layer input
+/// - 2: CNN blocks ([`LayerShape::Conv`]); a clean forward pass of a layer whose next-layer input
 ///   differs from its features returns both ([`LayerDescriptor::forward_width`]). Every message
 ///   of a dense layer keeps its version-1 bytes.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -158,88 +159,51 @@ pub struct Capabilities {
     pub parameter_read_back: bool,
 }
 
-/// One layer as the device holds it.
+/// One layer as the device holds it. The sizes after `kind` follow from it
+/// ([`LayerDescriptor::new`]); they travel so that a host can check a device's arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerDescriptor {
-    pub kind: LayerKind,
+    pub kind: LayerShape,
     pub param_count: u32,
     /// Values per sample the host computes the goodness from (what perturbed evaluations return).
     pub feature_width: u32,
     /// Values per sample of the next layer's input.
     pub output_width: u32,
-    pub chunking: Chunking,
+    pub chunking: ChunkUnits,
     pub encoding: ActivationEncoding,
 }
 
-impl LayerDescriptor {
-    /// A Linear + ReLU layer: weights (outputs x inputs, row-major) then bias.
-    pub const fn dense(inputs: u32, outputs: u32, encoding: ActivationEncoding) -> Self {
-        Self {
-            kind: LayerKind::Dense { inputs, outputs },
-            param_count: outputs * inputs + outputs,
-            feature_width: outputs,
-            output_width: outputs,
-            chunking: Chunking::Flat,
-            encoding,
-        }
+/// `n` on the wire: sizes that do not fit a u32 saturate (a device holds no such layer).
+const fn wire_u32(n: usize) -> u32 {
+    if n > u32::MAX as usize {
+        u32::MAX
+    } else {
+        n as u32
     }
+}
 
-    /// A CNN block (thesis Appendix A, Table 4): Conv2d 3x3 (stride 1, padding 1) ->
-    /// BatchNorm2d -> ReLU on `in_channels` maps of `height` x `width`. Its features are the ReLU
-    /// output projected per output channel by the fixed `A_c` (proj_dim x HW, section 4.4) that
-    /// the device draws from `projection_seed`; its next-layer input is the ReLU output
-    /// max-pooled 2x2. Parameters per output channel, in order: conv weights (in_channels x 3 x
-    /// 3), conv bias, BatchNorm scale, BatchNorm shift; chunks are whole channels. Sizes that do
-    /// not fit a u32 saturate (a device holds no such layer).
-    pub const fn conv(
-        in_channels: u32,
-        out_channels: u32,
-        height: u32,
-        width: u32,
-        proj_dim: u32,
-        projection_seed: u64,
-        encoding: ActivationEncoding,
-    ) -> Self {
-        let per_channel = in_channels.saturating_mul(9).saturating_add(3);
+impl LayerDescriptor {
+    /// The descriptor of a layer of this shape (see [`LayerShape`]).
+    pub const fn new(kind: LayerShape, encoding: ActivationEncoding) -> Self {
         Self {
-            kind: LayerKind::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            },
-            param_count: out_channels.saturating_mul(per_channel),
-            feature_width: out_channels.saturating_mul(proj_dim),
-            output_width: out_channels
-                .saturating_mul(height / 2)
-                .saturating_mul(width / 2),
-            chunking: Chunking::Groups { size: per_channel },
+            kind,
+            param_count: wire_u32(kind.param_count()),
+            feature_width: wire_u32(kind.feature_width()),
+            output_width: wire_u32(kind.output_width()),
+            chunking: kind.chunk_units(),
             encoding,
         }
     }
 
     /// Values per sample of the layer's input (saturating).
     pub const fn input_width(&self) -> u32 {
-        match self.kind {
-            LayerKind::Dense { inputs, .. } => inputs,
-            LayerKind::Conv {
-                in_channels,
-                height,
-                width,
-                ..
-            } => in_channels.saturating_mul(height).saturating_mul(width),
-        }
+        wire_u32(self.kind.input_width())
     }
 
     /// Whether the next layer's input differs from the features (and so follows them in a
     /// clean forward pass's result).
     pub const fn has_separate_output(&self) -> bool {
-        match self.kind {
-            LayerKind::Dense { .. } => false,
-            LayerKind::Conv { .. } => true,
-        }
+        self.kind.has_separate_output()
     }
 
     /// Values per sample of a clean forward pass's result: the features, then the next-layer
@@ -251,33 +215,6 @@ impl LayerDescriptor {
             self.feature_width
         }
     }
-}
-
-/// Variants are only ever appended, so a layer's encoding never changes with the version that
-/// added another kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LayerKind {
-    /// Linear + ReLU.
-    Dense { inputs: u32, outputs: u32 },
-    /// A CNN block (see [`LayerDescriptor::conv`]); protocol version 2.
-    Conv {
-        in_channels: u32,
-        out_channels: u32,
-        height: u32,
-        width: u32,
-        proj_dim: u32,
-        /// Names the block's fixed projection `A`; the host checks it is the model's.
-        projection_seed: u64,
-    },
-}
-
-/// How the device's parameters may be cut into chunks (thesis section 4.4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Chunking {
-    /// Any consecutive range.
-    Flat,
-    /// Whole consecutive groups of this many parameters.
-    Groups { size: u32 },
 }
 
 /// How activations travel down.
@@ -326,14 +263,6 @@ impl ActivationEncoding {
             Self::AdcU16 { scale } => u16::from_le_bytes([bytes[0], bytes[1]]) as f32 * scale,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ForwardMode {
-    /// Part of a training step (BatchNorm uses and commits batch statistics).
-    Train,
-    /// Evaluation (BatchNorm uses running statistics).
-    Eval,
 }
 
 /// Why a device refused a request.
@@ -789,7 +718,7 @@ mod tests {
     #[test]
     fn dense_messages_keep_their_version_1_bytes() {
         let mut buf = [0u8; 64];
-        let d = LayerDescriptor::dense(784, 50, ActivationEncoding::F32);
+        let d = LayerDescriptor::new(LayerShape::dense(784, 50), ActivationEncoding::F32);
         let body = postcard::to_slice(&Response::Layer(d), &mut buf).unwrap();
         assert_eq!(
             body,
@@ -804,15 +733,18 @@ mod tests {
 
     #[test]
     fn a_conv_descriptor_round_trips_with_its_sizes() {
-        let d = LayerDescriptor::conv(1, 32, 28, 28, 16, u64::MAX - 3, ActivationEncoding::F32);
+        let d = LayerDescriptor::new(
+            LayerShape::conv(1, 32, (28, 28), 16, u64::MAX - 3),
+            ActivationEncoding::F32,
+        );
         assert_eq!(d.param_count, 32 * (9 + 3));
-        assert_eq!(d.chunking, Chunking::Groups { size: 12 });
+        assert_eq!(d.chunking, ChunkUnits::Groups { size: 12 });
         assert_eq!((d.input_width(), d.feature_width), (784, 512));
         assert_eq!(
             (d.output_width, d.forward_width()),
             (32 * 14 * 14, 512 + 6272)
         );
-        let dense = LayerDescriptor::dense(784, 50, ActivationEncoding::F32);
+        let dense = LayerDescriptor::new(LayerShape::dense(784, 50), ActivationEncoding::F32);
         assert_eq!(dense.forward_width(), 50);
         let mut buf = [0u8; 64];
         let body = postcard::to_slice(&Response::Layer(d), &mut buf).unwrap();
@@ -821,17 +753,32 @@ mod tests {
             Response::Layer(d)
         );
         // Garbage sizes saturate instead of overflowing.
-        let huge = LayerDescriptor::conv(
-            u32::MAX,
-            u32::MAX,
-            u32::MAX,
-            9,
-            9,
-            0,
+        let max = u32::MAX as usize;
+        let huge = LayerDescriptor::new(
+            LayerShape::conv(max, max, (max, 9), 9, 0),
             ActivationEncoding::F32,
         );
         assert_eq!((huge.param_count, huge.input_width()), (u32::MAX, u32::MAX));
         assert_eq!(huge.forward_width(), u32::MAX);
+    }
+
+    /// The shared shape vocabulary encodes a conv block exactly as protocol version 2's own
+    /// descriptor type did (bytes recorded from that type).
+    #[test]
+    fn conv_descriptors_keep_their_version_2_bytes() {
+        let d = LayerDescriptor::new(
+            LayerShape::conv(3, 32, (28, 30), 16, u64::MAX - 3),
+            ActivationEncoding::AdcU8 { scale: 0.5 },
+        );
+        let mut buf = [0u8; 64];
+        let body = postcard::to_slice(&Response::Layer(d), &mut buf).unwrap();
+        assert_eq!(
+            body,
+            [
+                1, 1, 3, 32, 28, 30, 16, 252, 255, 255, 255, 255, 255, 255, 255, 255, 1, 192, 7,
+                128, 4, 192, 52, 1, 30, 1, 0, 0, 0, 63
+            ]
+        );
     }
 
     #[test]

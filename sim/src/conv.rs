@@ -37,8 +37,8 @@ use crate::matmul::{View, gemm_into};
 /// PyTorch's BatchNorm2d defaults.
 pub const BN_MOMENTUM: f64 = 0.1;
 pub const BN_EPS: f64 = 1e-5;
-/// Taps of the 3x3 kernel.
-const TAPS: usize = 9;
+
+use firmware_protocol::shape::{CONV_TAPS as TAPS, ForwardMode};
 /// Separates projection seeds from every other use of a seed.
 const PROJECTION_DOMAIN: u64 = 0x706E_6E2D_7072_6F6A; // "pnn-proj"
 /// At most this many f32 of perturbed pre-activations are held at once by the fast path: the
@@ -54,78 +54,7 @@ const PROJECTION_ROWS: usize = 256;
 /// contributions per tile rather than materialise them for the whole batch.
 const RECOMPUTE_MAX_K: usize = 32;
 
-/// The shape of a block and the seed of its fixed projection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConvShape {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    /// Spatial size of the input (and of the ReLU output, padding 1 keeps it).
-    pub height: usize,
-    pub width: usize,
-    /// d: projected features per output channel.
-    pub proj_dim: usize,
-    /// Names the fixed projection `A` (see [`projection_matrix`]).
-    pub projection_seed: u64,
-}
-
-impl ConvShape {
-    /// Refuses shapes a block cannot have: empty dimensions, or a map too small to pool.
-    pub fn check(&self) -> Result<(), String> {
-        if self.in_channels == 0 || self.out_channels == 0 || self.proj_dim == 0 {
-            return Err(format!(
-                "a conv block needs at least one input channel, output channel and projected \
-                 feature, got {} -> {} channels, d = {}",
-                self.in_channels, self.out_channels, self.proj_dim
-            ));
-        }
-        if self.height < 2 || self.width < 2 {
-            return Err(format!(
-                "a conv block's input must be at least 2x2 to be max-pooled, got {}x{}",
-                self.height, self.width
-            ));
-        }
-        Ok(())
-    }
-
-    /// Conv weights per output channel (C_in x 3 x 3).
-    pub fn kernel_len(&self) -> usize {
-        self.in_channels * TAPS
-    }
-
-    /// Parameters per output channel: conv weights, conv bias, BatchNorm scale and shift.
-    pub fn channel_params(&self) -> usize {
-        self.kernel_len() + 3
-    }
-
-    pub fn param_count(&self) -> usize {
-        self.out_channels * self.channel_params()
-    }
-
-    /// H*W of the map that is projected (before pooling).
-    pub fn spatial(&self) -> usize {
-        self.height * self.width
-    }
-
-    pub fn input_width(&self) -> usize {
-        self.in_channels * self.spatial()
-    }
-
-    /// C*d goodness features per sample.
-    pub fn feature_width(&self) -> usize {
-        self.out_channels * self.proj_dim
-    }
-
-    /// (H/2, W/2), rounded down as `MaxPool2d(2, 2)` does.
-    pub fn pooled(&self) -> (usize, usize) {
-        (self.height / 2, self.width / 2)
-    }
-
-    /// Values per sample passed to the next block (C x H/2 x W/2).
-    pub fn output_width(&self) -> usize {
-        let (ph, pw) = self.pooled();
-        self.out_channels * ph * pw
-    }
-}
+pub use firmware_protocol::shape::ConvGeometry;
 
 /// Separates the run seed's use for the blocks' projection seeds from every other use.
 const BLOCK_PROJECTION_DOMAIN: u64 = 0x706E_6E2D_412D_6D61; // "pnn-A-ma"
@@ -142,7 +71,7 @@ pub fn block_projection_seed(run_seed: u64, block: usize) -> u64 {
 /// `firmware_protocol::direction::direction_values` under the channel's seed (thesis section 4.4,
 /// Appendix B: variance 1/HW keeps the projected variance independent of the resolution). Being
 /// the portable Gaussian stream, a device generates the same `A` from the seed, bit for bit.
-pub fn projection_matrix(shape: &ConvShape) -> Vec<f32> {
+pub fn projection_matrix(shape: &ConvGeometry) -> Vec<f32> {
     let hw = shape.spatial();
     let per_channel = shape.proj_dim * hw;
     let scale = (1.0 / (hw as f64).sqrt()) as f32;
@@ -155,17 +84,9 @@ pub fn projection_matrix(shape: &ConvShape) -> Vec<f32> {
     a
 }
 
-/// Whether BatchNorm normalises with the batch's statistics (and a clean pass commits them to the
-/// running statistics) or with the running statistics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BnMode {
-    Train,
-    Eval,
-}
-
 #[derive(Debug)]
 pub struct ConvBlock {
-    shape: ConvShape,
+    shape: ConvGeometry,
     params: Vec<f32>,
     running_mean: Vec<f32>,
     running_var: Vec<f32>,
@@ -251,9 +172,9 @@ struct Perturbation {
 
 impl ConvBlock {
     /// A block with all parameters zero and fresh running statistics (mean 0, variance 1);
-    /// program it with [`ConvBlock::set_params`]. Panics on a shape [`ConvShape::check`] refuses
+    /// program it with [`ConvBlock::set_params`]. Panics on a shape [`ConvGeometry::check`] refuses
     /// (shapes come from the model, which checks them first).
-    pub fn new(shape: ConvShape) -> Self {
+    pub fn new(shape: ConvGeometry) -> Self {
         if let Err(e) = shape.check() {
             panic!("{e}");
         }
@@ -301,7 +222,7 @@ impl ConvBlock {
         }
     }
 
-    pub fn shape(&self) -> &ConvShape {
+    pub fn shape(&self) -> &ConvGeometry {
         &self.shape
     }
 
@@ -413,11 +334,11 @@ impl ConvBlock {
     }
 
     /// The clean forward pass on the cached input: `features` (batch x C*d) are the projected
-    /// ReLU output, `next` (batch x C*H/2*W/2) the pooled one. In [`BnMode::Train`] BatchNorm
+    /// ReLU output, `next` (batch x C*H/2*W/2) the pooled one. In [`ForwardMode::Train`] BatchNorm
     /// normalises with the batch's statistics and commits them to the running statistics.
     pub fn forward(
         &mut self,
-        mode: BnMode,
+        mode: ForwardMode,
         features: &mut Vec<f32>,
         next: &mut Vec<f32>,
     ) -> Result<(), SimError> {
@@ -440,7 +361,7 @@ impl ConvBlock {
             let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
             let y = &mut self.relu[c * n..(c + 1) * n];
             match mode {
-                BnMode::Train => {
+                ForwardMode::Train => {
                     let (mean, var) = self.z0_stats[c];
                     bn_relu(z, mean, var, gamma, beta, y);
                     // PyTorch: running = (1 - momentum) running + momentum batch, with the
@@ -450,14 +371,14 @@ impl ConvBlock {
                     *rm = ((1.0 - BN_MOMENTUM) * *rm as f64 + BN_MOMENTUM * mean) as f32;
                     *rv = ((1.0 - BN_MOMENTUM) * *rv as f64 + BN_MOMENTUM * unbiased) as f32;
                 }
-                BnMode::Eval => {
+                ForwardMode::Eval => {
                     let (mean, var) = (self.running_mean[c] as f64, self.running_var[c] as f64);
                     bn_relu(z, mean, var, gamma, beta, y);
                 }
             }
             project_channel(&self.shape, &self.projection, c, self.batch, y, features);
         }
-        if mode == BnMode::Train {
+        if mode == ForwardMode::Train {
             // These are the clean training features the fast path perturbs around.
             self.feat0.clone_from(features);
             self.feat_stale.iter_mut().for_each(|s| *s = false);
@@ -645,7 +566,7 @@ impl ConvBlock {
         if self.cols_ready {
             return;
         }
-        let ConvShape {
+        let ConvGeometry {
             in_channels,
             height,
             width,
@@ -1253,7 +1174,7 @@ impl ConvBlock {
         if self.cols_t_ready {
             return;
         }
-        let ConvShape {
+        let ConvGeometry {
             in_channels,
             height,
             width,
@@ -1300,7 +1221,7 @@ fn cols_t_stride(n: usize) -> usize {
 /// the flat parameters, stride channel_params) with the unfolded input; `z` holds those
 /// channels' rows (channels.len() x n).
 fn convolve(
-    shape: &ConvShape,
+    shape: &ConvGeometry,
     params: &[f32],
     channels: Range<usize>,
     cols: &[f32],
@@ -1367,7 +1288,7 @@ fn bn_relu(z: &[f32], mean: f64, var: f64, gamma: f32, beta: f32, y: &mut [f32])
 /// Section 4.4: `features[b, c*d + i] = sum_j A_c[i, j] y_c[b, j]`, i.e. `Y_c (B x HW) · A_cᵀ`
 /// written into the channel's d columns of `features` (B x C*d).
 fn project_channel(
-    shape: &ConvShape,
+    shape: &ConvGeometry,
     projection: &[f32],
     c: usize,
     batch: usize,
@@ -1387,7 +1308,7 @@ fn project_channel(
 }
 
 /// `MaxPool2d(2, 2)` of the channel-major map `y` (C x B x H x W) into `next` (B x C x H/2 x W/2).
-fn max_pool(shape: &ConvShape, batch: usize, y: &[f32], next: &mut Vec<f32>) {
+fn max_pool(shape: &ConvGeometry, batch: usize, y: &[f32], next: &mut Vec<f32>) {
     let (h, w) = (shape.height, shape.width);
     let (ph, pw) = shape.pooled();
     let c_out = shape.out_channels;
@@ -1415,8 +1336,8 @@ mod tests {
     use super::*;
     use firmware_protocol::direction::fill_direction;
 
-    fn shape() -> ConvShape {
-        ConvShape {
+    fn shape() -> ConvGeometry {
+        ConvGeometry {
             in_channels: 2,
             out_channels: 3,
             height: 5,
@@ -1447,7 +1368,7 @@ mod tests {
 
     /// Conv -> BatchNorm -> ReLU -> (projection, pooling), written out loop by loop.
     fn naive(
-        s: &ConvShape,
+        s: &ConvGeometry,
         params: &[f32],
         x: &[f32],
         batch: usize,
@@ -1543,7 +1464,7 @@ mod tests {
         let a = b.projection().to_vec();
         let (rm, rv) = (b.running_mean().to_vec(), b.running_var().to_vec());
         let (mut f, mut next) = (Vec::new(), Vec::new());
-        b.forward(BnMode::Train, &mut f, &mut next).unwrap();
+        b.forward(ForwardMode::Train, &mut f, &mut next).unwrap();
         let (ef, ep, stats) = naive(&s, b.params(), &b.input, batch, &a, None);
         assert_close(&f, &ef, 1e-5);
         assert_close(&next, &ep, 1e-5);
@@ -1559,7 +1480,7 @@ mod tests {
         }
         // Evaluation normalises with the running statistics and commits nothing.
         let (rm, rv) = (b.running_mean().to_vec(), b.running_var().to_vec());
-        b.forward(BnMode::Eval, &mut f, &mut next).unwrap();
+        b.forward(ForwardMode::Eval, &mut f, &mut next).unwrap();
         let (ef, ep, _) = naive(&s, b.params(), &b.input, batch, &a, Some((&rm, &rv)));
         assert_close(&f, &ef, 1e-5);
         assert_close(&next, &ep, 1e-5);
@@ -1625,7 +1546,7 @@ mod tests {
 
     #[test]
     fn the_projection_is_seeded_and_scaled_by_the_map_size() {
-        let s = ConvShape {
+        let s = ConvGeometry {
             in_channels: 1,
             out_channels: 4,
             height: 16,
@@ -1637,7 +1558,7 @@ mod tests {
         assert_eq!(a, projection_matrix(&s));
         assert_ne!(
             a,
-            projection_matrix(&ConvShape {
+            projection_matrix(&ConvGeometry {
                 projection_seed: 4,
                 ..s
             })
@@ -1659,14 +1580,14 @@ mod tests {
             b.set_choreography(choreography);
             b.recompute_max_k = recompute_max_k;
             let (mut f, mut next) = (Vec::new(), Vec::new());
-            b.forward(BnMode::Train, &mut f, &mut next).unwrap();
+            b.forward(ForwardMode::Train, &mut f, &mut next).unwrap();
             let (params, rm, rv) = (
                 bits(b.params()),
                 bits(b.running_mean()),
                 bits(b.running_var()),
             );
             let (mut eval_before, mut next_before) = (Vec::new(), Vec::new());
-            b.forward(BnMode::Eval, &mut eval_before, &mut next_before)
+            b.forward(ForwardMode::Eval, &mut eval_before, &mut next_before)
                 .unwrap();
             let mut out = Vec::new();
             let seeds = [DirectionSeed(1), DirectionSeed(2)];
@@ -1676,7 +1597,7 @@ mod tests {
             assert_eq!(params, bits(b.params()));
             assert_eq!(rm, bits(b.running_mean()));
             assert_eq!(rv, bits(b.running_var()));
-            b.forward(BnMode::Eval, &mut f, &mut next).unwrap();
+            b.forward(ForwardMode::Eval, &mut f, &mut next).unwrap();
             assert_eq!(bits(&eval_before), bits(&f));
             assert_eq!(bits(&next_before), bits(&next));
         }
@@ -1714,12 +1635,12 @@ mod tests {
                 .collect();
             b.apply_update(chunk.clone(), 0.05, &terms).unwrap();
             if k % 2 == 1 {
-                b.forward(BnMode::Train, &mut f, &mut next).unwrap();
+                b.forward(ForwardMode::Train, &mut f, &mut next).unwrap();
                 seen.push(f.clone());
                 seen.push(next.clone());
             }
         }
-        b.forward(BnMode::Eval, &mut f, &mut next).unwrap();
+        b.forward(ForwardMode::Eval, &mut f, &mut next).unwrap();
         seen.push(f);
         let mut state = b.params().to_vec();
         state.extend_from_slice(b.running_mean());
@@ -1761,7 +1682,7 @@ mod tests {
             let mut b = block(3);
             b.recompute_max_k = recompute_max_k;
             let (mut f, mut next) = (Vec::new(), Vec::new());
-            b.forward(BnMode::Train, &mut f, &mut next).unwrap();
+            b.forward(ForwardMode::Train, &mut f, &mut next).unwrap();
             let mut out = Vec::new();
             // Channel 1's parameters only.
             b.evaluate_perturbed(21..42, &[DirectionSeed(9)], 1e-2, &mut out)
@@ -1809,7 +1730,7 @@ mod tests {
         ));
         let (mut f, mut next) = (Vec::new(), Vec::new());
         assert_eq!(
-            b.forward(BnMode::Train, &mut f, &mut next),
+            b.forward(ForwardMode::Train, &mut f, &mut next),
             Err(SimError::NoInput)
         );
         assert!(matches!(
@@ -1830,7 +1751,7 @@ mod tests {
             Err(SimError::BufferLength { .. })
         ));
         assert!(
-            ConvShape {
+            ConvGeometry {
                 height: 1,
                 ..shape()
             }

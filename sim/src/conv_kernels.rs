@@ -7,14 +7,7 @@
 /// Whether this CPU runs the AVX2 + FMA builds of the kernels.
 #[inline]
 fn wide() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    firmware_protocol::simd::level() >= firmware_protocol::simd::SimdLevel::Avx2Fma
 }
 
 /// Defines `pub(crate) fn $name` that runs `$body` (an `#[inline(always)]` function) built for

@@ -26,7 +26,7 @@ use firmware_protocol::message::{ActivationEncoding, Capabilities, MAX_LAYERS};
 use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
 use serialport::{SerialPort, TTYPort};
 
-use crate::conv::{ConvShape, block_projection_seed};
+use crate::conv::{ConvGeometry, block_projection_seed};
 use crate::noise::{NoiseModel, layer_seed};
 use crate::physical::{DeviceConv, DeviceDense, DeviceLayer};
 
@@ -91,14 +91,14 @@ impl EmulatorConfig {
     }
 
     /// The shape of layer `l` if it is a CNN block, with its projection seed.
-    pub fn conv_shape(&self, l: usize) -> Option<ConvShape> {
+    pub fn conv_shape(&self, l: usize) -> Option<ConvGeometry> {
         match *self.layers.get(l)? {
             LayerConfig::Conv {
                 in_channels,
                 height,
                 width,
                 out_channels,
-            } => Some(ConvShape {
+            } => Some(ConvGeometry {
                 in_channels,
                 out_channels,
                 height,
@@ -384,11 +384,13 @@ mod device_tests {
         let layers = layers(&config).unwrap();
         for (l, layer) in layers.iter().enumerate() {
             let d = layer.descriptor();
-            let firmware_protocol::message::LayerKind::Conv {
-                projection_seed,
-                proj_dim,
-                ..
-            } = d.kind
+            let firmware_protocol::shape::LayerShape::Conv(
+                firmware_protocol::shape::ConvGeometry {
+                    projection_seed,
+                    proj_dim,
+                    ..
+                },
+            ) = d.kind
             else {
                 panic!("not a conv layer: {d:?}")
             };

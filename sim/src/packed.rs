@@ -91,7 +91,7 @@ pub fn packed_gemm_bt(
     let panels = m.div_ceil(MR);
     let out = crate::threads::SharedMut(c.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    let avx2 = firmware_protocol::simd::level() >= firmware_protocol::simd::SimdLevel::Avx2Fma;
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
     let split = 2 * m * n * k >= crate::threads::WORTH_A_THREAD;

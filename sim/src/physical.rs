@@ -9,11 +9,12 @@
 
 use std::ops::Range;
 
-use firmware_protocol::message::{ActivationEncoding, DeviceError, ForwardMode, LayerDescriptor};
+use firmware_protocol::message::{ActivationEncoding, DeviceError, LayerDescriptor};
 use firmware_protocol::server::PhysicalLayer;
+use firmware_protocol::shape::{ForwardMode, LayerShape};
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
-use crate::conv::{BnMode, ConvBlock, ConvShape};
+use crate::conv::{ConvBlock, ConvGeometry};
 use crate::dense::{Choreography, DenseLayer, SimError};
 use crate::noise::NoiseModel;
 
@@ -361,7 +362,7 @@ impl DeviceDense {
 impl PhysicalLayer for DeviceDense {
     fn descriptor(&self) -> LayerDescriptor {
         let l = &self.staged.layer;
-        LayerDescriptor::dense(l.n_in() as u32, l.n_out() as u32, self.encoding)
+        LayerDescriptor::new(LayerShape::dense(l.n_in(), l.n_out()), self.encoding)
     }
 
     staged_methods!();
@@ -403,9 +404,9 @@ pub struct DeviceConv {
 
 impl DeviceConv {
     /// A block of `shape` with zero parameters and fresh running statistics; refuses a shape
-    /// [`ConvShape::check`] refuses, or one whose sizes do not fit the protocol's u32 fields.
-    pub fn new(shape: ConvShape, encoding: ActivationEncoding) -> Result<Self, String> {
-        shape.check()?;
+    /// [`ConvGeometry::check`] refuses, or one whose sizes do not fit the protocol's u32 fields.
+    pub fn new(shape: ConvGeometry, encoding: ActivationEncoding) -> Result<Self, String> {
+        shape.check().map_err(|e| e.to_string())?;
         let sizes = [
             ("parameters", shape.param_count()),
             ("input values per sample", shape.input_width()),
@@ -439,25 +440,13 @@ impl DeviceConv {
 impl PhysicalLayer for DeviceConv {
     fn descriptor(&self) -> LayerDescriptor {
         let s = self.staged.layer.shape();
-        LayerDescriptor::conv(
-            s.in_channels as u32,
-            s.out_channels as u32,
-            s.height as u32,
-            s.width as u32,
-            s.proj_dim as u32,
-            s.projection_seed,
-            self.encoding,
-        )
+        LayerDescriptor::new(LayerShape::Conv(*s), self.encoding)
     }
 
     staged_methods!();
 
     /// `out`: the features (rows x C*d), then the pooled next-layer input (rows x C*H/2*W/2).
     fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        let mode = match mode {
-            ForwardMode::Train => BnMode::Train,
-            ForwardMode::Eval => BnMode::Eval,
-        };
         self.staged
             .layer_mut()
             .forward(mode, &mut self.features, &mut self.next)
@@ -479,7 +468,7 @@ impl PhysicalLayer for DeviceConv {
     fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
         let block = self.staged.layer_mut();
         let saved = (block.running_mean().to_vec(), block.running_var().to_vec());
-        let result = block.forward(BnMode::Train, &mut self.features, &mut self.next);
+        let result = block.forward(ForwardMode::Train, &mut self.features, &mut self.next);
         block
             .set_running_stats(&saved.0, &saved.1)
             .expect("the block's own statistics fit it");
@@ -956,7 +945,7 @@ mod tests {
             n in 0usize..40,
             layer in 0u8..3,
         ) {
-            let conv = ConvShape { in_channels: 1, out_channels: 2, height: 2, width: 3, proj_dim: 2, projection_seed: 5 };
+            let conv = ConvGeometry { in_channels: 1, out_channels: 2, height: 2, width: 3, proj_dim: 2, projection_seed: 5 };
             let mut c = Client::new(vec![
                 DeviceLayer::Dense(Box::new(DeviceDense::new(3, 2, ActivationEncoding::AdcU8 { scale: 0.1 }))),
                 DeviceLayer::Conv(Box::new(DeviceConv::new(conv, ActivationEncoding::F32).unwrap())),
@@ -999,8 +988,8 @@ mod conv_tests {
     use firmware_protocol::message::{Capabilities, ChunkRange, Packed, Request, Response};
     use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
 
-    fn shape() -> ConvShape {
-        ConvShape {
+    fn shape() -> ConvGeometry {
+        ConvGeometry {
             in_channels: 2,
             out_channels: 3,
             height: 6,
@@ -1127,7 +1116,7 @@ mod conv_tests {
         let d = c.server.layers()[0].descriptor();
         assert_eq!(
             d.chunking,
-            firmware_protocol::message::Chunking::Groups { size: 21 }
+            firmware_protocol::shape::ChunkUnits::Groups { size: 21 }
         );
         c.program(rows);
         let got = c.result(&forward(ForwardMode::Train));
@@ -1141,7 +1130,9 @@ mod conv_tests {
             .collect();
         block.load_input(&x).unwrap();
         let (mut f, mut next) = (Vec::new(), Vec::new());
-        block.forward(BnMode::Train, &mut f, &mut next).unwrap();
+        block
+            .forward(ForwardMode::Train, &mut f, &mut next)
+            .unwrap();
         assert_eq!(f.len(), rows * 15);
         assert_eq!(next.len(), rows * 3 * 3 * 2);
         assert_eq!(got.len(), rows * d.forward_width() as usize);
@@ -1149,7 +1140,7 @@ mod conv_tests {
         assert_eq!(bits(&got[f.len()..]), bits(&next));
         // Train committed the batch statistics; Eval reads them, as the block does.
         let eval = c.result(&forward(ForwardMode::Eval));
-        block.forward(BnMode::Eval, &mut f, &mut next).unwrap();
+        block.forward(ForwardMode::Eval, &mut f, &mut next).unwrap();
         assert_eq!(bits(&eval[..f.len()]), bits(&f));
         assert_eq!(
             bits(c.server.layers()[0].block().running_mean()),

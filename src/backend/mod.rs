@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerSpec, LinkHealth,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, LinkHealth,
     OracleError, PerturbedColumns, PerturbedPair, UpdateTerm, WireStats,
 };
 use serial::{SerialOracle, SerialSpec};
@@ -56,7 +56,7 @@ impl fmt::Display for BackendSpec {
 }
 
 /// Opens the backend and returns one oracle per layer of the model.
-pub fn open(spec: &BackendSpec, layers: &[LayerSpec]) -> Result<Vec<AnyOracle>, OracleError> {
+pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>, OracleError> {
     match spec {
         BackendSpec::Sim => Ok(SimOracle::for_layers(layers)
             .into_iter()
@@ -95,7 +95,7 @@ macro_rules! dispatch {
 }
 
 impl ForwardOracle for AnyOracle {
-    fn spec(&self) -> &LayerSpec {
+    fn spec(&self) -> &LayerShape {
         dispatch!(self, o => o.spec())
     }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 pub use device::{SerialDevice, SerialOracle};
 pub use link::{Link, LinkError, RetryPolicy, SerialTransport, Transport};
 
-use crate::oracle::{LayerSpec, OracleError};
+use crate::oracle::{LayerShape, OracleError};
 
 /// Where and how to reach a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,7 +101,7 @@ fn first_seq() -> u16 {
 pub fn open_transport(
     transport: Box<dyn Transport>,
     policy: RetryPolicy,
-    layers: &[LayerSpec],
+    layers: &[LayerShape],
 ) -> Result<Vec<SerialOracle>, OracleError> {
     SerialDevice::connect(Link::new(transport, policy, first_seq()))?.oracles(layers)
 }
@@ -114,7 +114,7 @@ pub fn connect(spec: &SerialSpec) -> Result<SerialDevice, OracleError> {
 }
 
 /// Opens the port and returns one oracle per model layer.
-pub fn open(spec: &SerialSpec, layers: &[LayerSpec]) -> Result<Vec<SerialOracle>, OracleError> {
+pub fn open(spec: &SerialSpec, layers: &[LayerShape]) -> Result<Vec<SerialOracle>, OracleError> {
     let transport = SerialTransport::open(&spec.path, spec.baud, spec.timeout)
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
     open_transport(Box::new(transport), spec.policy(), layers).map_err(|e| match e {

@@ -2,18 +2,18 @@
 
 use std::ops::Range;
 
-use pnn_sim::conv::{BnMode, ConvBlock, ConvShape};
+use pnn_sim::conv::ConvBlock;
 use pnn_sim::dense::SimError;
 use pnn_sim::profile::DeviceProfile;
 use pnn_sim::{DenseLayer, NoiseModel};
 
 use crate::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind, LayerSpec,
-    OracleError, PerturbedColumns, PerturbedPair, UpdateTerm,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
+    PerturbedColumns, PerturbedPair, UpdateTerm,
 };
 
 pub struct SimOracle {
-    spec: LayerSpec,
+    spec: LayerShape,
     layer: SimLayer,
     pairs: Vec<(Vec<f32>, Vec<f32>)>,
 }
@@ -25,26 +25,12 @@ enum SimLayer {
 }
 
 impl SimOracle {
-    pub fn new(spec: LayerSpec) -> Self {
-        let layer = match spec.kind {
-            LayerKind::Dense { inputs, outputs } => {
+    pub fn new(spec: LayerShape) -> Self {
+        let layer = match spec {
+            LayerShape::Dense { inputs, outputs } => {
                 SimLayer::Dense(Box::new(DenseLayer::new(inputs, outputs)))
             }
-            LayerKind::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            } => SimLayer::Conv(Box::new(ConvBlock::new(ConvShape {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            }))),
+            LayerShape::Conv(geometry) => SimLayer::Conv(Box::new(ConvBlock::new(geometry))),
         };
         Self {
             spec,
@@ -57,21 +43,21 @@ impl SimOracle {
     /// the model) keys its faults and noise streams together with the profile's seed. Conv
     /// blocks are simulated ideal only: a profile with any effect switched on is refused for them.
     pub fn with_noise(
-        spec: LayerSpec,
+        spec: LayerShape,
         noise: &NoiseModel,
         layer: usize,
     ) -> Result<Self, OracleError> {
         let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
-        match spec.kind {
-            LayerKind::Dense { inputs, outputs } => Ok(Self {
+        match spec {
+            LayerShape::Dense { inputs, outputs } => Ok(Self {
                 layer: SimLayer::Dense(Box::new(DenseLayer::with_noise(
                     inputs, outputs, noise, seed,
                 ))),
                 spec,
                 pairs: Vec::new(),
             }),
-            LayerKind::Conv { .. } if noise.is_ideal() => Ok(Self::new(spec)),
-            LayerKind::Conv { .. } => Err(OracleError::Unsupported(
+            LayerShape::Conv(_) if noise.is_ideal() => Ok(Self::new(spec)),
+            LayerShape::Conv(_) => Err(OracleError::Unsupported(
                 "hardware effects on convolutional blocks (the noise model covers dense layers)",
             )),
         }
@@ -79,13 +65,13 @@ impl SimOracle {
 
     /// One oracle per layer of a model, on devices of `profile`.
     pub fn for_profile(
-        specs: &[LayerSpec],
+        specs: &[LayerShape],
         profile: &DeviceProfile,
     ) -> Result<Vec<Self>, OracleError> {
         specs
             .iter()
             .enumerate()
-            .map(|(l, spec)| Self::with_noise(spec.clone(), &profile.noise, l))
+            .map(|(l, spec)| Self::with_noise(*spec, &profile.noise, l))
             .collect()
     }
 
@@ -128,7 +114,7 @@ impl SimOracle {
     }
 
     /// One oracle per layer of a model.
-    pub fn for_layers(specs: &[LayerSpec]) -> Vec<Self> {
+    pub fn for_layers(specs: &[LayerShape]) -> Vec<Self> {
         specs.iter().cloned().map(Self::new).collect()
     }
 }
@@ -143,7 +129,7 @@ fn sim_err(e: SimError) -> OracleError {
 }
 
 impl ForwardOracle for SimOracle {
-    fn spec(&self) -> &LayerSpec {
+    fn spec(&self) -> &LayerShape {
         &self.spec
     }
 
@@ -176,10 +162,11 @@ impl ForwardOracle for SimOracle {
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
-        if input.width != self.spec.input_width {
+        if input.width != self.spec.input_width() {
             return Err(OracleError::Shape(format!(
                 "input is {} wide, the layer takes {}",
-                input.width, self.spec.input_width
+                input.width,
+                self.spec.input_width()
             )));
         }
         match &mut self.layer {
@@ -197,16 +184,16 @@ impl ForwardOracle for SimOracle {
                 None
             }
             SimLayer::Conv(b) => {
-                let mode = match mode {
-                    ForwardMode::Train => BnMode::Train,
-                    ForwardMode::Eval => BnMode::Eval,
-                };
                 let mut pooled = Vec::new();
                 b.forward(mode, &mut data, &mut pooled).map_err(sim_err)?;
-                Some(Activations::new(b.batch(), self.spec.output_width, pooled))
+                Some(Activations::new(
+                    b.batch(),
+                    self.spec.output_width(),
+                    pooled,
+                ))
             }
         };
-        let features = Activations::new(self.batch(), self.spec.feature_width, data);
+        let features = Activations::new(self.batch(), self.spec.feature_width(), data);
         Ok(ForwardOutput { features, next })
     }
 
@@ -223,7 +210,7 @@ impl ForwardOracle for SimOracle {
         }
         .map_err(sim_err)?;
         out.resize_with(seeds.len(), Default::default);
-        let (rows, width) = (self.batch(), self.spec.feature_width);
+        let (rows, width) = (self.batch(), self.spec.feature_width());
         for ((plus, minus), (p, m)) in self.pairs.iter_mut().zip(out.iter_mut()) {
             // Swap buffers rather than copy: both sides keep their allocations for the next call.
             std::mem::swap(plus, &mut p.data);
@@ -248,7 +235,7 @@ impl ForwardOracle for SimOracle {
         let done = l
             .evaluate_perturbed_columns(chunk, seeds, eps, &mut self.pairs, &mut clean)
             .map_err(sim_err)?;
-        let (rows, width) = (l.batch(), self.spec.feature_width);
+        let (rows, width) = (l.batch(), self.spec.feature_width());
         out.clean = Activations {
             rows,
             width,

@@ -29,7 +29,9 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::data::{DatasetKind, Normalizer, Split};
 use crate::loss::{argmax_rows, cross_entropy};
-use crate::oracle::{Activations, ForwardMode, ForwardOracle, LayerKind, LayerSpec, OracleError};
+use crate::oracle::{
+    Activations, ConvGeometry, ForwardMode, ForwardOracle, LayerShape, OracleError,
+};
 use crate::projection::Projection;
 use crate::trainer::{Evaluation, Hyper, Trainer};
 
@@ -52,7 +54,7 @@ pub struct SavedModel {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SavedLayer {
-    pub spec: LayerSpec,
+    pub spec: LayerShape,
     /// `W_l`, flat, in the layout of `spec.kind`.
     pub params: Vec<f32>,
     pub projection: Projection,
@@ -98,14 +100,7 @@ pub enum KindMeta {
     /// Conv 3x3 + BatchNorm + ReLU (+ MaxPool 2x2 for the next block), goodness features from a
     /// per-channel random projection `A` drawn from `projection_seed` (thesis section 4.4).
     /// Not yet written by `--save` (see [`SavedModel::check_exportable`]).
-    Conv {
-        in_channels: usize,
-        out_channels: usize,
-        height: usize,
-        width: usize,
-        proj_dim: usize,
-        projection_seed: u64,
-    },
+    Conv(ConvGeometry),
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -116,62 +111,29 @@ pub struct TensorMeta {
 }
 
 impl KindMeta {
-    pub fn of(kind: &LayerKind) -> Self {
-        match *kind {
-            LayerKind::Dense { inputs, outputs } => Self::Dense { inputs, outputs },
-            LayerKind::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            } => Self::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            },
+    pub fn of(shape: &LayerShape) -> Self {
+        match *shape {
+            LayerShape::Dense { inputs, outputs } => Self::Dense { inputs, outputs },
+            LayerShape::Conv(geometry) => Self::Conv(geometry),
         }
     }
 
-    pub fn layer_spec(&self) -> LayerSpec {
+    pub fn layer_spec(&self) -> LayerShape {
         match *self {
-            Self::Dense { inputs, outputs } => LayerSpec::dense(inputs, outputs),
-            Self::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            } => LayerSpec::conv(
-                in_channels,
-                out_channels,
-                (height, width),
-                proj_dim,
-                projection_seed,
-            ),
+            Self::Dense { inputs, outputs } => LayerShape::dense(inputs, outputs),
+            Self::Conv(geometry) => LayerShape::Conv(geometry),
         }
     }
 }
 
 /// The parameter tensors of a layer, `(role, shape)`, in the order of its flat parameter vector.
-pub fn param_tensors(kind: &LayerKind) -> Vec<(&'static str, Vec<usize>)> {
-    match *kind {
-        LayerKind::Dense { inputs, outputs } => {
+pub fn param_tensors(shape: &LayerShape) -> Vec<(&'static str, Vec<usize>)> {
+    match *shape {
+        LayerShape::Dense { inputs, outputs } => {
             vec![("weight", vec![outputs, inputs]), ("bias", vec![outputs])]
         }
         // Per output channel: conv weights (C_in x 3 x 3), conv bias, BN scale, BN shift.
-        LayerKind::Conv {
-            in_channels,
-            out_channels,
-            ..
-        } => {
-            vec![("channel_params", vec![out_channels, in_channels * 9 + 3])]
-        }
+        LayerShape::Conv(g) => vec![("channel_params", vec![g.out_channels, g.channel_params()])],
     }
 }
 
@@ -197,7 +159,7 @@ impl SavedModel {
     /// The trainer's current model (its host shadow of every `W_l`, and every `M_l`).
     pub fn from_trainer<O: ForwardOracle>(
         trainer: &Trainer<O>,
-        specs: &[LayerSpec],
+        specs: &[LayerShape],
         data: &crate::data::Dataset,
         epochs: u32,
     ) -> Self {
@@ -214,7 +176,7 @@ impl SavedModel {
                 .iter()
                 .zip(specs)
                 .map(|(state, spec)| SavedLayer {
-                    spec: spec.clone(),
+                    spec: *spec,
                     params: state.shadow.clone(),
                     projection: state.projection.clone(),
                 })
@@ -236,8 +198,8 @@ impl SavedModel {
         }
     }
 
-    pub fn layer_specs(&self) -> Vec<LayerSpec> {
-        self.layers.iter().map(|l| l.spec.clone()).collect()
+    pub fn layer_specs(&self) -> Vec<LayerShape> {
+        self.layers.iter().map(|l| l.spec).collect()
     }
 
     /// The same digest as [`Trainer::weights_sha256`] (every `W_l`, then every `M_l`, as
@@ -266,7 +228,7 @@ impl SavedModel {
         for (l, layer) in self.layers.iter().enumerate() {
             let mut params = Vec::new();
             let mut offset = 0;
-            for (role, shape) in param_tensors(&layer.spec.kind) {
+            for (role, shape) in param_tensors(&layer.spec) {
                 let n: usize = shape.iter().product();
                 let name = format!("layers.{l}.{role}");
                 tensors.push((
@@ -293,7 +255,7 @@ impl SavedModel {
                 &p.data[..],
             ));
             layers.push(LayerMeta {
-                kind: KindMeta::of(&layer.spec.kind),
+                kind: KindMeta::of(&layer.spec),
                 params,
                 projection,
             });
@@ -470,13 +432,13 @@ impl SavedModel {
         let mut width = c * h * w;
         for (l, lm) in meta.layers.iter().enumerate() {
             let spec = lm.kind.layer_spec();
-            if spec.input_width != width {
+            if spec.input_width() != width {
                 return Err(bad(format!(
                     "layer {l} takes {} inputs, the previous stage gives {width}",
-                    spec.input_width
+                    spec.input_width()
                 )));
             }
-            let expected = param_tensors(&spec.kind);
+            let expected = param_tensors(&spec);
             let roles: Vec<(&str, &[usize])> = lm
                 .params
                 .iter()
@@ -490,23 +452,25 @@ impl SavedModel {
                     lm.kind
                 )));
             }
-            let mut params = Vec::with_capacity(spec.param_count);
+            let mut params = Vec::with_capacity(spec.param_count());
             for t in &lm.params {
                 params.extend(read(t)?);
             }
-            if lm.projection.shape != [spec.feature_width, meta.classes] {
+            if lm.projection.shape != [spec.feature_width(), meta.classes] {
                 return Err(bad(format!(
                     "layer {l}: projection shape {:?}, expected [{}, {}]",
-                    lm.projection.shape, spec.feature_width, meta.classes
+                    lm.projection.shape,
+                    spec.feature_width(),
+                    meta.classes
                 )));
             }
             let m = read(&lm.projection)?;
             if params.iter().chain(&m).any(|v| !v.is_finite()) {
                 return Err(bad(format!("layer {l} holds a non-finite value")));
             }
-            width = spec.output_width;
+            width = spec.output_width();
             layers.push(SavedLayer {
-                projection: Projection::new(spec.feature_width, meta.classes, m),
+                projection: Projection::new(spec.feature_width(), meta.classes, m),
                 params,
                 spec,
             });
@@ -540,8 +504,8 @@ impl SavedModel {
             if oracle.spec() != &layer.spec {
                 return Err(OracleError::Shape(format!(
                     "layer {l}: the backend's layer is {:?}, the model's {:?}",
-                    oracle.spec().kind,
-                    layer.spec.kind
+                    oracle.spec(),
+                    layer.spec
                 )));
             }
             oracle.write_parameters(&layer.params)?;
@@ -719,13 +683,13 @@ mod tests {
         }
         // A file whose metadata says one shape and whose tensor has another.
         let mut m = model();
-        m.layers[1].spec = LayerSpec::dense(7, 6);
+        m.layers[1].spec = LayerShape::dense(7, 6);
         m.layers[1].params.extend([0.0; 8]);
         m.layers[1].projection = Projection::new(6, 10, vec![0.0; 60]);
         let ok = SavedModel::from_bytes(&m.to_bytes(), p).unwrap();
-        assert_eq!(ok.layers[1].spec.feature_width, 6);
+        assert_eq!(ok.layers[1].spec.feature_width(), 6);
         let mut bad = model();
-        bad.layers[1].spec = LayerSpec::dense(9, 5); // does not chain from the 7-wide layer 0
+        bad.layers[1].spec = LayerShape::dense(9, 5); // does not chain from the 7-wide layer 0
         bad.layers[1].params.extend([0.0; 10]);
         let err = SavedModel::from_bytes(&bad.to_bytes(), p).unwrap_err();
         assert!(err.to_string().contains("layer 1 takes 9 inputs"), "{err}");

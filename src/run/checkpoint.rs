@@ -127,8 +127,8 @@ impl RunIdentity {
         Self {
             dataset: data.kind.name().into(),
             arch: model.arch_name().into(),
-            layer_params: specs.iter().map(|s| s.param_count).collect(),
-            layer_features: specs.iter().map(|s| s.feature_width).collect(),
+            layer_params: specs.iter().map(|s| s.param_count()).collect(),
+            layer_features: specs.iter().map(|s| s.feature_width()).collect(),
             classes: model.classes,
             train_samples: data.train.len(),
             hyper_json: serde_json::to_string(hyper).expect("hyperparameters serialise"),

@@ -171,7 +171,7 @@ pub fn fd_signal(
 ) -> Result<FdSignal, OracleError> {
     let specs = s.model.layer_specs();
     let init = initialise(&specs, s.model.classes, s.hyper.seed);
-    let mut oracle = SimOracle::with_noise(specs[0].clone(), &profile.noise, 0)?;
+    let mut oracle = SimOracle::with_noise(specs[0], &profile.noise, 0)?;
     oracle.write_parameters(&init.layers[0])?;
     let train = &s.data.train;
     let order = epoch_order(s.hyper.seed, 0, train.len());
@@ -181,8 +181,8 @@ pub fn fd_signal(
     let labels: Vec<u8> = batch.iter().map(|&i| train.labels[i]).collect();
     oracle.load_input(&Activations::new(batch.len(), s.data.input_width(), x))?;
     let chunk = weight_chunks(
-        &specs[0].chunk_units,
-        specs[0].param_count,
+        &specs[0].chunk_units(),
+        specs[0].param_count(),
         s.hyper.chunk_max,
     )[0]
     .clone();

@@ -26,7 +26,7 @@
 //! retries) ends the step with that error; the run loop then saves a checkpoint of the snapshot,
 //! the last completed batch boundary, so that `--resume` continues from there.
 
-use crate::oracle::{ForwardOracle, LayerKind, OracleError};
+use crate::oracle::{ForwardOracle, LayerShape, OracleError};
 use crate::trainer::{HostState, Trainer};
 
 /// Resets survived in a row, within one step, before the run gives up.
@@ -82,9 +82,7 @@ impl Recovery {
         };
         if recovery.enabled() {
             for (l, o) in oracles.iter_mut().enumerate() {
-                if matches!(o.spec().kind, LayerKind::Conv { .. })
-                    && o.read_layer_state()?.is_none()
-                {
+                if matches!(o.spec(), LayerShape::Conv(_)) && o.read_layer_state()?.is_none() {
                     tracing::warn!(
                         "layer {l}: the backend cannot read its BatchNorm statistics back, so after a device reset or a resume they restart and the run is no longer bit-identical"
                     );

@@ -6,15 +6,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use firmware_protocol::frame::{CRC_LEN, HEADER_LEN};
 use firmware_protocol::message::{
-    ActivationEncoding, Capabilities, ChunkRange, Chunking, DeviceError, DeviceInfo,
-    ForwardMode as WireMode, LayerDescriptor, LayerKind as WireKind, PROTOCOL_VERSION, Packed,
-    Request, Response, peek_hello_version,
+    ActivationEncoding, Capabilities, ChunkRange, DeviceError, DeviceInfo, LayerDescriptor,
+    PROTOCOL_VERSION, Packed, Request, Response, peek_hello_version,
 };
 
 use super::link::{Link, LinkError, name};
 use crate::oracle::{
-    Activations, ChunkUnits, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerKind,
-    LayerSpec, LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
+    Activations, ChunkUnits, ConvGeometry, DirectionSeed, ForwardMode, ForwardOracle,
+    ForwardOutput, LayerShape, LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
 };
 
 /// Room for a request's fields around its bulk values, in bytes (generous).
@@ -59,151 +58,65 @@ fn unexpected(request: &Request<'_>, body: &[u8]) -> OracleError {
 
 /// Describes a layer as `dense 784x50 (39250 parameters)` or `conv 1x28x28 -> 32 channels,
 /// d=16, projection seed 0x... (384 parameters)`.
-pub fn describe(d: &LayerDescriptor) -> String {
-    match layer_spec(d) {
-        Ok(spec) => describe_spec(&spec),
-        Err(e) => format!("an inconsistent layer description ({e})"),
-    }
-}
-
-fn describe_spec(s: &LayerSpec) -> String {
-    match s.kind {
-        LayerKind::Dense { inputs, outputs } => {
-            format!("dense {inputs}x{outputs} ({} parameters)", s.param_count)
+pub fn describe(shape: &LayerShape) -> String {
+    match *shape {
+        LayerShape::Dense { inputs, outputs } => {
+            format!(
+                "dense {inputs}x{outputs} ({} parameters)",
+                shape.param_count()
+            )
         }
-        LayerKind::Conv {
+        LayerShape::Conv(ConvGeometry {
             in_channels,
             out_channels,
             height,
             width,
             proj_dim,
             projection_seed,
-        } => format!(
+        }) => format!(
             "conv {in_channels}x{height}x{width} -> {out_channels} channels, d={proj_dim}, \
              projection seed {projection_seed:#018x} ({} parameters)",
-            s.param_count
+            shape.param_count()
         ),
     }
 }
 
 /// `flat`, or `whole groups of N`.
-fn describe_chunking(c: &Chunking) -> String {
+fn describe_chunking(c: &ChunkUnits) -> String {
     match c {
-        Chunking::Flat => "flat chunks".into(),
-        Chunking::Groups { size } => format!("chunks of whole {size}-parameter groups"),
-    }
-}
-
-fn describe_units(u: &ChunkUnits) -> String {
-    match u {
         ChunkUnits::Flat => "flat chunks".into(),
-        ChunkUnits::Groups(sizes) => match sizes.first() {
-            Some(&g) if sizes.iter().all(|&s| s == g) => {
-                format!("chunks of whole {g}-parameter groups")
-            }
-            _ => format!("chunks of whole groups {sizes:?}"),
-        },
+        ChunkUnits::Groups { size } => format!("chunks of whole {size}-parameter groups"),
     }
 }
 
-/// The [`LayerSpec`] of a layer as the device describes it; a descriptor whose sizes disagree
-/// with its own kind (device garbage) is refused.
-pub fn layer_spec(d: &LayerDescriptor) -> Result<LayerSpec, OracleError> {
-    let mut spec = match d.kind {
-        WireKind::Dense { inputs, outputs } => LayerSpec::dense(inputs as usize, outputs as usize),
-        WireKind::Conv {
-            in_channels,
-            out_channels,
-            height,
-            width,
-            proj_dim,
-            projection_seed,
-        } => {
-            // A kind whose sizes overflow is one the descriptor's own sizes (u32) cannot match.
-            let fits = [
-                (in_channels as u128 * 9 + 3) * out_channels as u128,
-                in_channels as u128 * height as u128 * width as u128,
-                out_channels as u128 * proj_dim as u128,
-            ]
-            .iter()
-            .all(|&n| n <= u32::MAX as u128);
-            if !fits {
-                return Err(OracleError::Shape(format!(
-                    "the device describes a layer too large to hold: {}",
-                    describe(d)
-                )));
-            }
-            LayerSpec::conv(
-                in_channels as usize,
-                out_channels as usize,
-                (height as usize, width as usize),
-                proj_dim as usize,
-                projection_seed,
-            )
-        }
-    };
-    if let Chunking::Groups { size } = d.chunking
-        && !matches!(d.kind, WireKind::Conv { .. })
-    {
-        let size = size.max(1) as usize;
-        spec.chunk_units = ChunkUnits::Groups(vec![size; spec.param_count / size]);
-    }
-    if !matches(d, &spec) {
+/// The [`LayerShape`] of a layer as the device describes it. Every size in a descriptor follows
+/// from its shape ([`LayerDescriptor::new`]); a descriptor whose sizes disagree with its shape,
+/// or do not fit the protocol's u32 fields (device garbage), is refused.
+pub fn layer_spec(d: &LayerDescriptor) -> Result<LayerShape, OracleError> {
+    let shape = d.kind;
+    let sizes = [
+        shape.param_count(),
+        shape.input_width(),
+        shape.feature_width(),
+        shape.output_width(),
+    ];
+    if sizes.iter().any(|&n| u32::try_from(n).is_err()) {
         return Err(OracleError::Shape(format!(
-            "the device's description of a layer contradicts itself: {} with {}, {} features, {} outputs",
-            describe(d),
+            "the device describes a layer too large to hold: {}",
+            describe(&shape)
+        )));
+    }
+    if *d != LayerDescriptor::new(shape, d.encoding) {
+        return Err(OracleError::Shape(format!(
+            "the device's description of a layer contradicts itself: {} with {}, {} parameters, {} features, {} outputs",
+            describe(&shape),
             describe_chunking(&d.chunking),
+            d.param_count,
             d.feature_width,
             d.output_width
         )));
     }
-    Ok(spec)
-}
-
-fn matches(d: &LayerDescriptor, s: &LayerSpec) -> bool {
-    let kind = match (d.kind, &s.kind) {
-        (
-            WireKind::Dense { inputs, outputs },
-            LayerKind::Dense {
-                inputs: i,
-                outputs: o,
-            },
-        ) => inputs as usize == *i && outputs as usize == *o,
-        (
-            WireKind::Conv {
-                in_channels,
-                out_channels,
-                height,
-                width,
-                proj_dim,
-                projection_seed,
-            },
-            LayerKind::Conv {
-                in_channels: ci,
-                out_channels: co,
-                height: h,
-                width: w,
-                proj_dim: pd,
-                projection_seed: ps,
-            },
-        ) => {
-            (in_channels as usize, out_channels as usize, height as usize) == (*ci, *co, *h)
-                && (width as usize, proj_dim as usize, projection_seed) == (*w, *pd, *ps)
-        }
-        _ => false,
-    };
-    let chunking = match (d.chunking, &s.chunk_units) {
-        (Chunking::Flat, ChunkUnits::Flat) => true,
-        (Chunking::Groups { size }, ChunkUnits::Groups(sizes)) => {
-            sizes.iter().all(|&g| g == size as usize)
-        }
-        _ => false,
-    };
-    kind && chunking
-        && d.param_count as usize == s.param_count
-        && d.feature_width as usize == s.feature_width
-        && d.output_width as usize == s.output_width
-        && d.input_width() as usize == s.input_width
+    Ok(shape)
 }
 
 impl SerialDevice {
@@ -258,7 +171,7 @@ impl SerialDevice {
         tracing::info!(
             device = %summary.name,
             boot_id = summary.boot_id,
-            layers = ?summary.layers.iter().map(describe).collect::<Vec<_>>(),
+            layers = ?summary.layers.iter().map(|d| describe(&d.kind)).collect::<Vec<_>>(),
             "connected"
         );
         Ok(Self {
@@ -273,50 +186,42 @@ impl SerialDevice {
 
     /// One oracle per layer of the model, after checking that the device holds exactly those
     /// layers (a mismatch names both shapes). The handshake's traffic is counted on the first.
-    pub fn oracles(self, model: &[LayerSpec]) -> Result<Vec<SerialOracle>, OracleError> {
+    pub fn oracles(self, model: &[LayerShape]) -> Result<Vec<SerialOracle>, OracleError> {
         let device = &self.summary.layers;
         if device.len() != model.len() {
             return Err(OracleError::Shape(format!(
                 "device '{}' holds {} layers [{}], the model needs {} [{}]",
                 self.summary.name,
                 device.len(),
-                device.iter().map(describe).collect::<Vec<_>>().join(", "),
-                model.len(),
-                model
+                device
                     .iter()
-                    .map(describe_spec)
+                    .map(|d| describe(&d.kind))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                model.len(),
+                model.iter().map(describe).collect::<Vec<_>>().join(", ")
             )));
         }
         for (l, (d, s)) in device.iter().zip(model).enumerate() {
-            if !matches(d, s) {
+            if d.kind != *s {
                 let mut hint = String::new();
-                if let (
-                    WireKind::Conv {
-                        projection_seed: device_seed,
-                        ..
-                    },
-                    LayerKind::Conv {
-                        projection_seed: model_seed,
-                        ..
-                    },
-                ) = (d.kind, &s.kind)
-                    && device_seed != *model_seed
+                if let (LayerShape::Conv(device), LayerShape::Conv(model)) = (d.kind, s)
+                    && device.projection_seed != model.projection_seed
                 {
                     hint = format!(
-                        "; the device draws the block's fixed projection A from seed {device_seed:#018x}, the model from {model_seed:#018x} (pnn-emulate derives it from its --seed as pnn-train does from --seed: give both the same)"
+                        "; the device draws the block's fixed projection A from seed {:#018x}, the model from {:#018x} (pnn-emulate derives it from its --seed as pnn-train does from --seed: give both the same)",
+                        device.projection_seed, model.projection_seed
                     );
                 }
                 return Err(OracleError::Shape(format!(
                     "layer {l}: device '{}' holds {} ({}, {} features), the model needs {} ({}, {} features){hint}",
                     self.summary.name,
-                    describe(d),
+                    describe(&d.kind),
                     describe_chunking(&d.chunking),
                     d.feature_width,
-                    describe_spec(s),
-                    describe_units(&s.chunk_units),
-                    s.feature_width
+                    describe(s),
+                    describe_chunking(&s.chunk_units()),
+                    s.feature_width()
                 )));
             }
         }
@@ -328,7 +233,7 @@ impl SerialDevice {
             .map(|(l, (spec, d))| SerialOracle {
                 link: Arc::clone(&self.link),
                 layer: l as u8,
-                spec: spec.clone(),
+                spec: *spec,
                 descriptor: *d,
                 max_request: self.summary.max_request as usize,
                 max_batch: self.summary.max_batch as usize,
@@ -361,7 +266,7 @@ fn version_mismatch(device: u16) -> OracleError {
 pub struct SerialOracle {
     link: Arc<Mutex<Link>>,
     layer: u8,
-    spec: LayerSpec,
+    spec: LayerShape,
     descriptor: LayerDescriptor,
     max_request: usize,
     max_batch: usize,
@@ -477,16 +382,16 @@ fn chunk_range(chunk: &Range<usize>) -> ChunkRange {
 }
 
 impl ForwardOracle for SerialOracle {
-    fn spec(&self) -> &LayerSpec {
+    fn spec(&self) -> &LayerShape {
         &self.spec
     }
 
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {
-        if params.len() != self.spec.param_count {
+        if params.len() != self.spec.param_count() {
             return Err(OracleError::Shape(format!(
                 "{} parameters for a layer of {}",
                 params.len(),
-                self.spec.param_count
+                self.spec.param_count()
             )));
         }
         let (layer, part) = (self.layer, self.part_len());
@@ -507,7 +412,7 @@ impl ForwardOracle for SerialOracle {
         if !self.read_back {
             return Err(OracleError::Unsupported("parameter read-back"));
         }
-        let (layer, count) = (self.layer, self.spec.param_count);
+        let (layer, count) = (self.layer, self.spec.param_count());
         self.with_link(|link, values| {
             fetch(
                 link,
@@ -521,10 +426,12 @@ impl ForwardOracle for SerialOracle {
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
-        if input.width != self.spec.input_width || input.rows == 0 {
+        if input.width != self.spec.input_width() || input.rows == 0 {
             return Err(OracleError::Shape(format!(
                 "input is {} rows of {} values, the layer takes rows of {}",
-                input.rows, input.width, self.spec.input_width
+                input.rows,
+                input.width,
+                self.spec.input_width()
             )));
         }
         if input.rows > self.max_batch {
@@ -555,15 +462,15 @@ impl ForwardOracle for SerialOracle {
     fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
         let request = Request::Forward {
             layer: self.layer,
-            mode: match mode {
-                ForwardMode::Train => WireMode::Train,
-                ForwardMode::Eval => WireMode::Eval,
-            },
+            mode,
         };
-        let (rows, width, encoding) =
-            (self.rows, self.spec.feature_width, self.descriptor.encoding);
+        let (rows, width, encoding) = (
+            self.rows,
+            self.spec.feature_width(),
+            self.descriptor.encoding,
+        );
         let next_width = if self.descriptor.has_separate_output() {
-            self.spec.output_width
+            self.spec.output_width()
         } else {
             0
         };
@@ -604,8 +511,11 @@ impl ForwardOracle for SerialOracle {
             eps,
             seeds: Packed::Items(seeds),
         };
-        let (rows, width, encoding) =
-            (self.rows, self.spec.feature_width, self.descriptor.encoding);
+        let (rows, width, encoding) = (
+            self.rows,
+            self.spec.feature_width(),
+            self.descriptor.encoding,
+        );
         let block = rows * width;
         self.with_link(|link, values| {
             fetch(link, &request, 2 * seeds.len() * block, encoding, values)
