@@ -24,7 +24,8 @@ pub struct SweepPoint {
     pub accuracy_cumulative: f64,
     pub accuracy_final_layer: f64,
     pub loss_cumulative: f64,
-    /// The finite-difference signal at this level (see [`crate::run::noise_sweep::fd_signal`]); `None` if not measured.
+    /// The finite-difference signal at this level (see [`crate::run::noise_sweep::fd_signal`]);
+    /// `None` if not measured.
     pub fd: Option<FdSignal>,
     pub train_seconds: f64,
 }
