@@ -478,3 +478,39 @@ fn damaged_missing_and_foreign_checkpoints_are_refused_at_the_command_line() {
     let again = summary_of(&train(&["--resume", d, "--quiet"]));
     assert_eq!(again["epochs"], 1);
 }
+
+/// A checkpoint written by the version before the settings were serialised by serde (its
+/// settings are the hand-written RON of the old `to_ron`): `pnn-train` 1da1356 ran
+/// `--hidden 8,8 --limit-train 600 --limit-test 300 --batch-size 100 --max-batches 4 --epochs 1
+/// --checkpoint DIR`. Resumed for a second epoch, it ends as an uninterrupted two-epoch run does
+/// (weights `8b6678a6…` with that version, here).
+#[test]
+fn a_checkpoint_of_the_previous_format_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    std::fs::create_dir(&dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/checkpoint-previous-format/checkpoint.pnn");
+    std::fs::copy(&fixture, dir.join("checkpoint.pnn")).unwrap();
+    let dir = dir.to_str().unwrap();
+    // --checkpoint: the saved settings name the directory the fixture was written in.
+    let out = train(&["-q", "--resume", dir, "--checkpoint", dir, "--epochs", "2"]);
+    let resumed = untimed(summary_of(&out));
+    let whole = untimed(summary_of(&train(&[
+        "-q",
+        "--hidden",
+        "8,8",
+        "--limit-train",
+        "600",
+        "--limit-test",
+        "300",
+        "--batch-size",
+        "100",
+        "--max-batches",
+        "4",
+        "--epochs",
+        "2",
+    ])));
+    assert_eq!(resumed, whole);
+    assert_eq!(resumed["hidden"], serde_json::json!([8, 8]));
+}
