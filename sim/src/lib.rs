@@ -6,7 +6,6 @@ pub mod conv;
 mod conv_kernels;
 pub mod dense;
 pub mod direction_cache;
-pub mod emulator;
 pub mod matmul;
 pub mod noise;
 pub mod packed;
