@@ -213,7 +213,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &data,
         &model,
         oracles,
-        |m: &pnn::metrics::EpochMetrics| {
+        |m: &pnn::report::metrics::EpochMetrics| {
             println!(
                 "epoch {}: local loss {:?}, test accuracy cumulative {:.4}, final-layer {:.4}",
                 m.epoch,

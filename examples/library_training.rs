@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use pnn::backend::{self, BackendSpec};
-use pnn::config::ExperimentConfig;
 use pnn::data::{Dataset, resolve_data_dir};
-use pnn::export::{SavedModel, evaluate_with_predictions};
-use pnn::metrics::EpochMetrics;
-use pnn::observe::{BatchProgress, ByRef, RunObserver};
+use pnn::report::export::{SavedModel, evaluate_with_predictions};
+use pnn::report::metrics::EpochMetrics;
+use pnn::report::observe::{BatchProgress, ByRef, RunObserver};
+use pnn::run::settings::ExperimentConfig;
 
 /// Keeps the best epoch and the trained model; prints a dot every 20 batches.
 #[derive(Default)]

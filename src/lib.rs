@@ -6,19 +6,11 @@
 //! [`oracle::ForwardOracle`] is that boundary; [`train::Trainer`] drives it.
 
 pub mod backend;
-pub mod checkpoint;
-pub mod config;
 pub mod data;
-pub mod export;
-pub mod metrics;
 pub mod model;
-pub mod observe;
 pub mod oracle;
-pub mod progress;
-pub mod recovery;
 pub mod report;
 pub mod run;
-pub mod study;
 pub mod train;
 
 // Old paths of the training modules, kept while colleagues' code still names them; to be

@@ -13,14 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pnn::checkpoint::{Checkpoint, Position};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
 use pnn::model::{ArchKind, ModelSpec};
-use pnn::observe::NoObserver;
 use pnn::oracle::{
     Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape,
     LinkCounters, OracleError, PerturbedPair, UpdateTerm,
 };
+use pnn::report::observe::NoObserver;
+use pnn::run::checkpoint::{Checkpoint, Position};
 use pnn::run::{RunConfig, RunError, run, run_with};
 use serde_json::Value;
 
@@ -318,7 +318,7 @@ fn cnn_config() -> RunConfig {
 
 /// Everything but timings, the backend's name and link counters (the cut run's fake device
 /// reported a session, so its resumption carries that link's counters, all zero).
-fn core(s: &pnn::metrics::RunSummary) -> Value {
+fn core(s: &pnn::report::metrics::RunSummary) -> Value {
     let mut v = untimed(serde_json::to_value(s).unwrap());
     let o = v.as_object_mut().unwrap();
     for key in [
@@ -492,4 +492,40 @@ fn damaged_missing_and_foreign_checkpoints_are_refused_at_the_command_line() {
     // The intact checkpoint still resumes (the run was complete: the same summary again).
     let again = summary_of(&train(&["--resume", d, "--quiet"]));
     assert_eq!(again["epochs"], 1);
+}
+
+/// A checkpoint written by the version before the settings were serialised by serde (its
+/// settings are the hand-written RON of the old `to_ron`): `pnn-train` 1da1356 ran
+/// `--hidden 8,8 --limit-train 600 --limit-test 300 --batch-size 100 --max-batches 4 --epochs 1
+/// --checkpoint DIR`. Resumed for a second epoch, it ends as an uninterrupted two-epoch run does
+/// (weights `8b6678a6…` with that version, here).
+#[test]
+fn a_checkpoint_of_the_previous_format_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    std::fs::create_dir(&dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/checkpoint-previous-format/checkpoint.pnn");
+    std::fs::copy(&fixture, dir.join("checkpoint.pnn")).unwrap();
+    let dir = dir.to_str().unwrap();
+    // --checkpoint: the saved settings name the directory the fixture was written in.
+    let out = train(&["-q", "--resume", dir, "--checkpoint", dir, "--epochs", "2"]);
+    let resumed = untimed(summary_of(&out));
+    let whole = untimed(summary_of(&train(&[
+        "-q",
+        "--hidden",
+        "8,8",
+        "--limit-train",
+        "600",
+        "--limit-test",
+        "300",
+        "--batch-size",
+        "100",
+        "--max-batches",
+        "4",
+        "--epochs",
+        "2",
+    ])));
+    assert_eq!(resumed, whole);
+    assert_eq!(resumed["hidden"], serde_json::json!([8, 8]));
 }

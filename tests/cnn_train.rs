@@ -23,10 +23,10 @@ fn config(epochs: u32) -> RunConfig {
 
 #[test]
 fn mnist_cnn_learns_on_a_subset() {
-    let untrained = run(&config(0), pnn::observe::NoObserver).unwrap_or_else(|e| {
+    let untrained = run(&config(0), pnn::report::observe::NoObserver).unwrap_or_else(|e| {
         panic!("{e} (the MNIST files are looked up via PNN_DATA_DIR, ./data, ../shared/data)")
     });
-    let trained = run(&config(1), pnn::observe::NoObserver).unwrap();
+    let trained = run(&config(1), pnn::report::observe::NoObserver).unwrap();
     eprintln!(
         "untrained: final-layer {:.4} cumulative {:.4} (loss {:.3}); after 16,384 images: \
          final-layer {:.4} cumulative {:.4} (loss {:.3}), {:.1} s training",

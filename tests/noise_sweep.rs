@@ -4,7 +4,8 @@
 //! Run: `PNN_DATA_DIR=/path/to/data cargo test --release --test noise_sweep -- --nocapture`.
 
 use pnn::data::DatasetKind;
-use pnn::study::{self, FdSignal, NoiseParam, Setup, SweepPoint};
+use pnn::report::sweep::{self, FdSignal, SweepPoint};
+use pnn::run::noise_sweep::{self, NoiseParam, Setup};
 use pnn::trainer::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
@@ -38,7 +39,7 @@ const TOLERANCE: f64 = 0.015;
 fn an_output_noise_sweep_degrades_accuracy_monotonically() {
     let setup = setup(4);
     let values = [0.0, 0.1, 0.2, 0.5, 1.0];
-    let points = study::sweep(
+    let points = noise_sweep::sweep(
         &setup.as_ref(),
         &ideal(),
         NoiseParam::OutputNoise,
@@ -49,7 +50,7 @@ fn an_output_noise_sweep_degrades_accuracy_monotonically() {
     .unwrap();
     println!(
         "{}",
-        study::to_markdown(NoiseParam::OutputNoise, setup.hyper.eps, &points)
+        sweep::to_markdown(NoiseParam::OutputNoise.key(), setup.hyper.eps, &points)
     );
     for w in points.windows(2) {
         assert!(
@@ -79,8 +80,9 @@ fn snr_sweep(setup: &Setup, eps: f32, ratios: &[f64]) -> Vec<SweepPoint> {
         .iter()
         .map(|r| {
             let value = r * eps as f64;
-            let profile = study::profile_at(&ideal(), NoiseParam::OutputNoise, value).unwrap();
-            let fd: FdSignal = study::fd_signal(&s, &profile, 8, 24).unwrap();
+            let profile =
+                noise_sweep::profile_at(&ideal(), NoiseParam::OutputNoise, value).unwrap();
+            let fd: FdSignal = noise_sweep::fd_signal(&s, &profile, 8, 24).unwrap();
             SweepPoint {
                 value,
                 accuracy_cumulative: f64::NAN,
@@ -108,7 +110,7 @@ fn the_finite_difference_signal_drowns_at_output_noise_proportional_to_eps() {
         }
         // Doubling the noise halves the SNR: the noise of L+ - L- is linear in the output noise.
         assert!((snr[1] / snr[2] - 2.0).abs() < 0.4, "{snr:?}");
-        let level = study::drowning_level(&points).expect("the sweep crosses SNR 1");
+        let level = sweep::drowning_level(&points).expect("the sweep crosses SNR 1");
         println!(
             "eps {eps:e}: L+ - L- drowns (SNR 1) at output noise {level:.3e} = {:.3} eps",
             level / eps as f64

@@ -13,10 +13,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use pnn::backend::sim::SimOracle;
 use pnn::data::DatasetKind;
-use pnn::study::{self, Setup};
-use pnn::trainer::{Evaluation, Hyper, Trainer};
+use pnn::run::noise_sweep::{self, Setup, Trained};
+use pnn::trainer::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
 fn setup() -> &'static Setup {
@@ -38,20 +37,19 @@ fn profile(name: &str) -> DeviceProfile {
         .unwrap()
 }
 
-fn train(name: &str) -> (Trainer<SimOracle>, Evaluation) {
-    let s = setup().as_ref();
-    let mut trainer = study::train(&s, &profile(name)).unwrap();
-    let eval = study::evaluate(&s, &mut trainer).unwrap();
+/// Trains through `name`'s devices; the summary holds the test figures through them.
+fn train(name: &str) -> Trained {
+    let trained = noise_sweep::train(&setup().as_ref(), &profile(name)).unwrap();
     println!(
         "{name}: test accuracy cumulative {:.4}, final layer {:.4}",
-        eval.accuracy_cumulative, eval.accuracy_final_layer
+        trained.summary.test_accuracy_cumulative, trained.summary.test_accuracy_final_layer
     );
-    (trainer, eval)
+    trained
 }
 
 /// The ideal run, shared by every test of this file (measured: 0.7229).
-fn ideal() -> &'static (Trainer<SimOracle>, Evaluation) {
-    static IDEAL: OnceLock<(Trainer<SimOracle>, Evaluation)> = OnceLock::new();
+fn ideal() -> &'static Trained {
+    static IDEAL: OnceLock<Trained> = OnceLock::new();
     IDEAL.get_or_init(|| train("ideal"))
 }
 
@@ -60,8 +58,8 @@ fn ideal() -> &'static (Trainer<SimOracle>, Evaluation) {
 const LEARNS: f64 = 0.6;
 
 fn assert_within(name: &str, margin: f64) {
-    let ideal = ideal().1.accuracy_cumulative;
-    let acc = train(name).1.accuracy_cumulative;
+    let ideal = ideal().summary.test_accuracy_cumulative;
+    let acc = train(name).summary.test_accuracy_cumulative;
     println!(
         "{name}: {acc:.4} vs ideal {ideal:.4} ({:+.4}, margin {margin})",
         acc - ideal
@@ -118,20 +116,19 @@ fn faulty_learns_within_8_points_of_ideal() {
 fn in_situ_training_compensates_faults_that_deployment_cannot() {
     let s = setup().as_ref();
     let faulty = profile("faulty");
-    let (_, in_situ) = train("faulty");
-    let mut deployed = study::deploy(&s, &ideal().0, &faulty).unwrap();
-    let deployed = study::evaluate(&s, &mut deployed).unwrap();
-    let ideal_acc = ideal().1.accuracy_cumulative;
+    let in_situ = train("faulty").summary.test_accuracy_cumulative;
+    let mut deployed = noise_sweep::deploy(&s, &ideal().model, &faulty).unwrap();
+    let deployed = noise_sweep::evaluate(&s, &mut deployed).unwrap();
+    let ideal_acc = ideal().summary.test_accuracy_cumulative;
     println!(
         "ideal {ideal_acc:.4}; trained ideal, deployed to faulty {:.4}; trained in situ on faulty {:.4} ({:+.4})",
         deployed.accuracy_cumulative,
-        in_situ.accuracy_cumulative,
-        in_situ.accuracy_cumulative - deployed.accuracy_cumulative
+        in_situ,
+        in_situ - deployed.accuracy_cumulative
     );
     assert!(
-        in_situ.accuracy_cumulative >= deployed.accuracy_cumulative + 0.06,
-        "in situ {} vs deployed {}",
-        in_situ.accuracy_cumulative,
+        in_situ >= deployed.accuracy_cumulative + 0.06,
+        "in situ {in_situ} vs deployed {}",
         deployed.accuracy_cumulative
     );
     // The faults cost the deployed weights a lot: they are what in-situ training recovers.
@@ -141,13 +138,13 @@ fn in_situ_training_compensates_faults_that_deployment_cannot() {
 /// Noise is drawn from seeded streams: the same run on a noisy device gives the same weights.
 #[test]
 fn training_on_a_noisy_device_is_deterministic() {
-    let s = study::SetupRef {
+    let s = noise_sweep::SetupRef {
         epochs: 1,
         ..setup().as_ref()
     };
     let hwa = profile("aihwkit-hwa");
-    let a = study::train(&s, &hwa).unwrap().weights_sha256();
-    let b = study::train(&s, &hwa).unwrap().weights_sha256();
+    let a = noise_sweep::train(&s, &hwa).unwrap().summary.weights_sha256;
+    let b = noise_sweep::train(&s, &hwa).unwrap().summary.weights_sha256;
     assert_eq!(a, b);
     let other = DeviceProfile {
         noise: pnn_sim::NoiseModel {
@@ -156,5 +153,11 @@ fn training_on_a_noisy_device_is_deterministic() {
         },
         ..hwa
     };
-    assert_ne!(a, study::train(&s, &other).unwrap().weights_sha256());
+    assert_ne!(
+        a,
+        noise_sweep::train(&s, &other)
+            .unwrap()
+            .summary
+            .weights_sha256
+    );
 }

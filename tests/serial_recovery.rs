@@ -11,7 +11,7 @@ mod serial_support;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pnn::checkpoint::Checkpoint;
+use pnn::run::checkpoint::Checkpoint;
 use serde_json::Value;
 use serial_support::Emulator;
 

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use pnn::config::ExperimentConfig;
-use pnn::metrics::{EpochMetrics, RunSummary};
+use pnn::report::metrics::{EpochMetrics, RunSummary};
+use pnn::run::settings::ExperimentConfig;
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_pnn-train");
 const EVAL: &str = env!("CARGO_BIN_EXE_pnn-eval");
@@ -305,7 +305,7 @@ struct EvalSummary {
 #[test]
 fn an_exported_model_reads_back_with_the_same_test_accuracy() {
     let (path, trained) = trained_model();
-    let loaded = pnn::export::SavedModel::load(path).unwrap();
+    let loaded = pnn::report::export::SavedModel::load(path).unwrap();
     assert_eq!(loaded.layers.len(), trained.hidden.len());
     assert_eq!(loaded.hyper.seed, trained.seed);
     let out = run(Command::new(EVAL)

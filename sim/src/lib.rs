@@ -11,6 +11,7 @@ pub mod noise;
 pub mod packed;
 pub mod physical;
 pub mod profile;
+pub mod ron_error;
 pub mod sparse;
 pub mod threads;
 

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::noise::NoiseModel;
+use crate::ron_error;
 
 /// A device profile as stored in `devices/*.ron`.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -52,20 +53,19 @@ impl DeviceProfile {
         let options = ron::Options::default()
             .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
         let profile: Self = options.from_str(text).map_err(|e| {
-            let (line, column) = (e.span.start.line, e.span.start.col);
-            let message = match key_at(text, line, column) {
-                Some(key) => format!("{}: {}", key, e.code),
-                None => e.code.to_string(),
-            };
+            let at = ron_error::locate(text, &e);
             ProfileError::Parse {
                 path: origin.to_string(),
-                line,
-                column,
-                message,
+                line: at.line,
+                column: at.column,
+                message: match at.key {
+                    Some(key) => format!("{key}: {}", at.message),
+                    None => at.message,
+                },
             }
         })?;
         profile.noise.validate("noise").map_err(|e| {
-            let (line, column) = line_of_key(text, &e.key).unwrap_or((0, 0));
+            let (line, column) = ron_error::line_of_key(text, &e.key).unwrap_or((0, 0));
             ProfileError::Parse {
                 path: origin.to_string(),
                 line,
@@ -75,97 +75,6 @@ impl DeviceProfile {
         })?;
         Ok(profile)
     }
-}
-
-/// Every key of a RON text with its dotted path and (line, column), both 1-based. Strings and
-/// comments are skipped; nesting is followed through parentheses and brackets.
-fn keys(text: &str) -> Vec<(String, usize, usize)> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut found = Vec::new();
-    let mut stack: Vec<(usize, String)> = Vec::new();
-    let (mut depth, mut i, mut line, mut col) = (0usize, 0usize, 1usize, 1usize);
-    let advance = |i: &mut usize, line: &mut usize, col: &mut usize| {
-        if chars[*i] == '\n' {
-            *line += 1;
-            *col = 1;
-        } else {
-            *col += 1;
-        }
-        *i += 1;
-    };
-    while i < chars.len() {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        if c == '/' && next == Some('/') {
-            while i < chars.len() && chars[i] != '\n' {
-                advance(&mut i, &mut line, &mut col);
-            }
-        } else if c == '/' && next == Some('*') {
-            while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
-                advance(&mut i, &mut line, &mut col);
-            }
-            for _ in 0..2 {
-                if i < chars.len() {
-                    advance(&mut i, &mut line, &mut col);
-                }
-            }
-        } else if c == '"' {
-            advance(&mut i, &mut line, &mut col);
-            while i < chars.len() && chars[i] != '"' {
-                if chars[i] == '\\' && i + 1 < chars.len() {
-                    advance(&mut i, &mut line, &mut col);
-                }
-                advance(&mut i, &mut line, &mut col);
-            }
-            if i < chars.len() {
-                advance(&mut i, &mut line, &mut col);
-            }
-        } else if c == '(' || c == '[' {
-            depth += 1;
-            advance(&mut i, &mut line, &mut col);
-        } else if c == ')' || c == ']' {
-            depth = depth.saturating_sub(1);
-            stack.retain(|(d, _)| *d <= depth);
-            advance(&mut i, &mut line, &mut col);
-        } else if c.is_alphabetic() || c == '_' {
-            let (start_line, start_col) = (line, col);
-            let mut ident = String::new();
-            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
-                ident.push(chars[i]);
-                advance(&mut i, &mut line, &mut col);
-            }
-            let mut j = i;
-            while j < chars.len() && chars[j].is_whitespace() {
-                j += 1;
-            }
-            if chars.get(j) == Some(&':') {
-                stack.retain(|(d, _)| *d < depth);
-                stack.push((depth, ident));
-                let path: Vec<&str> = stack.iter().map(|(_, k)| k.as_str()).collect();
-                found.push((path.join("."), start_line, start_col));
-            }
-        } else {
-            advance(&mut i, &mut line, &mut col);
-        }
-    }
-    found
-}
-
-/// The path of the last key at or before (line, column).
-fn key_at(text: &str, line: usize, column: usize) -> Option<String> {
-    keys(text)
-        .into_iter()
-        .take_while(|(_, l, c)| (*l, *c) <= (line, column))
-        .last()
-        .map(|(k, _, _)| k)
-}
-
-/// Where the key with this dotted path is written.
-fn line_of_key(text: &str, key: &str) -> Option<(usize, usize)> {
-    keys(text)
-        .into_iter()
-        .find(|(k, _, _)| k == key)
-        .map(|(_, l, c)| (l, c))
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use std::time::Instant;
 use clap::Parser;
 use pnn::backend::{self, BackendSpec};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
-use pnn::export::{SavedModel, evaluate_with_predictions};
-use pnn::progress::{ProgressMode, init_tracing};
+use pnn::report::export::{SavedModel, evaluate_with_predictions};
+use pnn::report::progress::{ProgressMode, init_tracing};
 
 #[derive(Parser, Debug)]
 #[command(

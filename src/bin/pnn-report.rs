@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pnn::report::{FILES, ReportError, RunMetrics, write_report};
+use pnn::report::plots::{FILES, ReportError, RunMetrics, write_report};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pnn::data::DatasetKind;
-use pnn::run::RunError;
-use pnn::study::{self, NoiseParam, Setup};
+use pnn::report::sweep;
+use pnn::run::noise_sweep::{self, NoiseParam, Setup};
 use pnn::trainer::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
     };
     for &v in &args.values {
-        if let Err(e) = study::profile_at(&base, args.param, v) {
+        if let Err(e) = noise_sweep::profile_at(&base, args.param, v) {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
@@ -101,12 +101,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(match e {
-                RunError::Config(_) => 2,
-                RunError::Data(_) => 3,
-                RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
-                RunError::Checkpoint(_) => 6,
-            });
+            return ExitCode::from(e.exit_code());
         }
     };
     if let Err(e) = std::fs::create_dir_all(&args.out_dir) {
@@ -121,7 +116,7 @@ fn main() -> ExitCode {
         setup.data.train.len(),
         args.epochs
     );
-    let points = match study::sweep(
+    let points = match noise_sweep::sweep(
         &setup.as_ref(),
         &base,
         args.param,
@@ -146,15 +141,22 @@ fn main() -> ExitCode {
             return ExitCode::from(4);
         }
     };
-    let markdown = study::to_markdown(args.param, args.eps, &points);
+    let markdown = sweep::to_markdown(args.param.key(), args.eps, &points);
     let title = format!("MF+DD on {}: accuracy vs {}", base.name, args.param);
     let written = std::fs::write(
         args.out_dir.join("sweep.csv"),
-        study::to_csv(args.param, &points),
+        sweep::to_csv(args.param.key(), &points),
     )
     .and_then(|_| std::fs::write(args.out_dir.join("sweep.md"), &markdown))
     .map_err(|e| e.to_string())
-    .and_then(|_| study::plot_svg(&args.out_dir.join("sweep.svg"), &title, args.param, &points));
+    .and_then(|_| {
+        sweep::plot_svg(
+            &args.out_dir.join("sweep.svg"),
+            &title,
+            args.param.key(),
+            &points,
+        )
+    });
     if let Err(e) = written {
         eprintln!(
             "error: writing the sweep to {}: {e}",

@@ -1,6 +1,6 @@
 //! `pnn-train`: train an MF+DD model on a backend and print a JSON summary as the last stdout line.
 //!
-//! Settings come from the flags, else from `--config FILE` (RON, see `pnn::config`), else the
+//! Settings come from the flags, else from `--config FILE` (RON, see `pnn::run::settings`), else the
 //! paper's defaults. Progress goes to stderr; stdout carries the summary alone.
 //!
 //! With `--checkpoint DIR` the run is saved as it goes; `--resume DIR` continues it, with the
@@ -18,12 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use pnn::checkpoint::Checkpoint;
-use pnn::config::ExperimentConfig;
-use pnn::export::SaveModel;
-use pnn::observe::{ByRef, NoObserver};
-use pnn::progress::{Progress, ProgressMode, init_tracing};
-use pnn::run::{RunError, run};
+use pnn::report::observe::{ByRef, NoObserver, SaveModel};
+use pnn::report::progress::{Progress, ProgressMode, init_tracing};
+use pnn::run::checkpoint::Checkpoint;
+use pnn::run::run;
+use pnn::run::settings::ExperimentConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,7 +94,7 @@ fn main() -> ExitCode {
         }
     };
     let mut metrics_error = None;
-    let write_metrics = |m: &pnn::metrics::EpochMetrics| {
+    let write_metrics = |m: &pnn::report::metrics::EpochMetrics| {
         if let Some(f) = metrics_file.as_mut() {
             let line = serde_json::to_string(m).expect("metrics serialise");
             if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
@@ -108,7 +107,7 @@ fn main() -> ExitCode {
     }
     if let (Some(_), Err(e)) = (
         &settings.save,
-        pnn::export::SavedModel::check_exportable(config.arch),
+        pnn::report::export::SavedModel::check_exportable(config.arch),
     ) {
         return fail(2, e);
     }
@@ -123,15 +122,7 @@ fn main() -> ExitCode {
     }
     let summary = match result {
         Ok(summary) => summary,
-        Err(e) => {
-            let code = match e {
-                RunError::Config(_) => 2,
-                RunError::Data(_) => 3,
-                RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
-                RunError::Checkpoint(_) => 6,
-            };
-            return fail(code, e);
-        }
+        Err(e) => return fail(e.exit_code(), e),
     };
     if let Some(Some(Err(e))) = saver.map(|s| s.result) {
         return fail(5, e);

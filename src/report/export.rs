@@ -610,31 +610,6 @@ fn count(predicted: &[usize], labels: &[u8]) -> usize {
         .count()
 }
 
-/// An observer that saves the trained model at the end of a run.
-pub struct SaveModel {
-    pub path: PathBuf,
-    /// `None` until the run ends.
-    pub result: Option<Result<(), ExportError>>,
-}
-
-impl SaveModel {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path, result: None }
-    }
-}
-
-impl crate::observe::RunObserver for SaveModel {
-    fn wants_model(&self) -> bool {
-        true
-    }
-    fn model_trained(&mut self, model: &SavedModel) {
-        self.result = Some(model.save(&self.path));
-        if let Some(Ok(())) = self.result {
-            tracing::info!(path = %self.path.display(), "saved the model");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

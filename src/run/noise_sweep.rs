@@ -1,22 +1,29 @@
 //! What a device's hardware effects cost MF+DD: training on simulated devices, deploying trained
 //! weights to another device, measuring the finite-difference signal, and sweeping one noise
 //! parameter. The library behind `pnn-sweep` and the `tests/noise_*.rs` suite.
+//!
+//! Training here is a run like any other ([`crate::run::run_with`], the one training loop),
+//! evaluated once at its end; the sweep's tables and plot are in [`crate::report::sweep`].
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use firmware_protocol::{DirectionKey, ParamGroup};
 use pnn_sim::noise::{Drift, NoiseModel, StuckFaults};
 use pnn_sim::profile::DeviceProfile;
 
+use super::{RunConfig, RunError, run_with};
 use crate::backend::sim::SimOracle;
 use crate::chunking::weight_chunks;
-use crate::data::{Dataset, DatasetKind, resolve_data_dir};
+use crate::data::{Dataset, DatasetKind};
 use crate::loss::cross_entropy;
-use crate::model::{InitialParams, ModelSpec, initialise};
+use crate::model::{ArchKind, InitialParams, ModelSpec, initialise};
 use crate::oracle::{Activations, ForwardOracle, OracleError, PerturbedPair};
-use crate::run::RunError;
+use crate::report::export::SavedModel;
+use crate::report::metrics::RunSummary;
+use crate::report::observe::{ByRef, RunObserver};
+use crate::report::sweep::{FdSignal, SweepPoint};
 use crate::trainer::{Evaluation, Hyper, Trainer, epoch_order};
 
 /// A dataset, a model and the hyperparameters of the runs to compare.
@@ -28,8 +35,8 @@ pub struct Setup {
 }
 
 impl Setup {
-    /// Loads `dataset` (the data directory resolved as `pnn-train` does), keeping the first
-    /// `limit_train` training samples; the whole test set is kept.
+    /// Loads `dataset` as `pnn-train` does ([`crate::run::load`]: the data directory resolved the
+    /// same way), keeping the first `limit_train` training samples; the whole test set is kept.
     pub fn load(
         dataset: DatasetKind,
         data_dir: Option<&Path>,
@@ -38,16 +45,20 @@ impl Setup {
         hyper: Hyper,
         epochs: u32,
     ) -> Result<Self, RunError> {
-        hyper.validate().map_err(RunError::Config)?;
-        let dir = resolve_data_dir(data_dir)?;
-        let mut data = Dataset::load(dataset, &dir)?;
-        if let Some(n) = limit_train {
-            data.train.truncate(n);
-        }
+        let config = RunConfig {
+            data_dir: data_dir.map(PathBuf::from),
+            arch: ArchKind::Mlp,
+            hidden,
+            hyper,
+            epochs,
+            limit_train,
+            ..RunConfig::new(dataset)
+        };
+        let (data, model) = super::load(&config)?;
         Ok(Self {
             data,
-            model: ModelSpec::mlp(dataset, hidden),
-            hyper,
+            model,
+            hyper: config.hyper,
             epochs,
         })
     }
@@ -76,28 +87,60 @@ pub struct SetupRef<'a> {
     pub epochs: u32,
 }
 
+impl SetupRef<'_> {
+    /// The run these settings describe: every batch of every epoch, evaluated once at the end
+    /// (an evaluation on a noisy device draws from its noise streams, so evaluating after each
+    /// epoch would change the training that follows).
+    pub fn run_config(&self) -> RunConfig {
+        RunConfig {
+            hidden: Some(self.model.hidden.clone()),
+            epochs: self.epochs,
+            hyper: self.hyper.clone(),
+            evaluate_each_epoch: false,
+            ..RunConfig::new(self.data.kind)
+        }
+    }
+}
+
 /// One oracle per layer of `model` on devices of `profile`.
 pub fn oracles(model: &ModelSpec, profile: &DeviceProfile) -> Result<Vec<SimOracle>, OracleError> {
     SimOracle::for_profile(&model.layer_specs(), profile)
 }
 
-/// Trains through devices of `profile` from the seeded initialisation (as `pnn-train` does).
-pub fn train(s: &SetupRef, profile: &DeviceProfile) -> Result<Trainer<SimOracle>, OracleError> {
-    let init = initialise(&s.model.layer_specs(), s.model.classes, s.hyper.seed);
-    let mut trainer = Trainer::new(oracles(s.model, profile)?, init, s.hyper.clone())?;
-    let mut input = Activations::default();
-    let train = &s.data.train;
-    for epoch in 0..s.epochs {
-        let order = epoch_order(s.hyper.seed, epoch, train.len());
-        for (b, batch) in order.chunks(s.hyper.batch_size).enumerate() {
-            s.data
-                .normalizer
-                .batch_activations(train, batch, &mut input);
-            let labels: Vec<u8> = batch.iter().map(|&i| train.labels[i]).collect();
-            trainer.train_batch(epoch, b as u32, &input, &labels)?;
-        }
+/// A finished training run: its summary (test figures through the devices it trained on) and
+/// the trained model (the host's shadow of every layer, and every projection).
+#[derive(Clone, Debug)]
+pub struct Trained {
+    pub summary: RunSummary,
+    pub model: SavedModel,
+}
+
+/// Keeps the trained model a run hands its observer.
+#[derive(Default)]
+struct KeepModel(Option<SavedModel>);
+
+impl RunObserver for KeepModel {
+    fn wants_model(&self) -> bool {
+        true
     }
-    Ok(trainer)
+    fn model_trained(&mut self, model: &SavedModel) {
+        self.0 = Some(model.clone());
+    }
+}
+
+/// Trains through devices of `profile` from the seeded initialisation, as `pnn-train` does (the
+/// same loop), and evaluates through them at the end.
+pub fn train(s: &SetupRef, profile: &DeviceProfile) -> Result<Trained, RunError> {
+    let mut keep = KeepModel::default();
+    let summary = run_with(
+        &s.run_config(),
+        s.data,
+        s.model,
+        oracles(s.model, profile)?,
+        ByRef(&mut keep),
+    )?;
+    let model = keep.0.expect("a finished run hands over its model");
+    Ok(Trained { summary, model })
 }
 
 /// Test-set figures through the trainer's devices.
@@ -105,36 +148,19 @@ pub fn evaluate(s: &SetupRef, trainer: &mut Trainer<SimOracle>) -> Result<Evalua
     trainer.evaluate(&s.data.test, &s.data.normalizer)
 }
 
-/// Deploys trained weights to fresh devices of `profile`: programs every layer with the
-/// trainer's shadow (the intended weights) and keeps its projections. Evaluating the result is
-/// "train elsewhere, deploy here".
+/// Deploys trained weights to fresh devices of `profile`: programs every layer with the trained
+/// model's weights (the host's shadow: the intended weights) and keeps its projections.
+/// Evaluating the result is "train elsewhere, deploy here".
 pub fn deploy(
     s: &SetupRef,
-    trained: &Trainer<SimOracle>,
+    trained: &SavedModel,
     profile: &DeviceProfile,
 ) -> Result<Trainer<SimOracle>, OracleError> {
     let init = InitialParams {
-        layers: trained.layers().iter().map(|l| l.shadow.clone()).collect(),
-        projections: trained
-            .layers()
-            .iter()
-            .map(|l| l.projection.clone())
-            .collect(),
+        layers: trained.layers.iter().map(|l| l.params.clone()).collect(),
+        projections: trained.projections(),
     };
     Trainer::new(oracles(s.model, profile)?, init, s.hyper.clone())
-}
-
-/// The finite-difference signal `L+ - L-` of the first layer's first chunk, on the first training
-/// batch at the initial weights, over `directions` directions each evaluated `repeats` times.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
-pub struct FdSignal {
-    /// RMS over directions of the mean of `L+ - L-` (what the estimator wants: `2 eps ∇L·v`),
-    /// with the bias of estimating it from noisy draws removed.
-    pub signal: f64,
-    /// RMS over directions of the standard deviation of `L+ - L-` over repeats (what noise adds).
-    pub noise: f64,
-    /// `signal / noise` (infinite on a deterministic device).
-    pub snr: f64,
 }
 
 pub fn fd_signal(
@@ -344,18 +370,6 @@ impl fmt::Display for NoiseParam {
     }
 }
 
-/// One point of a sweep.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct SweepPoint {
-    pub value: f64,
-    pub accuracy_cumulative: f64,
-    pub accuracy_final_layer: f64,
-    pub loss_cumulative: f64,
-    /// The finite-difference signal at this level (see [`fd_signal`]); `None` if not measured.
-    pub fd: Option<FdSignal>,
-    pub train_seconds: f64,
-}
-
 /// The profile `base` with `param` set to `value`.
 pub fn profile_at(
     base: &DeviceProfile,
@@ -381,10 +395,7 @@ pub fn sweep(
     let mut points = Vec::new();
     for &value in values {
         let profile = profile_at(base, param, value)?;
-        let start = std::time::Instant::now();
-        let mut trainer = train(s, &profile).map_err(|e| e.to_string())?;
-        let train_seconds = start.elapsed().as_secs_f64();
-        let eval = evaluate(s, &mut trainer).map_err(|e| e.to_string())?;
+        let trained = train(s, &profile).map_err(|e| e.to_string())?.summary;
         let fd = if fd_repeats > 0 {
             Some(fd_signal(s, &profile, 8, fd_repeats).map_err(|e| e.to_string())?)
         } else {
@@ -392,149 +403,14 @@ pub fn sweep(
         };
         let point = SweepPoint {
             value,
-            accuracy_cumulative: eval.accuracy_cumulative,
-            accuracy_final_layer: eval.accuracy_final_layer,
-            loss_cumulative: eval.loss_cumulative,
+            accuracy_cumulative: trained.test_accuracy_cumulative,
+            accuracy_final_layer: trained.test_accuracy_final_layer,
+            loss_cumulative: trained.test_loss_cumulative,
             fd,
-            train_seconds,
+            train_seconds: trained.train_seconds,
         };
         on_point(&point);
         points.push(point);
     }
     Ok(points)
-}
-
-/// Where the FD signal-to-noise ratio crosses 1, interpolated in log space between the sweep's
-/// points (`None` if it never does within the sweep).
-pub fn drowning_level(points: &[SweepPoint]) -> Option<f64> {
-    let snr: Vec<(f64, f64)> = points
-        .iter()
-        .filter_map(|p| p.fd.map(|f| (p.value, f.snr)))
-        .collect();
-    snr.windows(2).find_map(|w| {
-        let ((v0, s0), (v1, s1)) = (w[0], w[1]);
-        if s0 >= 1.0 && s1 < 1.0 {
-            if !s0.is_finite() || v0 <= 0.0 {
-                return Some(v1);
-            }
-            // log snr is linear in log value between the points (snr ∝ 1/σ for output noise).
-            let t = s0.ln() / (s0.ln() - s1.ln());
-            Some((v0.ln() + t * (v1.ln() - v0.ln())).exp())
-        } else {
-            None
-        }
-    })
-}
-
-/// The sweep as CSV.
-pub fn to_csv(param: NoiseParam, points: &[SweepPoint]) -> String {
-    let mut out = format!(
-        "{},accuracy_cumulative,accuracy_final_layer,loss_cumulative,fd_signal,fd_noise,fd_snr,train_seconds\n",
-        param.key()
-    );
-    for p in points {
-        let (sig, noise, snr) =
-            p.fd.map(|f| (f.signal.to_string(), f.noise.to_string(), f.snr.to_string()))
-                .unwrap_or_default();
-        out += &format!(
-            "{},{:.4},{:.4},{:.4},{sig},{noise},{snr},{:.2}\n",
-            p.value,
-            p.accuracy_cumulative,
-            p.accuracy_final_layer,
-            p.loss_cumulative,
-            p.train_seconds
-        );
-    }
-    out
-}
-
-/// The sweep as a Markdown table.
-pub fn to_markdown(param: NoiseParam, eps: f32, points: &[SweepPoint]) -> String {
-    let mut out = format!(
-        "| {} | test acc (cumulative) | test acc (final layer) | L+ - L- signal | noise | SNR |\n|---|---|---|---|---|---|\n",
-        param.key()
-    );
-    for p in points {
-        let fd = p.fd.map_or("| | | ".to_string(), |f| {
-            format!("| {:.3e} | {:.3e} | {:.3}", f.signal, f.noise, f.snr)
-        });
-        out += &format!(
-            "| {} | {:.4} | {:.4} {fd} |\n",
-            p.value, p.accuracy_cumulative, p.accuracy_final_layer
-        );
-    }
-    if let Some(level) = drowning_level(points) {
-        out += &format!(
-            "\nThe finite-difference signal drowns (SNR < 1) at {} ≈ {level:.3e}, {:.3} x eps (eps = {eps:e}).\n",
-            param.key(),
-            level / eps as f64
-        );
-    }
-    out
-}
-
-/// An SVG plot of test accuracy against the parameter's value.
-pub fn plot_svg(
-    path: &Path,
-    title: &str,
-    param: NoiseParam,
-    points: &[SweepPoint],
-) -> Result<(), String> {
-    use plotters::prelude::*;
-    let err = |e: &dyn fmt::Display| format!("cannot plot {}: {e}", path.display());
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (lo, hi) = points
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.value), b.max(p.value))
-        });
-    let (lo, hi) = if lo < hi {
-        (lo, hi)
-    } else {
-        (lo - 1.0, hi + 1.0)
-    };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(56)
-        .build_cartesian_2d(lo..hi, 0f64..1f64)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(param.key())
-        .y_desc("test accuracy")
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (name, color, get) in [
-        (
-            "cumulative",
-            BLUE,
-            (|p: &SweepPoint| p.accuracy_cumulative) as fn(&SweepPoint) -> f64,
-        ),
-        ("final layer", RED, |p: &SweepPoint| p.accuracy_final_layer),
-    ] {
-        let series: Vec<(f64, f64)> = points.iter().map(|p| (p.value, get(p))).collect();
-        chart
-            .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(
-                series
-                    .iter()
-                    .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
-            )
-            .map_err(|e| err(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
 }

@@ -89,7 +89,7 @@ pub struct RunSummary {
     /// Damaged frames dropped, after which the host resynchronised at the next delimiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resyncs: Option<u64>,
-    /// Devices re-programmed from the shadow after a reset (`pnn::recovery`).
+    /// Devices re-programmed from the shadow after a reset (`pnn::run::recovery`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reprograms: Option<u64>,
 }

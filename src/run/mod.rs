@@ -1,18 +1,29 @@
 //! A whole training run, as `pnn-train` performs it; usable from library code too.
+//!
+//! This module holds the run itself: its resolved configuration ([`RunConfig`]) and the one
+//! training loop ([`run_with`]) that `pnn-train`, the library examples and the noise sweep all
+//! drive. Around it: [`settings`] (the settings as flags and RON files), [`checkpoint`] (a run
+//! saved to disk), [`recovery`] (surviving device resets) and [`noise_sweep`] (runs across the
+//! levels of one hardware effect).
+
+pub mod checkpoint;
+pub mod noise_sweep;
+pub mod recovery;
+pub mod settings;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{self, BackendSpec};
-use crate::checkpoint::{Checkpoint, CheckpointError, LinkTotals, Position, RunIdentity};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
-use crate::export::SavedModel;
-use crate::metrics::{EpochMetrics, RunSummary};
 use crate::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
-use crate::observe::{BatchProgress, RunObserver};
 use crate::oracle::{Activations, ForwardOracle, OracleError};
-use crate::recovery::{Recovery, Snapshot};
-use crate::trainer::{EvalSums, Evaluation, Hyper, Trainer, epoch_order};
+use crate::report::export::SavedModel;
+use crate::report::metrics::{EpochMetrics, RunSummary};
+use crate::report::observe::{BatchProgress, RunObserver};
+use crate::train::{EvalSums, Evaluation, Hyper, Trainer, epoch_order};
+use checkpoint::{Checkpoint, CheckpointError, LinkTotals, Position, RunIdentity};
+use recovery::{Recovery, Snapshot};
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -33,7 +44,7 @@ pub struct RunConfig {
     pub max_batches: Option<usize>,
     /// Evaluate on the first N test samples only.
     pub limit_test: Option<usize>,
-    /// Save a checkpoint here at every epoch's end (see [`crate::checkpoint`]).
+    /// Save a checkpoint here at every epoch's end (see [`checkpoint`]).
     pub checkpoint: Option<PathBuf>,
     /// And every this many batches.
     pub checkpoint_every: Option<usize>,
@@ -43,6 +54,10 @@ pub struct RunConfig {
     pub settings: Option<String>,
     /// Simulated layers evaluate by the reference choreography, not the fast paths.
     pub exact_reference: bool,
+    /// Evaluate on the test set at every epoch's end (and report [`EpochMetrics`]); otherwise
+    /// once, after the last epoch. The noise sweep evaluates once: on a noisy device an
+    /// evaluation draws from the device's noise streams, so it would change the training after it.
+    pub evaluate_each_epoch: bool,
 }
 
 impl RunConfig {
@@ -64,6 +79,7 @@ impl RunConfig {
             resume: None,
             settings: None,
             exact_reference: false,
+            evaluate_each_epoch: true,
         }
     }
 }
@@ -90,36 +106,23 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// The exit status the command-line tools give this error: 2 invalid configuration, 3 data
+    /// error, 4 backend or device error (an interrupted run too), 6 checkpoint error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 2,
+            RunError::Data(_) => 3,
+            RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
+            RunError::Checkpoint(_) => 6,
+        }
+    }
+}
+
 /// Loads the data, builds the backend's oracles and trains, reporting to `observer` (a closure
 /// `FnMut(&EpochMetrics)` is one).
 pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary, RunError> {
-    config.hyper.validate().map_err(RunError::Config)?;
-    let model = ModelSpec::new(
-        config.dataset,
-        config.arch,
-        config.hidden.clone(),
-        config.proj_dim,
-        config.hyper.seed,
-    )
-    .map_err(RunError::Config)?;
-    let dir = resolve_data_dir(config.data_dir.as_deref())?;
-    let mut data = Dataset::load(config.dataset, &dir)?;
-    if let Some(n) = config.limit_train {
-        if n == 0 {
-            return Err(RunError::Config("--limit-train must be at least 1".into()));
-        }
-        data.train.truncate(n);
-    }
-    if let Some(n) = config.limit_test {
-        data.test.truncate(n);
-    }
-    tracing::info!(
-        "{}: {} training and {} test samples from {}",
-        config.dataset,
-        data.train.len(),
-        data.test.len(),
-        dir.display()
-    );
+    let (data, model) = load(config)?;
     let specs = model.layer_specs();
     let mut oracles = backend::open(&config.backend, &specs)?;
     if config.exact_reference {
@@ -147,6 +150,40 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
     );
     tracing::debug!(?config, "run configuration");
     run_with(config, &data, &model, oracles, observer)
+}
+
+/// The data and the model of the run `config` describes, its hyperparameters checked: the
+/// dataset loaded from the data directory (`--data-dir`, else as [`resolve_data_dir`] finds it)
+/// and cut to `limit_train` and `limit_test` samples.
+pub fn load(config: &RunConfig) -> Result<(Dataset, ModelSpec), RunError> {
+    config.hyper.validate().map_err(RunError::Config)?;
+    let model = ModelSpec::new(
+        config.dataset,
+        config.arch,
+        config.hidden.clone(),
+        config.proj_dim,
+        config.hyper.seed,
+    )
+    .map_err(RunError::Config)?;
+    let dir = resolve_data_dir(config.data_dir.as_deref())?;
+    let mut data = Dataset::load(config.dataset, &dir)?;
+    if let Some(n) = config.limit_train {
+        if n == 0 {
+            return Err(RunError::Config("--limit-train must be at least 1".into()));
+        }
+        data.train.truncate(n);
+    }
+    if let Some(n) = config.limit_test {
+        data.test.truncate(n);
+    }
+    tracing::info!(
+        "{}: {} training and {} test samples from {}",
+        config.dataset,
+        data.train.len(),
+        data.test.len(),
+        dir.display()
+    );
+    Ok((data, model))
 }
 
 /// A path as one shell word.
@@ -303,7 +340,7 @@ fn rescue_dir() -> PathBuf {
 }
 
 /// The training loop over any backend's oracles. Continues the run in `config.resume` if set,
-/// saves checkpoints into `config.checkpoint`, and survives device resets (`crate::recovery`);
+/// saves checkpoints into `config.checkpoint`, and survives device resets ([`recovery`]);
 /// when a device fails for good, saves the last completed batch boundary and returns
 /// [`RunError::Interrupted`].
 pub fn run_with<O: ForwardOracle>(
@@ -314,7 +351,7 @@ pub fn run_with<O: ForwardOracle>(
     mut observer: impl RunObserver,
 ) -> Result<RunSummary, RunError> {
     let hyper = config.hyper.clone();
-    let identity = RunIdentity::of(config, model, data);
+    let identity = RunIdentity::of(model, data, &hyper, config.max_batches);
     let resumed = match config.resume.as_deref() {
         Some(dir) => {
             let c = Checkpoint::load(dir)?;
@@ -470,26 +507,29 @@ pub fn run_with<O: ForwardOracle>(
             }
         }
         state.epoch_train_seconds = epoch_base + start.elapsed().as_secs_f64();
-        let eval_start = Instant::now();
-        let snapshot = recovery.snapshot(&mut trainer)?;
-        let eval = match evaluate(&mut trainer, &mut recovery, snapshot.as_ref(), data) {
-            Ok(eval) => eval,
-            Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
-        };
-        let metrics = EpochMetrics::new(
-            epoch + 1,
-            state.epoch_train_seconds,
-            eval_start.elapsed().as_secs_f64(),
-            state
-                .loss_sums
-                .iter()
-                .map(|s| s / state.batches.max(1) as f64)
-                .collect(),
-            &eval,
-            trainer.oracle_evaluations(),
-        );
-        observer.epoch_done(&metrics);
-        state.metrics.push(metrics);
+        if config.evaluate_each_epoch {
+            let eval_start = Instant::now();
+            let snapshot = recovery.snapshot(&mut trainer)?;
+            let eval = match evaluate(&mut trainer, &mut recovery, snapshot.as_ref(), data) {
+                Ok(eval) => eval,
+                Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
+            };
+            let metrics = EpochMetrics::new(
+                epoch + 1,
+                state.epoch_train_seconds,
+                eval_start.elapsed().as_secs_f64(),
+                state
+                    .loss_sums
+                    .iter()
+                    .map(|s| s / state.batches.max(1) as f64)
+                    .collect(),
+                &eval,
+                trainer.oracle_evaluations(),
+            );
+            observer.epoch_done(&metrics);
+            state.metrics.push(metrics);
+            last_eval = Some(eval);
+        }
         state.train_seconds += state.epoch_train_seconds;
         state.position = Position {
             epoch: epoch + 1,
@@ -498,7 +538,6 @@ pub fn run_with<O: ForwardOracle>(
         state.loss_sums = vec![0f64; layers];
         state.batches = 0;
         state.epoch_train_seconds = 0.0;
-        last_eval = Some(eval);
         if let Some(dir) = saver {
             let snapshot = Snapshot::take(&mut trainer)?;
             let link = link_totals(&trainer, &recovery, state.carried);

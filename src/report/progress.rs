@@ -9,8 +9,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::metrics::EpochMetrics;
-use crate::observe::{BatchProgress, RunObserver};
+use super::metrics::EpochMetrics;
+use super::observe::{BatchProgress, RunObserver};
 
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

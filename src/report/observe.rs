@@ -5,8 +5,10 @@
 //! and so is a pair of observers, which lets a caller combine a progress display, a metrics file
 //! and a model export without writing a new type.
 
-use crate::export::SavedModel;
-use crate::metrics::EpochMetrics;
+use std::path::PathBuf;
+
+use super::export::{ExportError, SavedModel};
+use super::metrics::EpochMetrics;
 
 /// What a batch reports as it finishes.
 #[derive(Clone, Debug)]
@@ -110,5 +112,30 @@ impl<T: RunObserver + ?Sized> RunObserver for ByRef<'_, T> {
     }
     fn resumed(&mut self, history: &[EpochMetrics]) {
         self.0.resumed(history)
+    }
+}
+
+/// An observer that saves the trained model at the end of a run.
+pub struct SaveModel {
+    pub path: PathBuf,
+    /// `None` until the run ends.
+    pub result: Option<Result<(), ExportError>>,
+}
+
+impl SaveModel {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, result: None }
+    }
+}
+
+impl RunObserver for SaveModel {
+    fn wants_model(&self) -> bool {
+        true
+    }
+    fn model_trained(&mut self, model: &SavedModel) {
+        self.result = Some(model.save(&self.path));
+        if let Some(Ok(())) = self.result {
+            tracing::info!(path = %self.path.display(), "saved the model");
+        }
     }
 }

@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::data::Dataset;
-use crate::metrics::EpochMetrics;
 use crate::model::ModelSpec;
 use crate::projection::Projection;
-use crate::run::RunConfig;
-use crate::trainer::HostState;
+use crate::report::metrics::EpochMetrics;
+use crate::trainer::{HostState, Hyper};
 
 const MAGIC: &[u8; 8] = b"PNNCKPT1";
 const HEADER: usize = 8 + 8 + 32;
@@ -115,26 +114,25 @@ pub enum CheckpointError {
     Mismatch { path: PathBuf, what: String },
 }
 
-impl CheckpointError {
-    /// There is no checkpoint file at all (as opposed to a damaged one).
-    pub fn is_missing(&self) -> bool {
-        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
-    }
-}
-
 impl RunIdentity {
-    /// The identity of the run `config` describes, on `data`.
-    pub fn of(config: &RunConfig, model: &ModelSpec, data: &Dataset) -> Self {
+    /// The identity of a run of `model` on `data` with `hyper`, at most `max_batches` batches
+    /// per epoch.
+    pub fn of(
+        model: &ModelSpec,
+        data: &Dataset,
+        hyper: &Hyper,
+        max_batches: Option<usize>,
+    ) -> Self {
         let specs = model.layer_specs();
         Self {
-            dataset: config.dataset.name().into(),
+            dataset: data.kind.name().into(),
             arch: model.arch_name().into(),
             layer_params: specs.iter().map(|s| s.param_count()).collect(),
             layer_features: specs.iter().map(|s| s.feature_width()).collect(),
             classes: model.classes,
             train_samples: data.train.len(),
-            hyper_json: serde_json::to_string(&config.hyper).expect("hyperparameters serialise"),
-            max_batches: config.max_batches,
+            hyper_json: serde_json::to_string(hyper).expect("hyperparameters serialise"),
+            max_batches,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::metrics::EpochMetrics;
+use super::metrics::EpochMetrics;
 
 /// One run's metrics, as read from its file.
 #[derive(Clone, Debug)]

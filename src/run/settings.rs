@@ -26,17 +26,18 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::RunConfig;
 use crate::backend::BackendSpec;
 use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
-use crate::run::RunConfig;
 use crate::trainer::Hyper;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub struct Widths(pub Vec<usize>);
 
 impl FromStr for Widths {
@@ -73,106 +74,180 @@ impl<'de> Deserialize<'de> for Widths {
     }
 }
 
-/// The settings of a run: the RON schema of `--config` files and the `pnn-train` flags.
-#[derive(Clone, Debug, Default, PartialEq, clap::Args, Deserialize)]
+/// Defines the settings struct and [`ExperimentConfig::overlay`] from one list of fields, so
+/// that a setting added to the struct is overlaid without another line to write.
+macro_rules! settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$field_meta:meta])* pub $field:ident: $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// `over`'s settings where it has them, else `self`'s: `file.overlay(command_line)`.
+            pub fn overlay(self, over: Self) -> Self {
+                Self {
+                    $( $field: Overlay::overlay(self.$field, over.$field), )*
+                }
+            }
+        }
+    };
+}
+
+/// How a setting given in two places combines: the overriding value where there is one.
+trait Overlay {
+    fn overlay(self, over: Self) -> Self;
+}
+
+impl<T> Overlay for Option<T> {
+    fn overlay(self, over: Self) -> Self {
+        over.or(self)
+    }
+}
+
+/// A switch is on if either place turns it on (a flag cannot be given as off).
+impl Overlay for bool {
+    fn overlay(self, over: Self) -> Self {
+        over || self
+    }
+}
+
+settings! {
+/// The settings of a run: the RON schema of `--config` files and the `pnn-train` flags. Each
+/// setting is spelled here once: the flag, the RON key, its reading and writing, and how a
+/// value given in one place overrides another ([`ExperimentConfig::overlay`]) all derive from
+/// its field.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentConfig {
     /// mnist, fashion-mnist, cifar10 or cifar100 [default: mnist]
     #[arg(long)]
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
     pub dataset: Option<DatasetKind>,
     /// Model family: mlp or cnn (thesis Appendix A) [default: mlp]
     #[arg(long)]
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
     pub arch: Option<Arch>,
     /// Hidden widths (mlp) or channels per block (cnn), comma-separated [default per dataset,
     /// Tables 3 and 4: mnist 50,50 / 32,32]
     #[arg(long, visible_alias = "channels")]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden: Option<Widths>,
     /// CNN only: the random projection's dimension d per channel [default: 16, Table 4]
     #[arg(long)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub proj_dim: Option<usize>,
     /// Where the layers execute [default: sim]: `sim` (the ideal simulated PNN, in process),
     /// `sim:<profile.ron>` (a device profile's hardware effects, e.g. `sim:devices/pcm.ron`) or
     /// `serial:PATH[?baud=921600&timeout_ms=2000&retries=3]` (a device, or `pnn-emulate`'s pty)
     #[arg(long)]
-    #[serde(default, deserialize_with = "de_parsed")]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_backend", skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendSpec>,
     /// Training epochs [default: 200, as the paper]
     #[arg(long)]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epochs: Option<u32>,
     /// Batch size [default: 256]
     #[arg(long, value_parser = positive_usize)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
     /// Learning rate eta [default: 1e-3]
     #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
-    #[serde(default, deserialize_with = "de_positive_f32")]
+    #[serde(default, deserialize_with = "de_positive_f32", skip_serializing_if = "Option::is_none")]
     pub lr: Option<f32>,
     /// Perturbation magnitude of the central difference [default: 1e-3]
     #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
-    #[serde(default, deserialize_with = "de_positive_f32")]
+    #[serde(default, deserialize_with = "de_positive_f32", skip_serializing_if = "Option::is_none")]
     pub eps: Option<f32>,
     /// Perturbation directions P per chunk, 1 to 64 [default: 4]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
-    #[serde(default, deserialize_with = "de_directions")]
+    #[serde(default, deserialize_with = "de_directions", skip_serializing_if = "Option::is_none")]
     pub directions: Option<u16>,
     /// Largest chunk, in parameters (C_max) [default: 50000]
     #[arg(long, value_parser = positive_usize)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub chunk_max: Option<usize>,
     /// Seed of initialisation, shuffling and directions [default: 0]
     #[arg(long)]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Train on the first N training samples only
     #[arg(long, value_parser = positive_usize)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub limit_train: Option<usize>,
     /// Train at most N batches per epoch (smoke tests)
     #[arg(long, value_parser = positive_usize)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub max_batches: Option<usize>,
     /// Data directory (else $PNN_DATA_DIR, ./data, ../shared/data)
     #[arg(long)]
-    #[serde(default)]
+    #[serde(default, serialize_with = "ser_path", skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Write one JSON object per epoch to this file
     #[arg(long)]
-    #[serde(default)]
+    #[serde(default, serialize_with = "ser_path", skip_serializing_if = "Option::is_none")]
     pub metrics: Option<PathBuf>,
     /// Write the trained model to this file (safetensors, architecture in its metadata)
     #[arg(long)]
-    #[serde(default)]
+    #[serde(default, serialize_with = "ser_path", skip_serializing_if = "Option::is_none")]
     pub save: Option<PathBuf>,
     /// Evaluate on the first N test samples only
     #[arg(long, value_parser = positive_usize)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub limit_test: Option<usize>,
     /// Save a checkpoint in this directory at every epoch's end (written atomically), so that
     /// `--resume` can continue the run
     #[arg(long, value_name = "DIR")]
-    #[serde(default)]
+    #[serde(default, serialize_with = "ser_path", skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
     /// With --checkpoint: also save one every N batches
     #[arg(long, value_name = "N", value_parser = positive_usize)]
-    #[serde(default, deserialize_with = "de_positive")]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<usize>,
     /// Evaluate perturbations by the reference choreography of Algorithm 1 (perturb, full
     /// forward, perturb, full forward, restore) instead of the simulator's exact fast paths:
     /// slower, the same results up to float rounding (simulated backends only)
     #[arg(long)]
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exact_reference: bool,
     /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
     /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
     /// unless --checkpoint says otherwise
     #[arg(long, value_name = "DIR")]
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub resume: Option<PathBuf>,
+}
+}
+
+fn ser_display<T: fmt::Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_some(&v.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// A backend as `--backend` takes it, every option spelled out.
+fn ser_backend<S: Serializer>(b: &Option<BackendSpec>, s: S) -> Result<S::Ok, S::Error> {
+    match b {
+        Some(BackendSpec::Serial(p)) => s.serialize_some(&format!(
+            "serial:{}?baud={}&timeout_ms={}&retries={}",
+            p.path,
+            p.baud,
+            p.timeout.as_millis(),
+            p.retries
+        )),
+        other => ser_display(other, s),
+    }
+}
+
+/// A path as text (as it displays, where it is not Unicode).
+fn ser_path<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    ser_display(&p.as_ref().map(|p| p.display()), s)
 }
 
 fn positive_usize(s: &str) -> Result<usize, String> {
@@ -263,94 +338,26 @@ impl ExperimentConfig {
         let options = ron::Options::default()
             .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
         options.from_str(text).map_err(|e| {
-            let line = e.span.start.line;
-            let key = match &e.code {
-                ron::Error::NoSuchStructField { found, .. } => Some(found.clone()),
-                ron::Error::DuplicateStructField { field, .. } => Some(field.to_string()),
-                _ => key_on_line(text, line),
-            };
+            let at = pnn_sim::ron_error::locate(text, &e);
             ConfigError::Parse {
                 origin: origin.to_string(),
-                line,
-                column: e.span.start.col,
-                key,
-                message: e.code.to_string(),
+                line: at.line,
+                column: at.column,
+                key: at.key,
+                message: at.message,
             }
         })
-    }
-
-    /// `over`'s settings where it has them, else `self`'s: `file.overlay(command_line)`.
-    pub fn overlay(self, over: Self) -> Self {
-        Self {
-            dataset: over.dataset.or(self.dataset),
-            arch: over.arch.or(self.arch),
-            hidden: over.hidden.or(self.hidden),
-            proj_dim: over.proj_dim.or(self.proj_dim),
-            backend: over.backend.or(self.backend),
-            epochs: over.epochs.or(self.epochs),
-            batch_size: over.batch_size.or(self.batch_size),
-            lr: over.lr.or(self.lr),
-            eps: over.eps.or(self.eps),
-            directions: over.directions.or(self.directions),
-            chunk_max: over.chunk_max.or(self.chunk_max),
-            seed: over.seed.or(self.seed),
-            limit_train: over.limit_train.or(self.limit_train),
-            max_batches: over.max_batches.or(self.max_batches),
-            data_dir: over.data_dir.or(self.data_dir),
-            metrics: over.metrics.or(self.metrics),
-            save: over.save.or(self.save),
-            limit_test: over.limit_test.or(self.limit_test),
-            checkpoint: over.checkpoint.or(self.checkpoint),
-            checkpoint_every: over.checkpoint_every.or(self.checkpoint_every),
-            resume: over.resume.or(self.resume),
-            exact_reference: over.exact_reference || self.exact_reference,
-        }
     }
 
     /// These settings as a config file that [`ExperimentConfig::parse`] reads back to the same
     /// settings (`resume` left out: it says where a run comes from, not what it is). Checkpoints
     /// store it, so that `--resume DIR` alone continues a run.
     pub fn to_ron(&self) -> String {
-        let mut out = String::from("(\n");
-        let mut key = |k: &str, v: Option<String>| {
-            if let Some(v) = v {
-                out.push_str(&format!("    {k}: {v},\n"));
-            }
-        };
-        let text = |s: String| ron::to_string(&s).expect("a string serialises");
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| text(p.display().to_string()));
-        key("dataset", self.dataset.map(|d| text(d.name().into())));
-        key("arch", self.arch.map(|a| text(a.to_string())));
-        key("hidden", self.hidden.as_ref().map(|w| format!("{:?}", w.0)));
-        key("proj_dim", self.proj_dim.map(|d| d.to_string()));
-        key(
-            "backend",
-            self.backend.as_ref().map(|b| text(backend_text(b))),
-        );
-        key("epochs", self.epochs.map(|e| e.to_string()));
-        key("batch_size", self.batch_size.map(|b| b.to_string()));
-        key("lr", self.lr.map(|x| format!("{x:?}")));
-        key("eps", self.eps.map(|x| format!("{x:?}")));
-        key("directions", self.directions.map(|p| p.to_string()));
-        key("chunk_max", self.chunk_max.map(|c| c.to_string()));
-        key("seed", self.seed.map(|s| s.to_string()));
-        key("limit_train", self.limit_train.map(|n| n.to_string()));
-        key("limit_test", self.limit_test.map(|n| n.to_string()));
-        key("max_batches", self.max_batches.map(|n| n.to_string()));
-        key("data_dir", path(&self.data_dir));
-        key("metrics", path(&self.metrics));
-        key("save", path(&self.save));
-        key("checkpoint", path(&self.checkpoint));
-        key(
-            "checkpoint_every",
-            self.checkpoint_every.map(|n| n.to_string()),
-        );
-        key(
-            "exact_reference",
-            self.exact_reference.then(|| "true".into()),
-        );
-        out.push(')');
-        out
+        let pretty = ron::ser::PrettyConfig::new()
+            .extensions(ron::extensions::Extensions::IMPLICIT_SOME)
+            .new_line("\n")
+            .compact_arrays(true);
+        ron::ser::to_string_pretty(self, pretty).expect("settings serialise")
     }
 
     /// The run these settings describe, with the paper's defaults (section 4.5) for what is unset.
@@ -403,31 +410,6 @@ impl ExperimentConfig {
         run.exact_reference = self.exact_reference;
         Ok(run)
     }
-}
-
-/// A backend as `--backend` takes it, every option spelled out.
-fn backend_text(b: &BackendSpec) -> String {
-    match b {
-        BackendSpec::Serial(s) => format!(
-            "serial:{}?baud={}&timeout_ms={}&retries={}",
-            s.path,
-            s.baud,
-            s.timeout.as_millis(),
-            s.retries
-        ),
-        other => other.to_string(),
-    }
-}
-
-/// The key a RON line sets (`    name: value`), if it sets one.
-fn key_on_line(text: &str, line: usize) -> Option<String> {
-    let l = text.lines().nth(line.checked_sub(1)?)?;
-    let (key, _) = l.trim_start().split_once(':')?;
-    let key = key.trim();
-    let ident = !key.is_empty()
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !key.starts_with(|c: char| c.is_ascii_digit());
-    ident.then(|| key.to_string())
 }
 
 #[cfg(test)]
@@ -577,6 +559,22 @@ mod tests {
             parse(&resumed.to_ron()).unwrap(),
             ExperimentConfig::default()
         );
+    }
+
+    /// Checkpoints store the settings as text; those written by the previous, hand-written
+    /// `to_ron` (one `key: value,` per line, no `implicit_some` header) still read the same.
+    #[test]
+    fn settings_saved_by_the_previous_writer_read_back_the_same() {
+        let old = "(\n    dataset: \"fashion-mnist\",\n    arch: \"cnn\",\n    hidden: [8, 16],\n    proj_dim: 4,\n    backend: \"serial:/dev/pts/3?baud=115200&timeout_ms=20&retries=7\",\n    epochs: 3,\n    batch_size: 32,\n    lr: 0.0017,\n    eps: 0.1,\n    directions: 8,\n    chunk_max: 1000,\n    seed: 18446744073709551615,\n    limit_train: 100,\n    limit_test: 50,\n    max_batches: 5,\n    data_dir: \"data dir/with \\\"quotes\\\"\",\n    checkpoint: \"runs/ckpt\",\n    checkpoint_every: 10,\n    exact_reference: true,\n)";
+        let read = parse(old).unwrap();
+        assert_eq!(parse(&read.to_ron()).unwrap(), read);
+        assert_eq!(read.lr, Some(1.7e-3));
+        assert_eq!(read.seed, Some(u64::MAX));
+        assert_eq!(
+            read.data_dir,
+            Some(PathBuf::from("data dir/with \"quotes\""))
+        );
+        assert!(read.exact_reference);
     }
 
     #[test]
