@@ -72,6 +72,9 @@ pub fn evaluate<O: ForwardOracle, P: Borrow<Projection>>(
     normalizer: &Normalizer,
     batch_size: usize,
 ) -> Result<Evaluation, OracleError> {
+    if oracles.is_empty() {
+        return Err(OracleError::Shape("a model of no layers".into()));
+    }
     let mut sums = EvalSums::new(oracles.len());
     let indices: Vec<usize> = (0..split.len()).collect();
     for batch in indices.chunks(batch_size.max(1)) {
