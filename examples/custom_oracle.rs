@@ -7,6 +7,11 @@
 //! choreography here is the literal one (perturb, forward, restore), as a device without a fast
 //! path would run it.
 //!
+//! Before training, the layer goes through the library's conformance suite
+//! (`pnn::oracle::conformance::check_contract`), as every backend does in CI: it is how a new
+//! backend learns that it keeps the contract (no trace of perturbations, the update arithmetic
+//! bit for bit, wrong shapes refused).
+//!
 //! Run: `PNN_DATA_DIR=/path/to/data cargo run --release --example custom_oracle`
 
 use std::ops::Range;
@@ -14,6 +19,7 @@ use std::ops::Range;
 use firmware_protocol::direction::{apply_update, fill_direction};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
 use pnn::model::ModelSpec;
+use pnn::oracle::conformance::{Probe, check_contract};
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
     PerturbedPair, UpdateTerm,
@@ -24,7 +30,7 @@ struct QuirkyDense {
     spec: LayerShape,
     inputs: usize,
     outputs: usize,
-    /// `W` (outputs x inputs, row-major) then the bias: the layout of `LayerKind::Dense`.
+    /// `W` (outputs x inputs, row-major) then the bias: the layout of `LayerShape::Dense`.
     params: Vec<f32>,
     gain: Vec<f32>,
     saturation: f32,
@@ -54,6 +60,17 @@ impl QuirkyDense {
             input: Activations::default(),
             forwards: 0,
         }
+    }
+
+    /// A chunk of these parameters, or a refusal (never a panic: the contract).
+    fn check_chunk(&self, chunk: &Range<usize>) -> Result<(), OracleError> {
+        if chunk.is_empty() || chunk.end > self.params.len() {
+            return Err(OracleError::Shape(format!(
+                "chunk {chunk:?} of a layer of {} parameters",
+                self.params.len()
+            )));
+        }
+        Ok(())
     }
 
     /// The device's forward pass on the cached input: `relu(g * s(x W^T + b))`.
@@ -118,6 +135,7 @@ impl ForwardOracle for QuirkyDense {
         eps: f32,
         out: &mut Vec<PerturbedPair>,
     ) -> Result<(), OracleError> {
+        self.check_chunk(&chunk)?;
         let saved = self.params[chunk.clone()].to_vec();
         let mut v = vec![0.0; chunk.len()];
         out.clear();
@@ -146,14 +164,38 @@ impl ForwardOracle for QuirkyDense {
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError> {
         // Algorithm 1 line 12, with the one shared arithmetic so the host's shadow stays equal.
+        self.check_chunk(&chunk)?;
         let n = chunk.len();
         let (mut v, mut g) = (vec![0.0; n], vec![0.0; n]);
         apply_update(&mut self.params[chunk], scale, terms, &mut v, &mut g);
         Ok(())
     }
+
+    /// A dense layer keeps no state besides its parameters.
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(None)
+    }
+
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        match state {
+            [] => Ok(()),
+            _ => Err(OracleError::Shape(
+                "a dense layer keeps no layer state".into(),
+            )),
+        }
+    }
+
+    // No capability accessors: this device is neither in this process's memory as the simulator
+    // is (`in_process`) nor behind a link (`link`), so the defaults (`None`) say so.
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The contract first, on a small layer of the same kind.
+    let probe = Probe::default();
+    let report = check_contract(&mut QuirkyDense::new(LayerShape::dense(30, 8), 0), &probe);
+    println!("{report}");
+    report.into_result()?;
+
     let dir = resolve_data_dir(None)?;
     let mut data = Dataset::load(DatasetKind::Mnist, &dir)?;
     data.train.truncate(10_000);

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use pnn::data::{Dataset, DatasetKind, resolve_data_dir};
 use pnn::model::{ArchKind, ModelSpec};
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
-    PerturbedPair, UpdateTerm,
+    Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape,
+    LinkCounters, OracleError, PerturbedPair, UpdateTerm,
 };
 use pnn::report::observe::NoObserver;
 use pnn::run::checkpoint::{Checkpoint, Position};
@@ -277,15 +277,30 @@ impl<O: ForwardOracle> ForwardOracle for Unplugged<O> {
         self.spend()?;
         self.inner.apply_update(chunk, scale, terms)
     }
-    fn session(&mut self) -> Result<Option<u64>, OracleError> {
-        self.spend()?;
-        Ok(Some(1))
+    fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
+        self.inner.read_parameters()
     }
     fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
         self.inner.read_layer_state()
     }
     fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
         self.inner.write_layer_state(state)
+    }
+    fn link(&self) -> Option<&dyn DeviceLink> {
+        Some(self)
+    }
+    fn link_mut(&mut self) -> Option<&mut dyn DeviceLink> {
+        Some(self)
+    }
+}
+
+impl<O: ForwardOracle> DeviceLink for Unplugged<O> {
+    fn counters(&self) -> LinkCounters {
+        LinkCounters::default()
+    }
+    fn session(&mut self) -> Result<u64, OracleError> {
+        self.spend()?;
+        Ok(1)
     }
 }
 

@@ -7,10 +7,10 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use firmware_protocol::direction::step_with_vectors;
-use pnn::chunking::{projection_row_chunks, weight_chunks};
-use pnn::loss::cross_entropy;
 use pnn::oracle::{Activations, ForwardMode, LayerShape};
-use pnn::projection::Projection;
+use pnn::train::chunking::{projection_row_chunks, weight_chunks};
+use pnn::train::loss::cross_entropy;
+use pnn::train::projection::Projection;
 use pnn_sim::conv::ConvBlock;
 use pnn_sim::dense::Choreography;
 

@@ -8,6 +8,11 @@
 //! differ by ~1e-3 relative, the updates (lr n/P dd v, of size ~1e-4 per weight) by ~1e-7, and
 //! the weights drift apart by that much per step. Over the few steps run here the tolerances
 //! below hold with a margin of ten over what was measured (printed with --nocapture).
+//!
+//! Single evaluations (each oracle against the contract, fast paths against the reference
+//! within a tolerance, touched columns against whole features) are the library's conformance
+//! suite, run on every backend by tests/oracle_conformance.rs; this file holds what the suite
+//! does not: whole training steps through the trainer, chunk after chunk.
 
 mod common;
 
@@ -15,10 +20,10 @@ use pnn::backend::sim::SimOracle;
 use pnn::data::{Dataset, DatasetKind};
 use pnn::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
 use pnn::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
-    PerturbedColumns, PerturbedPair, UpdateTerm,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess, LayerShape,
+    OracleError, PerturbedColumns, PerturbedPair, UpdateTerm,
 };
-use pnn::trainer::{Hyper, Trainer, epoch_order};
+use pnn::train::{Hyper, Trainer, epoch_order};
 use pnn_sim::dense::Choreography;
 
 /// Trains `batches` batches; returns every step's local losses and the final parameters.
@@ -108,6 +113,32 @@ impl ForwardOracle for Gate {
     ) -> Result<(), OracleError> {
         self.inner.evaluate_perturbed(chunk, seeds, eps, out)
     }
+    fn apply_update(
+        &mut self,
+        chunk: std::ops::Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) -> Result<(), OracleError> {
+        self.inner.apply_update(chunk, scale, terms)
+    }
+    fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
+        self.inner.read_parameters()
+    }
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        self.inner.read_layer_state()
+    }
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        self.inner.write_layer_state(state)
+    }
+    fn in_process(&mut self) -> Option<&mut dyn InProcess> {
+        Some(self)
+    }
+}
+
+impl InProcess for Gate {
+    fn parameters(&self) -> &[f32] {
+        self.inner.parameters()
+    }
     fn evaluate_perturbed_columns(
         &mut self,
         chunk: std::ops::Range<usize>,
@@ -124,13 +155,11 @@ impl ForwardOracle for Gate {
         self.columns_given += given as usize;
         Ok(given)
     }
-    fn apply_update(
-        &mut self,
-        chunk: std::ops::Range<usize>,
-        scale: f32,
-        terms: &[UpdateTerm],
-    ) -> Result<(), OracleError> {
-        self.inner.apply_update(chunk, scale, terms)
+    fn prefetch_directions(&mut self, chunk: std::ops::Range<usize>, seeds: &[DirectionSeed]) {
+        self.inner.prefetch_directions(chunk, seeds);
+    }
+    fn set_exact_reference(&mut self, exact: bool) {
+        self.inner.set_exact_reference(exact);
     }
 }
 

@@ -5,10 +5,10 @@ mod common;
 
 use common::{npy, read_npz, shared_dir};
 use firmware_protocol::direction::step_with_vectors;
-use pnn::chunking::{projection_row_chunks, weight_chunks};
 use pnn::data::{Dataset, DatasetKind};
-use pnn::loss::cross_entropy;
 use pnn::oracle::ChunkUnits;
+use pnn::train::chunking::{projection_row_chunks, weight_chunks};
+use pnn::train::loss::cross_entropy;
 use pnn_sim::dense::forward_with;
 use pnn_sim::matmul::matmul;
 

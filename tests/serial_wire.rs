@@ -8,16 +8,14 @@ use std::ops::Range;
 
 use pnn::backend::serial::{self, SerialSpec};
 use pnn::model::initialise;
-use pnn::oracle::{Activations, DirectionSeed, ForwardOracle, LayerShape, UpdateTerm, WireStats};
+use pnn::oracle::{
+    Activations, DirectionSeed, ForwardOracle, LayerShape, LinkCounters, UpdateTerm,
+};
 use pnn::trainer::{Hyper, Trainer};
 use serial_support::Emulator;
 
-fn delta(a: WireStats, b: WireStats) -> WireStats {
-    WireStats {
-        bytes_up: b.bytes_up - a.bytes_up,
-        bytes_down: b.bytes_down - a.bytes_down,
-        round_trips: b.round_trips - a.round_trips,
-    }
+fn delta(a: LinkCounters, b: LinkCounters) -> LinkCounters {
+    b - a
 }
 
 fn input(rows: usize, width: usize) -> Activations {
@@ -45,13 +43,13 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
     let seeds: Vec<DirectionSeed> = (0..8).map(DirectionSeed).collect();
     let mut pairs = Vec::new();
     let mut evaluate = |o: &mut serial::SerialOracle, chunk: Range<usize>, p: usize| {
-        let before = o.wire_stats().unwrap();
+        let before = o.link().unwrap().counters();
         o.evaluate_perturbed(chunk, &seeds[..p], 1e-3, &mut pairs)
             .unwrap();
-        delta(before, o.wire_stats().unwrap())
+        delta(before, o.link().unwrap().counters())
     };
     let chunks = [0..1, 0..100, 5_000..6_000, 39_200..39_250, 0..39_250];
-    let per_chunk: Vec<WireStats> = chunks
+    let per_chunk: Vec<LinkCounters> = chunks
         .iter()
         .map(|c| evaluate(&mut o, c.clone(), 4))
         .collect();
@@ -100,9 +98,9 @@ fn bytes_sent_per_perturbed_evaluation_do_not_depend_on_the_chunk() {
     let update_bytes: Vec<u64> = chunks
         .iter()
         .map(|c| {
-            let before = o.wire_stats().unwrap();
+            let before = o.link().unwrap().counters();
             o.apply_update(c.clone(), 1e-3, &terms).unwrap();
-            delta(before, o.wire_stats().unwrap()).bytes_up
+            delta(before, o.link().unwrap().counters()).bytes_up
         })
         .collect();
     eprintln!("seeded update, P = 4: {update_bytes:?} bytes up per chunk");
@@ -124,12 +122,8 @@ fn a_training_step_sends_each_input_once_per_layer() {
     let total = |t: &mut Trainer<serial::SerialOracle>| {
         t.oracles_mut()
             .iter()
-            .map(|o| o.wire_stats().unwrap())
-            .fold(WireStats::default(), |a, b| WireStats {
-                bytes_up: a.bytes_up + b.bytes_up,
-                bytes_down: a.bytes_down + b.bytes_down,
-                round_trips: a.round_trips + b.round_trips,
-            })
+            .map(|o| o.link().unwrap().counters())
+            .fold(LinkCounters::default(), |a, b| a + b)
     };
     let rows = 256;
     let labels: Vec<u8> = (0..rows).map(|i| (i % 10) as u8).collect();
@@ -176,9 +170,9 @@ fn adc_coded_activations_come_down_in_the_declared_encoding() {
             .remove(0);
         o.write_parameters(&params).unwrap();
         o.load_input(&input(rows, 784)).unwrap();
-        let before = o.wire_stats().unwrap();
+        let before = o.link().unwrap().counters();
         let out = o.forward(pnn::oracle::ForwardMode::Eval).unwrap();
-        let down = delta(before, o.wire_stats().unwrap()).bytes_down;
+        let down = delta(before, o.link().unwrap().counters()).bytes_down;
         eprintln!("forward, {rows} x 50 activations as {encoding}: {down} bytes down");
         results.push((out.features.data, down));
     }

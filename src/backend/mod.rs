@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, LinkHealth,
-    OracleError, PerturbedColumns, PerturbedPair, UpdateTerm, WireStats,
+    Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess,
+    LayerShape, OracleError, PerturbedPair, UpdateTerm,
 };
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
@@ -125,16 +125,6 @@ impl ForwardOracle for AnyOracle {
         dispatch!(self, o => o.evaluate_perturbed(chunk, seeds, eps, out))
     }
 
-    fn evaluate_perturbed_columns(
-        &mut self,
-        chunk: Range<usize>,
-        seeds: &[DirectionSeed],
-        eps: f32,
-        out: &mut PerturbedColumns,
-    ) -> Result<bool, OracleError> {
-        dispatch!(self, o => o.evaluate_perturbed_columns(chunk, seeds, eps, out))
-    }
-
     fn apply_update(
         &mut self,
         chunk: Range<usize>,
@@ -144,31 +134,23 @@ impl ForwardOracle for AnyOracle {
         dispatch!(self, o => o.apply_update(chunk, scale, terms))
     }
 
-    fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
-        dispatch!(self, o => o.prefetch_directions(chunk, seeds))
-    }
-
-    fn parameters_in_process(&self) -> Option<&[f32]> {
-        dispatch!(self, o => o.parameters_in_process())
-    }
-
-    fn wire_stats(&self) -> Option<WireStats> {
-        dispatch!(self, o => o.wire_stats())
-    }
-
-    fn link_health(&self) -> Option<LinkHealth> {
-        dispatch!(self, o => o.link_health())
-    }
-
-    fn session(&mut self) -> Result<Option<u64>, OracleError> {
-        dispatch!(self, o => o.session())
-    }
-
     fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
         dispatch!(self, o => o.read_layer_state())
     }
 
     fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
         dispatch!(self, o => o.write_layer_state(state))
+    }
+
+    fn in_process(&mut self) -> Option<&mut dyn InProcess> {
+        dispatch!(self, o => o.in_process())
+    }
+
+    fn link(&self) -> Option<&dyn DeviceLink> {
+        dispatch!(self, o => o.link())
+    }
+
+    fn link_mut(&mut self) -> Option<&mut dyn DeviceLink> {
+        dispatch!(self, o => o.link_mut())
     }
 }

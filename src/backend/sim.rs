@@ -8,8 +8,8 @@ use pnn_sim::profile::DeviceProfile;
 use pnn_sim::{DenseLayer, NoiseModel};
 
 use crate::oracle::{
-    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError,
-    PerturbedColumns, PerturbedPair, UpdateTerm,
+    Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess, LayerShape,
+    OracleError, PerturbedColumns, PerturbedPair, UpdateTerm,
 };
 
 pub struct SimOracle {
@@ -142,23 +142,7 @@ impl ForwardOracle for SimOracle {
     }
 
     fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
-        Ok(match &self.layer {
-            SimLayer::Dense(l) => l.params().to_vec(),
-            SimLayer::Conv(b) => b.params().to_vec(),
-        })
-    }
-
-    fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
-        if let SimLayer::Dense(l) = &mut self.layer {
-            l.prefetch_directions(chunk, seeds);
-        }
-    }
-
-    fn parameters_in_process(&self) -> Option<&[f32]> {
-        Some(match &self.layer {
-            SimLayer::Dense(l) => l.params(),
-            SimLayer::Conv(b) => b.params(),
-        })
+        Ok(self.parameters().to_vec())
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
@@ -220,6 +204,62 @@ impl ForwardOracle for SimOracle {
         Ok(())
     }
 
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) -> Result<(), OracleError> {
+        match &mut self.layer {
+            SimLayer::Dense(l) => l.apply_update(chunk, scale, terms),
+            SimLayer::Conv(b) => b.apply_update(chunk, scale, terms),
+        }
+        .map_err(sim_err)
+    }
+
+    /// A conv block's BatchNorm running statistics: the means, then the variances.
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(match &self.layer {
+            SimLayer::Dense(_) => None,
+            SimLayer::Conv(b) => Some([b.running_mean(), b.running_var()].concat()),
+        })
+    }
+
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        match &mut self.layer {
+            SimLayer::Dense(_) if state.is_empty() => Ok(()),
+            SimLayer::Dense(_) => Err(OracleError::Shape(format!(
+                "{} values of layer state for a dense layer, which keeps none",
+                state.len()
+            ))),
+            SimLayer::Conv(b) => {
+                let (mean, var) = state.split_at(state.len() / 2);
+                if mean.len() != var.len() {
+                    return Err(OracleError::Shape(format!(
+                        "{} values of BatchNorm state: expected means and variances, as many of each",
+                        state.len()
+                    )));
+                }
+                b.set_running_stats(mean, var).map_err(sim_err)
+            }
+        }
+    }
+
+    fn in_process(&mut self) -> Option<&mut dyn InProcess> {
+        Some(self)
+    }
+}
+
+/// The simulated layer is in this process: its parameters, the touched-columns evaluation of a
+/// dense layer, direction prefetching, and the reference choreography.
+impl InProcess for SimOracle {
+    fn parameters(&self) -> &[f32] {
+        match &self.layer {
+            SimLayer::Dense(l) => l.params(),
+            SimLayer::Conv(b) => b.params(),
+        }
+    }
+
     fn evaluate_perturbed_columns(
         &mut self,
         chunk: Range<usize>,
@@ -264,44 +304,17 @@ impl ForwardOracle for SimOracle {
         Ok(true)
     }
 
-    fn apply_update(
-        &mut self,
-        chunk: Range<usize>,
-        scale: f32,
-        terms: &[UpdateTerm],
-    ) -> Result<(), OracleError> {
-        match &mut self.layer {
-            SimLayer::Dense(l) => l.apply_update(chunk, scale, terms),
-            SimLayer::Conv(b) => b.apply_update(chunk, scale, terms),
+    fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
+        if let SimLayer::Dense(l) = &mut self.layer {
+            l.prefetch_directions(chunk, seeds);
         }
-        .map_err(sim_err)
     }
 
-    /// A conv block's BatchNorm running statistics: the means, then the variances.
-    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
-        Ok(match &self.layer {
-            SimLayer::Dense(_) => None,
-            SimLayer::Conv(b) => Some([b.running_mean(), b.running_var()].concat()),
-        })
-    }
-
-    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
-        match &mut self.layer {
-            SimLayer::Dense(_) if state.is_empty() => Ok(()),
-            SimLayer::Dense(_) => Err(OracleError::Shape(format!(
-                "{} values of layer state for a dense layer, which keeps none",
-                state.len()
-            ))),
-            SimLayer::Conv(b) => {
-                let (mean, var) = state.split_at(state.len() / 2);
-                if mean.len() != var.len() {
-                    return Err(OracleError::Shape(format!(
-                        "{} values of BatchNorm state: expected means and variances, as many of each",
-                        state.len()
-                    )));
-                }
-                b.set_running_stats(mean, var).map_err(sim_err)
-            }
-        }
+    fn set_exact_reference(&mut self, exact: bool) {
+        self.set_choreography(if exact {
+            pnn_sim::dense::Choreography::Reference
+        } else {
+            pnn_sim::dense::Choreography::Fast
+        });
     }
 }

@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::backend::{self, BackendSpec};
 use crate::data::{DataError, Dataset, DatasetKind, resolve_data_dir};
 use crate::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
-use crate::oracle::{Activations, ForwardOracle, LinkHealth, OracleError, WireStats};
+use crate::oracle::{Activations, ForwardOracle, OracleError};
 use crate::report::export::SavedModel;
 use crate::report::metrics::{EpochMetrics, RunSummary};
 use crate::report::observe::{BatchProgress, RunObserver};
@@ -128,8 +128,8 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
     if config.exact_reference {
         tracing::info!("perturbations evaluated by the reference choreography (--exact-reference)");
         for oracle in &mut oracles {
-            if let backend::AnyOracle::Sim(sim) = oracle {
-                sim.set_choreography(pnn_sim::dense::Choreography::Reference);
+            if let Some(layer) = oracle.in_process() {
+                layer.set_exact_reference(true);
             }
         }
     }
@@ -273,32 +273,19 @@ fn link_totals<O: ForwardOracle>(
     recovery: &Recovery,
     carried: Option<LinkTotals>,
 ) -> Option<LinkTotals> {
-    let oracles = trainer.oracles();
-    let wire = oracles
-        .iter()
-        .filter_map(|o| o.wire_stats())
-        .reduce(|a, b| WireStats {
-            bytes_up: a.bytes_up + b.bytes_up,
-            bytes_down: a.bytes_down + b.bytes_down,
-            round_trips: a.round_trips + b.round_trips,
-        });
-    let health = oracles
-        .iter()
-        .filter_map(|o| o.link_health())
-        .reduce(|a, b| LinkHealth {
-            retries: a.retries + b.retries,
-            resyncs: a.resyncs + b.resyncs,
-        });
-    if wire.is_none() && health.is_none() && !recovery.enabled() && carried.is_none() {
+    let shares = (trainer.oracles().iter())
+        .filter_map(|o| Some(o.link()?.counters()))
+        .reduce(|a, b| a + b);
+    if shares.is_none() && !recovery.enabled() && carried.is_none() {
         return None;
     }
-    let (wire, health) = (wire.unwrap_or_default(), health.unwrap_or_default());
+    let link = shares.unwrap_or_default();
     let now = LinkTotals {
-        bytes_up: wire.bytes_up,
-        bytes_down: wire.bytes_down,
-        round_trips: wire.round_trips,
-        retries: health.retries,
-        resyncs: health.resyncs,
+        bytes_up: link.bytes_up,
+        bytes_down: link.bytes_down,
+        round_trips: link.round_trips,
+        retries: link.retries,
+        resyncs: link.resyncs,
         reprograms: recovery.reprograms(),
     };
     Some(carried.unwrap_or_default() + now)

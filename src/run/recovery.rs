@@ -5,11 +5,11 @@
 //! The unit of work is one step of the run loop: one batch of Algorithm 1, or one evaluation of
 //! the test set. Before a step, the host takes a snapshot of what the step changes (its
 //! [`HostState`]: shadows, projections, counter; and each layer's state outside its parameters,
-//! such as BatchNorm running statistics). After the step, it asks every layer for its session
-//! ([`ForwardOracle::session`], the boot id; one small `Hello` per layer). An unchanged session
-//! proves that the step ran on a device that kept everything written to it; a changed one (or
-//! an error, such as a forward pass refused for want of input, after which the session has
-//! changed) means the step's results cannot be trusted: the host rolls back to the snapshot,
+//! such as BatchNorm running statistics). After the step, it asks every layer behind a link for
+//! its session ([`crate::oracle::DeviceLink::session`], the boot id; one small `Hello` per
+//! layer). An unchanged session proves that the step ran on a device that kept everything
+//! written to it; a changed one (or an error, such as a forward pass refused for want of input,
+//! after which the session has changed) means the step's results cannot be trusted: the host rolls back to the snapshot,
 //! programs every layer from it, and runs the step again. Every step is a pure function of the
 //! snapshot and its (epoch, batch) counters, so the repeat computes exactly what the first
 //! attempt would have.
@@ -187,5 +187,7 @@ impl Recovery {
 }
 
 fn read_sessions<O: ForwardOracle>(oracles: &mut [O]) -> Result<Vec<Option<u64>>, OracleError> {
-    oracles.iter_mut().map(|o| o.session()).collect()
+    (oracles.iter_mut())
+        .map(|o| o.link_mut().map(|l| l.session()).transpose())
+        .collect()
 }

@@ -11,8 +11,8 @@ use firmware_protocol::link::{Client, ClientError, Link, LinkCounters};
 use firmware_protocol::message::{Capabilities, ChunkRange, DeviceError, LayerDescriptor};
 
 use crate::oracle::{
-    Activations, ChunkUnits, ConvGeometry, DirectionSeed, ForwardMode, ForwardOracle,
-    ForwardOutput, LayerShape, LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
+    Activations, ChunkUnits, ConvGeometry, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle,
+    ForwardOutput, LayerShape, OracleError, PerturbedPair, UpdateTerm,
 };
 
 /// Room for a request's fields around its bulk values, in bytes (generous).
@@ -420,25 +420,39 @@ impl ForwardOracle for SerialOracle {
         self.with_link(|client, _| client.apply_update(layer, range, scale, terms))
     }
 
-    fn wire_stats(&self) -> Option<WireStats> {
-        let c = self.share;
-        Some(WireStats {
-            bytes_up: c.bytes_up,
-            bytes_down: c.bytes_down,
-            round_trips: c.round_trips,
-        })
+    /// The protocol carries no layer state: a device's BatchNorm running statistics stay on the
+    /// device (a reset loses them; `crate::recovery` says so for conv blocks).
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        Ok(None)
     }
 
-    fn link_health(&self) -> Option<LinkHealth> {
-        Some(LinkHealth {
-            retries: self.share.retries,
-            resyncs: self.share.resyncs,
-        })
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        Err(OracleError::Unsupported(
+            "writing layer state over the serial protocol",
+        ))
+    }
+
+    fn link(&self) -> Option<&dyn DeviceLink> {
+        Some(self)
+    }
+
+    fn link_mut(&mut self) -> Option<&mut dyn DeviceLink> {
+        Some(self)
+    }
+}
+
+impl DeviceLink for SerialOracle {
+    /// This oracle's share: the handshake's traffic is counted on the first layer.
+    fn counters(&self) -> LinkCounters {
+        self.share
     }
 
     /// The boot id, from a `Hello`: a device that reset has a new one (see `crate::recovery`).
-    fn session(&mut self) -> Result<Option<u64>, OracleError> {
-        self.with_link(|client, _| client.boot_id().map(|id| Some(id as u64)))
+    fn session(&mut self) -> Result<u64, OracleError> {
+        self.with_link(|client, _| client.boot_id().map(u64::from))
     }
 }
 
