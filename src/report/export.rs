@@ -28,12 +28,10 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::data::{DatasetKind, Normalizer, Split};
-use crate::loss::{argmax_rows, cross_entropy};
-use crate::oracle::{
-    Activations, ConvGeometry, ForwardMode, ForwardOracle, LayerShape, OracleError,
-};
+use crate::oracle::{ConvGeometry, ForwardOracle, LayerShape, OracleError};
 use crate::projection::Projection;
-use crate::trainer::{Evaluation, Hyper, Trainer};
+use crate::train::evaluation::{self, EvalSums, Evaluation};
+use crate::trainer::{Hyper, Trainer};
 
 pub const FORMAT: &str = "pnn-model";
 pub const FORMAT_VERSION: u32 = 1;
@@ -539,8 +537,9 @@ impl Predictions {
     }
 }
 
-/// Evaluates both prediction modes and every layer on `split` through programmed oracles, as
-/// [`Trainer::evaluate`] does (same batches, same arithmetic), and returns each prediction too.
+/// Evaluates both prediction modes and every layer on `split` through programmed oracles, by
+/// the one evaluation loop ([`evaluation::evaluate_batch`]: the trainer's batches and
+/// arithmetic), and returns each prediction too.
 pub fn evaluate_with_predictions<O: ForwardOracle>(
     oracles: &mut [O],
     projections: &[Projection],
@@ -548,66 +547,17 @@ pub fn evaluate_with_predictions<O: ForwardOracle>(
     normalizer: &Normalizer,
     batch_size: usize,
 ) -> Result<(Evaluation, Predictions), OracleError> {
-    let layers = oracles.len();
-    if layers == 0 || projections.len() != layers {
-        return Err(OracleError::Shape(format!(
-            "{layers} layers and {} projections",
-            projections.len()
-        )));
-    }
-    let classes = projections[0].classes;
-    let n = split.len();
-    let mut correct = vec![0usize; layers];
-    let mut loss = vec![0f64; layers];
-    let (mut correct_cum, mut loss_cum) = (0usize, 0f64);
+    let mut sums = EvalSums::new(oracles.len());
     let mut preds = Predictions::default();
-    let indices: Vec<usize> = (0..n).collect();
-    let (mut x, mut g) = (Vec::new(), Vec::new());
+    let indices: Vec<usize> = (0..split.len()).collect();
     for batch in indices.chunks(batch_size.max(1)) {
-        normalizer.batch(split, batch, &mut x);
-        let labels: Vec<u8> = batch.iter().map(|&i| split.labels[i]).collect();
-        let mut input = Activations::new(batch.len(), split.sample_len, x.clone());
-        let mut cumulative = vec![0f32; batch.len() * classes];
-        for (l, (oracle, projection)) in oracles.iter_mut().zip(projections).enumerate() {
-            oracle.load_input(&input)?;
-            let out = oracle.forward(ForwardMode::Eval)?;
-            projection.goodness(&out.features, &mut g);
-            loss[l] += cross_entropy(&g, classes, &labels) * batch.len() as f64;
-            let predicted: Vec<usize> = argmax_rows(&g, classes).collect();
-            correct[l] += count(&predicted, &labels);
-            if l == layers - 1 {
-                preds.final_layer.extend(&predicted);
-            }
-            cumulative.iter_mut().zip(&g).for_each(|(c, v)| *c += v);
-            input = match out.next {
-                Some(next) => next,
-                None => out.features,
-            };
-        }
-        loss_cum += cross_entropy(&cumulative, classes, &labels) * batch.len() as f64;
-        let predicted: Vec<usize> = argmax_rows(&cumulative, classes).collect();
-        correct_cum += count(&predicted, &labels);
-        preds.cumulative.extend(predicted);
-        preds.labels.extend(labels);
+        let predicted =
+            evaluation::evaluate_batch(oracles, projections, split, normalizer, batch, &mut sums)?;
+        preds.labels.extend(batch.iter().map(|&i| split.labels[i]));
+        preds.cumulative.extend(predicted.cumulative);
+        preds.final_layer.extend(predicted.final_layer);
     }
-    let nf = n.max(1) as f64;
-    let eval = Evaluation {
-        accuracy_cumulative: correct_cum as f64 / nf,
-        accuracy_final_layer: correct[layers - 1] as f64 / nf,
-        loss_cumulative: loss_cum / nf,
-        loss_final_layer: loss[layers - 1] / nf,
-        accuracy_per_layer: correct.iter().map(|&c| c as f64 / nf).collect(),
-        loss_per_layer: loss.iter().map(|&l| l / nf).collect(),
-    };
-    Ok((eval, preds))
-}
-
-fn count(predicted: &[usize], labels: &[u8]) -> usize {
-    predicted
-        .iter()
-        .zip(labels)
-        .filter(|(p, y)| **p == **y as usize)
-        .count()
+    Ok((sums.finish(), preds))
 }
 
 #[cfg(test)]
