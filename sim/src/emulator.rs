@@ -27,8 +27,8 @@ use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
 use serialport::{SerialPort, TTYPort};
 
 use crate::conv::{ConvGeometry, block_projection_seed};
+use crate::device::{DeviceConv, DeviceDense, DeviceLayer};
 use crate::noise::{NoiseModel, layer_seed};
-use crate::physical::{DeviceConv, DeviceDense, DeviceLayer};
 
 /// One layer of the emulated device, as `--layers` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,13 +203,14 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
                 if u32::try_from(inputs.saturating_mul(outputs).saturating_add(outputs)).is_err() {
                     return Err(format!("layer {l} ({layer}) has too many parameters"));
                 }
-                Ok(DeviceLayer::Dense(Box::new(DeviceDense::with_noise(
+                Ok(DeviceDense::with_noise(
                     inputs,
                     outputs,
                     config.encoding,
                     &config.noise,
                     layer_seed(config.noise.seed, l),
-                ))))
+                )
+                .erased())
             }
             LayerConfig::Conv { .. } => {
                 if !config.noise.is_ideal() {
@@ -228,7 +229,7 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
                 }
                 let shape = config.conv_shape(l).expect("a conv layer");
                 DeviceConv::new(shape, config.encoding)
-                    .map(|b| DeviceLayer::Conv(Box::new(b)))
+                    .map(DeviceConv::erased)
                     .map_err(|e| format!("layer {l} ({layer}): {e}"))
             }
         })
@@ -432,10 +433,9 @@ mod device_tests {
         let mut layers = layers(&config).unwrap();
         let mut distinct = Vec::new();
         for (l, layer) in layers.iter_mut().enumerate() {
-            let DeviceLayer::Dense(d) = layer else {
-                panic!()
-            };
-            let (n_in, n_out) = (d.layer().n_in(), d.layer().n_out());
+            let d = layer;
+            let dense = d.layer().as_dense().expect("a dense layer");
+            let (n_in, n_out) = (dense.n_in(), dense.n_out());
             let mut reference = crate::DenseLayer::with_noise(
                 n_in,
                 n_out,

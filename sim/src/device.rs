@@ -1,143 +1,134 @@
-//! The simulated layers as a firmware would present them: [`PhysicalLayer`] for [`DenseLayer`]
-//! ([`DeviceDense`]) and for [`ConvBlock`] ([`DeviceConv`]), served by
-//! `firmware_protocol::server::Server` in the emulator (`pnn-emulate`).
+//! A simulated layer behind the device protocol: [`Device`] implements
+//! `firmware_protocol::server::PhysicalLayer` for any [`SimulatedLayer`], so
+//! `firmware_protocol::server::Server` serves the simulator as firmware would serve hardware
+//! (the emulator, `pnn-emulate`).
 //!
-//! The perturbed evaluation and the update are overridden with the simulator's own (the exact
-//! fast path and the cached-direction update), so a run through the emulator computes the very
-//! numbers `--backend sim` computes, bit for bit. A dense layer may carry a profile's hardware
-//! effects ([`DeviceDense::with_noise`], keyed as `--backend sim:<profile>` keys them).
+//! The perturbed evaluation and the update are overridden with the layer's own (its exact fast
+//! path and cached-direction update), so a run through the emulator computes the very numbers
+//! `--backend sim` computes, bit for bit. A dense layer may carry a profile's hardware effects
+//! ([`DeviceDense::with_noise`], keyed as `--backend sim:<profile>` keys them).
 
 use std::ops::Range;
 
 use firmware_protocol::message::{ActivationEncoding, DeviceError, LayerDescriptor};
 use firmware_protocol::server::PhysicalLayer;
-use firmware_protocol::shape::{ForwardMode, LayerShape};
+use firmware_protocol::shape::ForwardMode;
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
+use crate::SimError;
 use crate::conv::{ConvBlock, ConvGeometry};
-use crate::dense::{Choreography, DenseLayer, SimError};
+use crate::dense::DenseLayer;
+use crate::layer::SimulatedLayer;
 use crate::noise::NoiseModel;
 
-/// What the device wrappers need of a simulated layer: [`DenseLayer`] and [`ConvBlock`] alike.
-pub(crate) trait Simulated {
-    fn params(&self) -> &[f32];
-    fn set_params(&mut self, params: &[f32]) -> Result<(), SimError>;
-    fn input_width(&self) -> usize;
-    fn load_input(&mut self, x: &[f32]) -> Result<(), SimError>;
-    fn evaluate_perturbed(
-        &mut self,
-        chunk: Range<usize>,
-        seeds: &[DirectionSeed],
-        eps: f32,
-        out: &mut Vec<(Vec<f32>, Vec<f32>)>,
-    ) -> Result<(), SimError>;
-    fn apply_update(
-        &mut self,
-        chunk: Range<usize>,
-        scale: f32,
-        terms: &[UpdateTerm],
-    ) -> Result<(), SimError>;
-}
-
-macro_rules! simulated {
-    ($layer:ty, $width:expr) => {
-        impl Simulated for $layer {
-            fn params(&self) -> &[f32] {
-                <$layer>::params(self)
-            }
-            fn set_params(&mut self, params: &[f32]) -> Result<(), SimError> {
-                <$layer>::set_params(self, params)
-            }
-            fn input_width(&self) -> usize {
-                $width(self)
-            }
-            fn load_input(&mut self, x: &[f32]) -> Result<(), SimError> {
-                <$layer>::load_input(self, x)
-            }
-            fn evaluate_perturbed(
-                &mut self,
-                chunk: Range<usize>,
-                seeds: &[DirectionSeed],
-                eps: f32,
-                out: &mut Vec<(Vec<f32>, Vec<f32>)>,
-            ) -> Result<(), SimError> {
-                <$layer>::evaluate_perturbed(self, chunk, seeds, eps, out)
-            }
-            fn apply_update(
-                &mut self,
-                chunk: Range<usize>,
-                scale: f32,
-                terms: &[UpdateTerm],
-            ) -> Result<(), SimError> {
-                <$layer>::apply_update(self, chunk, scale, terms)
-            }
-        }
-    };
-}
-
-simulated!(DenseLayer, |l: &DenseLayer| l.n_in());
-simulated!(ConvBlock, |b: &ConvBlock| b.shape().input_width());
-
-/// Test of the contract both simulated layers keep: an update that follows a perturbed
-/// evaluation of the same chunk and seeds (the cached directions, the moved pre-activation)
-/// changes the parameters exactly as `firmware_protocol::direction::apply_update` does, so a
-/// host's shadow stays bit-identical. `layer` has parameters and an input; `chunk` is in range.
-#[cfg(test)]
-pub(crate) fn assert_cached_update_is_the_protocol_update<L: Simulated>(
-    layer: &mut L,
-    chunk: Range<usize>,
-) {
-    use firmware_protocol::direction::apply_update;
-    let before = layer.params().to_vec();
-    let mut shadow = before.clone();
-    let terms = [
-        UpdateTerm {
-            seed: DirectionSeed(11),
-            derivative: 0.5,
-        },
-        UpdateTerm {
-            seed: DirectionSeed(12),
-            derivative: -1.25,
-        },
-    ];
-    let seeds = [DirectionSeed(11), DirectionSeed(12)];
-    layer
-        .evaluate_perturbed(chunk.clone(), &seeds, 1e-3, &mut Vec::new())
-        .unwrap();
-    layer.apply_update(chunk.clone(), 0.3, &terms).unwrap();
-    let (mut v, mut g) = (vec![0.0; chunk.len()], vec![0.0; chunk.len()]);
-    apply_update(&mut shadow[chunk.clone()], 0.3, &terms, &mut v, &mut g);
-    let bits = |x: &[f32]| x.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&shadow), bits(layer.params()));
-    assert_ne!(
-        shadow[chunk.start], before[chunk.start],
-        "the update changed nothing"
-    );
-}
-
-/// A simulated layer behind the device protocol, with what every such device does the same way:
-/// parameter and input parts are staged here and handed to the layer whole (the layer takes
-/// whole vectors); perturbed evaluations and updates are the layer's own (its fast path and
-/// cached-direction update).
+/// A simulated layer served by the protocol server. Parameter and input parts are staged here
+/// and handed to the layer whole (the layer takes whole vectors); perturbed evaluations and
+/// updates are the layer's own.
 #[derive(Debug)]
-struct Staged<L> {
-    layer: L,
+pub struct Device<L: SimulatedLayer + ?Sized> {
+    encoding: ActivationEncoding,
     /// Parameters as programmed; `dirty` until handed to the layer.
     params: Vec<f32>,
     dirty: bool,
     input: Vec<f32>,
     pairs: Vec<(Vec<f32>, Vec<f32>)>,
+    features: Vec<f32>,
+    next: Vec<f32>,
+    layer: Box<L>,
 }
 
-impl<L: Simulated> Staged<L> {
-    fn new(layer: L) -> Self {
+/// A [`DenseLayer`] behind the device protocol.
+pub type DeviceDense = Device<DenseLayer>;
+
+/// A [`ConvBlock`] behind the device protocol (thesis section 4.4, Table 4): the projection `A`
+/// is drawn on the device from the shape's projection seed, so only the C*d features and the
+/// pooled next-layer input cross the link.
+pub type DeviceConv = Device<ConvBlock>;
+
+/// Any simulated layer behind the device protocol: what a server over layers of several kinds
+/// (the emulator) holds. Made by [`Device::erased`].
+pub type DeviceLayer = Device<dyn SimulatedLayer>;
+
+impl<L: SimulatedLayer + 'static> Device<L> {
+    fn wrap(layer: L, encoding: ActivationEncoding) -> Self {
         Self {
+            encoding,
             params: layer.params().to_vec(),
-            layer,
             dirty: false,
             input: Vec::new(),
             pairs: Vec::new(),
+            features: Vec::new(),
+            next: Vec::new(),
+            layer: Box::new(layer),
         }
+    }
+
+    /// The same device, its layer's kind erased, to serve next to layers of other kinds.
+    pub fn erased(self) -> DeviceLayer {
+        Device {
+            encoding: self.encoding,
+            params: self.params,
+            dirty: self.dirty,
+            input: self.input,
+            pairs: self.pairs,
+            features: self.features,
+            next: self.next,
+            layer: self.layer,
+        }
+    }
+}
+
+impl DeviceDense {
+    pub fn new(n_in: usize, n_out: usize, encoding: ActivationEncoding) -> Self {
+        Self::with_noise(n_in, n_out, encoding, &NoiseModel::default(), 0)
+    }
+
+    /// A layer with the hardware effects of `noise`, its faults and streams keyed by `seed`
+    /// (`crate::noise::layer_seed(profile seed, layer index)`, as the in-process simulator keys
+    /// the same layer of a model), via [`DenseLayer::with_noise`].
+    pub fn with_noise(
+        n_in: usize,
+        n_out: usize,
+        encoding: ActivationEncoding,
+        noise: &NoiseModel,
+        seed: u64,
+    ) -> Self {
+        Self::wrap(DenseLayer::with_noise(n_in, n_out, noise, seed), encoding)
+    }
+}
+
+impl DeviceConv {
+    /// A block of `shape` with zero parameters and fresh running statistics; refuses a shape
+    /// [`ConvGeometry::check`] refuses, or one whose sizes do not fit the protocol's u32 fields.
+    pub fn new(shape: ConvGeometry, encoding: ActivationEncoding) -> Result<Self, String> {
+        shape.check().map_err(|e| e.to_string())?;
+        let sizes = [
+            ("parameters", shape.param_count()),
+            ("input values per sample", shape.input_width()),
+            (
+                "result values per sample",
+                shape.feature_width() + shape.output_width(),
+            ),
+        ];
+        for (what, n) in sizes {
+            if u32::try_from(n).is_err() {
+                return Err(format!("a conv block with {n} {what} is too large"));
+            }
+        }
+        Ok(Self::wrap(ConvBlock::new(shape), encoding))
+    }
+}
+
+impl<L: SimulatedLayer + ?Sized> Device<L> {
+    /// The simulated layer.
+    pub fn layer(&self) -> &L {
+        &self.layer
+    }
+
+    /// The simulated layer, with every programmed parameter handed to it.
+    pub fn layer_mut(&mut self) -> &mut L {
+        self.flush();
+        &mut self.layer
     }
 
     fn flush(&mut self) {
@@ -149,9 +140,26 @@ impl<L: Simulated> Staged<L> {
         }
     }
 
-    fn layer_mut(&mut self) -> &mut L {
-        self.flush();
-        &mut self.layer
+    /// Copies the features, then the next-layer input, into `out`, which must hold exactly
+    /// both.
+    fn copy_result(&self, with_next: bool, out: &mut [f32]) -> Result<(), DeviceError> {
+        let f = self.features.len();
+        let n = if with_next { self.next.len() } else { 0 };
+        if f + n != out.len() {
+            return Err(DeviceError::ShapeMismatch {
+                expected: out.len() as u32,
+                got: (f + n) as u32,
+            });
+        }
+        out[..f].copy_from_slice(&self.features);
+        out[f..].copy_from_slice(&self.next[..n]);
+        Ok(())
+    }
+}
+
+impl<L: SimulatedLayer + ?Sized> PhysicalLayer for Device<L> {
+    fn descriptor(&self) -> LayerDescriptor {
+        LayerDescriptor::new(self.layer.shape(), self.encoding)
     }
 
     fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
@@ -190,7 +198,7 @@ impl<L: Simulated> Staged<L> {
         // Parameters written before this batch are written before it (a device's clock ticks
         // at each batch: a write after the tick would drift differently).
         self.flush();
-        let total = rows * self.layer.input_width();
+        let total = rows * self.layer.shape().input_width();
         if offset == 0 {
             self.input.clear();
         }
@@ -201,6 +209,31 @@ impl<L: Simulated> Staged<L> {
         Ok(())
     }
 
+    /// `out`: the features (rows x feature width), then, for a CNN block, the pooled
+    /// next-layer input (rows x C*H/2*W/2).
+    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.flush();
+        self.layer
+            .forward(mode, &mut self.features, &mut self.next)
+            .map_err(device_err)?;
+        self.copy_result(true, out)
+    }
+
+    /// A training-mode pass that leaves no trace: the layer state it commits (a CNN block's
+    /// running statistics) is put back (section 4.4's snapshot and restore).
+    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.flush();
+        let saved = self.layer.layer_state();
+        let result = self
+            .layer
+            .forward(ForwardMode::Train, &mut self.features, &mut self.next);
+        self.layer
+            .set_layer_state(&saved)
+            .expect("the layer's own state fits it");
+        result.map_err(device_err)?;
+        self.copy_result(false, out)
+    }
+
     /// `(a+, a-)` per direction, laid out as the protocol sends them.
     fn evaluate_perturbed(
         &mut self,
@@ -208,6 +241,7 @@ impl<L: Simulated> Staged<L> {
         seeds: &[DirectionSeed],
         eps: f32,
         out: &mut [f32],
+        _scratch: &mut [f32],
     ) -> Result<(), DeviceError> {
         self.flush();
         self.layer
@@ -222,11 +256,30 @@ impl<L: Simulated> Staged<L> {
         chunk: Range<usize>,
         scale: f32,
         terms: &[UpdateTerm],
+        _scratch: &mut [f32],
     ) -> Result<(), DeviceError> {
         self.flush();
         self.layer
             .apply_update(chunk, scale, terms)
             .map_err(device_err)
+    }
+
+    fn perturbation_scratch(&self, _chunk_len: usize) -> usize {
+        0
+    }
+
+    fn update_scratch(&self, _chunk_len: usize) -> usize {
+        0
+    }
+
+    /// Power-on: the layer's (zero parameters, fresh device and layer state), no input; the
+    /// choreography stays.
+    fn reset(&mut self) {
+        self.layer.power_on();
+        self.params.clear();
+        self.params.extend_from_slice(self.layer.params());
+        self.dirty = false;
+        self.input.clear();
     }
 }
 
@@ -264,317 +317,9 @@ fn device_err(e: SimError) -> DeviceError {
     }
 }
 
-/// The [`PhysicalLayer`] methods every simulated device forwards to its [`Staged`] layer.
-macro_rules! staged_methods {
-    () => {
-        fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
-            self.staged.write_parameters(offset, values)
-        }
-
-        fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
-            self.staged.read_parameters(offset, out)
-        }
-
-        fn load_input(
-            &mut self,
-            rows: usize,
-            offset: usize,
-            values: &[f32],
-        ) -> Result<(), DeviceError> {
-            self.staged.load_input(rows, offset, values)
-        }
-
-        fn evaluate_perturbed(
-            &mut self,
-            chunk: Range<usize>,
-            seeds: &[DirectionSeed],
-            eps: f32,
-            out: &mut [f32],
-            _scratch: &mut [f32],
-        ) -> Result<(), DeviceError> {
-            self.staged.evaluate_perturbed(chunk, seeds, eps, out)
-        }
-
-        fn apply_update(
-            &mut self,
-            chunk: Range<usize>,
-            scale: f32,
-            terms: &[UpdateTerm],
-            _scratch: &mut [f32],
-        ) -> Result<(), DeviceError> {
-            self.staged.apply_update(chunk, scale, terms)
-        }
-
-        fn perturbation_scratch(&self, _chunk_len: usize) -> usize {
-            0
-        }
-
-        fn update_scratch(&self, _chunk_len: usize) -> usize {
-            0
-        }
-    };
-}
-
-/// A [`DenseLayer`] behind the device protocol ([`Staged`]).
-#[derive(Debug)]
-pub struct DeviceDense {
-    staged: Staged<DenseLayer>,
-    encoding: ActivationEncoding,
-    /// The hardware effects and the layer's device seed, to rebuild the power-on state.
-    noise: NoiseModel,
-    seed: u64,
-    out: Vec<f32>,
-}
-
-impl DeviceDense {
-    pub fn new(n_in: usize, n_out: usize, encoding: ActivationEncoding) -> Self {
-        Self::with_noise(n_in, n_out, encoding, &NoiseModel::default(), 0)
-    }
-
-    /// A layer with the hardware effects of `noise`, its faults and streams keyed by `seed`
-    /// (`crate::noise::layer_seed(profile seed, layer index)`, as the in-process simulator keys
-    /// the same layer of a model), via [`DenseLayer::with_noise`].
-    pub fn with_noise(
-        n_in: usize,
-        n_out: usize,
-        encoding: ActivationEncoding,
-        noise: &NoiseModel,
-        seed: u64,
-    ) -> Self {
-        Self {
-            staged: Staged::new(DenseLayer::with_noise(n_in, n_out, noise, seed)),
-            encoding,
-            noise: noise.clone(),
-            seed,
-            out: Vec::new(),
-        }
-    }
-
-    pub fn layer(&self) -> &DenseLayer {
-        &self.staged.layer
-    }
-
-    pub fn layer_mut(&mut self) -> &mut DenseLayer {
-        self.staged.layer_mut()
-    }
-}
-
-impl PhysicalLayer for DeviceDense {
-    fn descriptor(&self) -> LayerDescriptor {
-        let l = &self.staged.layer;
-        LayerDescriptor::new(LayerShape::dense(l.n_in(), l.n_out()), self.encoding)
-    }
-
-    staged_methods!();
-
-    fn forward(&mut self, _mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.staged
-            .layer_mut()
-            .forward(&mut self.out)
-            .map_err(device_err)?;
-        if self.out.len() != out.len() {
-            return Err(DeviceError::ShapeMismatch {
-                expected: out.len() as u32,
-                got: self.out.len() as u32,
-            });
-        }
-        out.copy_from_slice(&self.out);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        let l = &self.staged.layer;
-        let choreography = l.choreography();
-        *self = Self::with_noise(l.n_in(), l.n_out(), self.encoding, &self.noise, self.seed);
-        self.staged.layer.set_choreography(choreography);
-    }
-}
-
-/// A [`ConvBlock`] behind the device protocol (thesis section 4.4, Table 4): the projection `A`
-/// is drawn on the device from the shape's projection seed, so only the C*d features and the
-/// pooled next-layer input cross the link. Parameters and input parts are staged as for
-/// [`DeviceDense`].
-#[derive(Debug)]
-pub struct DeviceConv {
-    staged: Staged<ConvBlock>,
-    encoding: ActivationEncoding,
-    features: Vec<f32>,
-    next: Vec<f32>,
-}
-
-impl DeviceConv {
-    /// A block of `shape` with zero parameters and fresh running statistics; refuses a shape
-    /// [`ConvGeometry::check`] refuses, or one whose sizes do not fit the protocol's u32 fields.
-    pub fn new(shape: ConvGeometry, encoding: ActivationEncoding) -> Result<Self, String> {
-        shape.check().map_err(|e| e.to_string())?;
-        let sizes = [
-            ("parameters", shape.param_count()),
-            ("input values per sample", shape.input_width()),
-            (
-                "result values per sample",
-                shape.feature_width() + shape.output_width(),
-            ),
-        ];
-        for (what, n) in sizes {
-            if u32::try_from(n).is_err() {
-                return Err(format!("a conv block with {n} {what} is too large"));
-            }
-        }
-        Ok(Self {
-            staged: Staged::new(ConvBlock::new(shape)),
-            encoding,
-            features: Vec::new(),
-            next: Vec::new(),
-        })
-    }
-
-    pub fn block(&self) -> &ConvBlock {
-        &self.staged.layer
-    }
-
-    pub fn block_mut(&mut self) -> &mut ConvBlock {
-        self.staged.layer_mut()
-    }
-}
-
-impl PhysicalLayer for DeviceConv {
-    fn descriptor(&self) -> LayerDescriptor {
-        let s = self.staged.layer.shape();
-        LayerDescriptor::new(LayerShape::Conv(*s), self.encoding)
-    }
-
-    staged_methods!();
-
-    /// `out`: the features (rows x C*d), then the pooled next-layer input (rows x C*H/2*W/2).
-    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        self.staged
-            .layer_mut()
-            .forward(mode, &mut self.features, &mut self.next)
-            .map_err(device_err)?;
-        let f = self.features.len();
-        if f + self.next.len() != out.len() {
-            return Err(DeviceError::ShapeMismatch {
-                expected: out.len() as u32,
-                got: (f + self.next.len()) as u32,
-            });
-        }
-        out[..f].copy_from_slice(&self.features);
-        out[f..].copy_from_slice(&self.next);
-        Ok(())
-    }
-
-    /// A training-mode pass that leaves no trace: the running statistics it commits are put
-    /// back (section 4.4's snapshot and restore).
-    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
-        let block = self.staged.layer_mut();
-        let saved = (block.running_mean().to_vec(), block.running_var().to_vec());
-        let result = block.forward(ForwardMode::Train, &mut self.features, &mut self.next);
-        block
-            .set_running_stats(&saved.0, &saved.1)
-            .expect("the block's own statistics fit it");
-        result.map_err(device_err)?;
-        if self.features.len() != out.len() {
-            return Err(DeviceError::ShapeMismatch {
-                expected: out.len() as u32,
-                got: self.features.len() as u32,
-            });
-        }
-        out.copy_from_slice(&self.features);
-        Ok(())
-    }
-
-    /// Power-on: zero parameters, running mean 0 and variance 1, no input.
-    fn reset(&mut self) {
-        let choreography = self.staged.layer.choreography();
-        *self =
-            Self::new(*self.staged.layer.shape(), self.encoding).expect("the shape was accepted");
-        self.staged.layer.set_choreography(choreography);
-    }
-}
-
-/// Any simulated layer the emulator serves (boxed: the variants differ much in size).
-#[derive(Debug)]
-pub enum DeviceLayer {
-    Dense(Box<DeviceDense>),
-    Conv(Box<DeviceConv>),
-}
-
-impl DeviceLayer {
-    pub fn set_choreography(&mut self, choreography: Choreography) {
-        match self {
-            Self::Dense(l) => l.layer_mut().set_choreography(choreography),
-            Self::Conv(b) => b.block_mut().set_choreography(choreography),
-        }
-    }
-}
-
-macro_rules! each {
-    ($self:ident, $l:ident => $e:expr) => {
-        match $self {
-            DeviceLayer::Dense($l) => $e,
-            DeviceLayer::Conv($l) => $e,
-        }
-    };
-}
-
-/// Every method forwarded, the defaults included, so each layer's overrides are the ones run.
-impl PhysicalLayer for DeviceLayer {
-    fn descriptor(&self) -> LayerDescriptor {
-        each!(self, l => l.descriptor())
-    }
-    fn write_parameters(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
-        each!(self, l => l.write_parameters(offset, values))
-    }
-    fn read_parameters(&mut self, offset: usize, out: &mut [f32]) -> Result<(), DeviceError> {
-        each!(self, l => l.read_parameters(offset, out))
-    }
-    fn load_input(
-        &mut self,
-        rows: usize,
-        offset: usize,
-        values: &[f32],
-    ) -> Result<(), DeviceError> {
-        each!(self, l => l.load_input(rows, offset, values))
-    }
-    fn forward(&mut self, mode: ForwardMode, out: &mut [f32]) -> Result<(), DeviceError> {
-        each!(self, l => l.forward(mode, out))
-    }
-    fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
-        each!(self, l => l.forward_features(out))
-    }
-    fn evaluate_perturbed(
-        &mut self,
-        chunk: Range<usize>,
-        seeds: &[DirectionSeed],
-        eps: f32,
-        out: &mut [f32],
-        scratch: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        each!(self, l => l.evaluate_perturbed(chunk, seeds, eps, out, scratch))
-    }
-    fn apply_update(
-        &mut self,
-        chunk: Range<usize>,
-        scale: f32,
-        terms: &[UpdateTerm],
-        scratch: &mut [f32],
-    ) -> Result<(), DeviceError> {
-        each!(self, l => l.apply_update(chunk, scale, terms, scratch))
-    }
-    fn perturbation_scratch(&self, chunk_len: usize) -> usize {
-        each!(self, l => l.perturbation_scratch(chunk_len))
-    }
-    fn update_scratch(&self, chunk_len: usize) -> usize {
-        each!(self, l => l.update_scratch(chunk_len))
-    }
-    fn reset(&mut self) {
-        each!(self, l => l.reset())
-    }
-}
-
 /// The literal choreography of the protocol's default implementation, over a simulated device's
-/// required methods (and a conv block's no-trace training pass): what a firmware that implements
-/// only those runs. Used to hold the simulator's overrides to the defaults.
+/// required methods (and its no-trace training pass): what a firmware that implements only those
+/// runs. Used to hold the simulator's overrides to the defaults.
 #[derive(Debug)]
 pub struct Minimal<L>(pub L);
 
@@ -603,6 +348,46 @@ impl<L: PhysicalLayer> PhysicalLayer for Minimal<L> {
         self.0.forward_features(out)
     }
 }
+
+/// Test of the contract both simulated layers keep: an update that follows a perturbed
+/// evaluation of the same chunk and seeds (the cached directions, the moved pre-activation)
+/// changes the parameters exactly as `firmware_protocol::direction::apply_update` does, so a
+/// host's shadow stays bit-identical. `layer` has parameters and an input; `chunk` is in range.
+#[cfg(test)]
+pub(crate) fn assert_cached_update_is_the_protocol_update<L: SimulatedLayer>(
+    layer: &mut L,
+    chunk: Range<usize>,
+) {
+    use firmware_protocol::direction::apply_update;
+    let before = layer.params().to_vec();
+    let mut shadow = before.clone();
+    let terms = [
+        UpdateTerm {
+            seed: DirectionSeed(11),
+            derivative: 0.5,
+        },
+        UpdateTerm {
+            seed: DirectionSeed(12),
+            derivative: -1.25,
+        },
+    ];
+    let seeds = [DirectionSeed(11), DirectionSeed(12)];
+    layer
+        .evaluate_perturbed(chunk.clone(), &seeds, 1e-3, &mut Vec::new())
+        .unwrap();
+    layer.apply_update(chunk.clone(), 0.3, &terms).unwrap();
+    let (mut v, mut g) = (vec![0.0; chunk.len()], vec![0.0; chunk.len()]);
+    apply_update(&mut shadow[chunk.clone()], 0.3, &terms, &mut v, &mut g);
+    let bits = |x: &[f32]| x.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&shadow), bits(layer.params()));
+    assert_ne!(
+        shadow[chunk.start], before[chunk.start],
+        "the update changed nothing"
+    );
+}
+
+/// A simulated layer behind the device protocol, with what every such device does the same way:
+/// parameter and input parts are staged here and handed to the layer whole (the layer takes
 
 #[cfg(test)]
 mod tests {
@@ -947,8 +732,8 @@ mod tests {
         ) {
             let conv = ConvGeometry { in_channels: 1, out_channels: 2, height: 2, width: 3, proj_dim: 2, projection_seed: 5 };
             let mut c = Client::new(vec![
-                DeviceLayer::Dense(Box::new(DeviceDense::new(3, 2, ActivationEncoding::AdcU8 { scale: 0.1 }))),
-                DeviceLayer::Conv(Box::new(DeviceConv::new(conv, ActivationEncoding::F32).unwrap())),
+                DeviceDense::new(3, 2, ActivationEncoding::AdcU8 { scale: 0.1 }).erased(),
+                DeviceConv::new(conv, ActivationEncoding::F32).unwrap().erased(),
             ]);
             let values: Vec<f32> = (0..n).map(|i| i as f32 - 5.0).collect();
             let seeds: Vec<DirectionSeed> = (0..n as u64).map(DirectionSeed).collect();
@@ -1123,7 +908,7 @@ mod conv_tests {
         // The block itself, programmed alike.
         let mut block = ConvBlock::new(shape());
         block
-            .set_params(c.server.layers_mut()[0].block_mut().params())
+            .set_params(c.server.layers_mut()[0].layer_mut().params())
             .unwrap();
         let x: Vec<f32> = (0..rows * shape().input_width())
             .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
@@ -1143,7 +928,7 @@ mod conv_tests {
         block.forward(ForwardMode::Eval, &mut f, &mut next).unwrap();
         assert_eq!(bits(&eval[..f.len()]), bits(&f));
         assert_eq!(
-            bits(c.server.layers()[0].block().running_mean()),
+            bits(c.server.layers()[0].layer().running_mean()),
             bits(block.running_mean())
         );
     }
@@ -1192,8 +977,8 @@ mod conv_tests {
                 bits(&fast.result(&forward(ForwardMode::Eval))),
                 bits(&eval_before)
             );
-            let m = minimal.server.layers()[0].0.block();
-            let f = fast.server.layers()[0].block();
+            let m = minimal.server.layers()[0].0.layer();
+            let f = fast.server.layers()[0].layer();
             assert_eq!(bits(m.running_mean()), bits(f.running_mean()));
             assert_eq!(bits(m.running_var()), bits(f.running_var()));
             let update = Request::ApplyUpdate {
