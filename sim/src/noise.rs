@@ -32,6 +32,19 @@
 //! batch happen at one instant. A perturbed evaluation is not a write (the perturbation rides on
 //! the programmed state and leaves no trace, as the oracle contract demands); `set_params` and
 //! `apply_update` are writes.
+//!
+//! # Adding an effect
+//! 1. This file: a field of [`NoiseModel`] (off by default), its check in
+//!    [`NoiseModel::validate`], its arithmetic in [`Device`] (where it acts: the input at load,
+//!    [`Device::effective`] and [`Device::slope`] for a weight map, [`Device::forward`] for a
+//!    per-evaluation draw, the output stage for an output transform), and its class in
+//!    [`NoiseModel::effects`] — which does not compile until the new field is classified there,
+//!    and from which every fast-path decision is derived.
+//! 2. `sim/tests/every_effect.rs`: its non-default value in `every_effect_on` and its line in
+//!    `one_at_a_time` (both exhaustive: they do not compile, or do not pass the lints, without
+//!    it). The test fails if the fast path does not give what the reference choreography gives.
+//! 3. Where users read about it: the list of effects in the top-level `README.md` (and, to sweep
+//!    it, `src/study.rs`).
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -74,6 +87,54 @@ pub struct NoiseModel {
     pub gain_mismatch: f32,
     /// Output nonlinearity `y / (1 + n |y|)` (n in 1/output units), before the ADC.
     pub nonlinearity: f32,
+}
+
+/// Where an effect acts, which decides how the exact fast path treats it (see
+/// [`NoiseModel::effects`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// On the input once, as a batch is loaded (DAC): the fast path reads the converted input.
+    InputTransform,
+    /// Drawn afresh over the whole product at every forward pass (input noise, read noise): the
+    /// fast path cannot share a product between evaluations, so the layer evaluates by the
+    /// reference choreography.
+    PerEvaluationDraw,
+    /// A per-weight map from target to effective weight, programmed at writes, linear in the
+    /// target (`e = s w`: programming error, drift, gain, stuck devices): the fast path
+    /// multiplies `±eps s v`.
+    LinearWeightMap,
+    /// A per-weight map that is not linear in the target (clipping, quantisation): the fast path
+    /// multiplies `e(w ± eps v) - e(w)`, one block per direction and sign.
+    NonlinearWeightMap,
+    /// Between the pre-activation and the ReLU (output noise, nonlinearity, ADC): the fast path
+    /// runs the output stage on every evaluation, drawing in the reference's order.
+    OutputTransform,
+}
+
+/// Which kinds of [`Effect`] a model switches on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Some field differs from the ideal device's.
+    pub any_set: bool,
+    pub input_transform: bool,
+    pub per_evaluation_draw: bool,
+    pub linear_weight_map: bool,
+    pub nonlinear_weight_map: bool,
+    pub output_transform: bool,
+}
+
+impl Effects {
+    fn add(&mut self, effect: Effect, set: bool, on: bool) {
+        self.any_set |= set;
+        let class = match effect {
+            Effect::InputTransform => &mut self.input_transform,
+            Effect::PerEvaluationDraw => &mut self.per_evaluation_draw,
+            Effect::LinearWeightMap => &mut self.linear_weight_map,
+            Effect::NonlinearWeightMap => &mut self.nonlinear_weight_map,
+            Effect::OutputTransform => &mut self.output_transform,
+        };
+        *class |= on;
+    }
 }
 
 /// A converter: values are clipped to `±bound` and, with `bits`, quantised to the `2^bits` codes
@@ -181,18 +242,84 @@ impl Quantizer {
 impl NoiseModel {
     /// Whether every effect is off (the simulator is then exact, bit for bit).
     pub fn is_ideal(&self) -> bool {
-        self.dac.is_none()
-            && self.adc.is_none()
-            && self.input_noise == 0.0
-            && self.output_noise == 0.0
-            && self.read_noise == 0.0
-            && self.programming_error == 0.0
-            && self.drift.is_none_or(|d| d.nu == 0.0 && d.nu_std == 0.0)
-            && self.weight_clip.is_none()
-            && self.weight_bits.is_none()
-            && self.stuck.as_ref().is_none_or(|s| s.fraction == 0.0)
-            && self.gain_mismatch == 0.0
-            && self.nonlinearity == 0.0
+        !self.effects().any_set
+    }
+
+    /// Every effect of the model, classified by where it acts: **the one place that decides how
+    /// the fast path treats an effect**. It destructures the model exhaustively (no `..`), so a
+    /// new field does not compile until it is classified here; [`Device`]'s fast-path
+    /// predicates ([`Device::weights_identity`], [`Device::weights_linear`],
+    /// [`Device::needs_full_forward`], [`Device::has_output_stage`]) and [`Self::is_ideal`] all
+    /// read the result. The test in `sim/tests/every_effect.rs` then switches each effect on
+    /// alone and holds the fast path to the reference choreography.
+    pub fn effects(&self) -> Effects {
+        let NoiseModel {
+            seed: _,
+            dac,
+            adc,
+            input_noise,
+            output_noise,
+            read_noise,
+            programming_error,
+            drift,
+            weight_clip,
+            weight_bits,
+            stuck,
+            gain_mismatch,
+            nonlinearity,
+        } = self;
+        let mut e = Effects::default();
+        // `set`: the field differs from the ideal device's; `on`: the effect acts on numbers (the
+        // same for every value `validate` accepts).
+        e.add(Effect::InputTransform, dac.is_some(), dac.is_some());
+        e.add(
+            Effect::PerEvaluationDraw,
+            *input_noise != 0.0,
+            *input_noise > 0.0,
+        );
+        e.add(
+            Effect::PerEvaluationDraw,
+            *read_noise != 0.0,
+            *read_noise > 0.0,
+        );
+        let drifts = drift.is_some_and(|d| d.nu > 0.0 || d.nu_std > 0.0);
+        let drift_set = drift.is_some_and(|d| d.nu != 0.0 || d.nu_std != 0.0);
+        e.add(Effect::LinearWeightMap, drift_set, drifts);
+        e.add(
+            Effect::LinearWeightMap,
+            *programming_error != 0.0,
+            *programming_error > 0.0,
+        );
+        e.add(
+            Effect::LinearWeightMap,
+            *gain_mismatch != 0.0,
+            *gain_mismatch > 0.0,
+        );
+        let stuck_set = stuck.as_ref().is_some_and(|s| s.fraction != 0.0);
+        let stuck_on = stuck.as_ref().is_some_and(|s| s.fraction > 0.0);
+        e.add(Effect::LinearWeightMap, stuck_set, stuck_on);
+        e.add(
+            Effect::NonlinearWeightMap,
+            weight_clip.is_some(),
+            weight_clip.is_some(),
+        );
+        e.add(
+            Effect::NonlinearWeightMap,
+            weight_bits.is_some(),
+            weight_bits.is_some(),
+        );
+        e.add(
+            Effect::OutputTransform,
+            *output_noise != 0.0,
+            *output_noise > 0.0,
+        );
+        e.add(
+            Effect::OutputTransform,
+            *nonlinearity != 0.0,
+            *nonlinearity > 0.0,
+        );
+        e.add(Effect::OutputTransform, adc.is_some(), adc.is_some());
+        e
     }
 
     /// Checks every value; the error names the key (under `prefix`, e.g. `noise`).
@@ -319,6 +446,8 @@ struct Streams {
 #[derive(Debug)]
 pub struct Device {
     model: NoiseModel,
+    /// `model.effects()`, which the fast-path predicates read.
+    effects: Effects,
     n_weights: usize,
     /// Stuck value per weight (NaN where not stuck); empty without stuck faults.
     stuck: Vec<f32>,
@@ -403,6 +532,7 @@ impl Device {
                 read: stream(seed, READ),
                 output: stream(seed, OUTPUT),
             }),
+            effects: model.effects(),
             model: model.clone(),
         }
     }
@@ -426,31 +556,26 @@ impl Device {
         self.gain.get(i).copied().unwrap_or(1.0)
     }
 
-    /// Whether the effective weights equal the targets.
+    /// Whether the effective weights equal the targets (no weight map, [`NoiseModel::effects`]).
     pub fn weights_identity(&self) -> bool {
-        self.stuck.is_empty()
-            && self.gain.is_empty()
-            && self.program_factor.is_empty()
-            && self.drift_factor.is_empty()
-            && self.model.weight_clip.is_none()
-            && self.model.weight_bits.is_none()
+        !self.effects.linear_weight_map && !self.effects.nonlinear_weight_map
     }
 
     /// Whether the effective weight is linear in the target (no clipping, no quantisation), so a
     /// perturbation `±eps v` of the targets is `±eps s v` of the effective weights.
     pub fn weights_linear(&self) -> bool {
-        self.model.weight_clip.is_none() && self.model.weight_bits.is_none()
+        !self.effects.nonlinear_weight_map
     }
 
     /// Whether a forward pass needs a full product with fresh noise (input or read noise), which
     /// the linear fast path cannot share between evaluations.
     pub fn needs_full_forward(&self) -> bool {
-        self.model.input_noise > 0.0 || self.model.read_noise > 0.0
+        self.effects.per_evaluation_draw
     }
 
     /// Whether anything happens between the pre-activation and the ReLU.
     pub fn has_output_stage(&self) -> bool {
-        self.model.output_noise > 0.0 || self.model.nonlinearity > 0.0 || self.model.adc.is_some()
+        self.effects.output_transform
     }
 
     /// The DAC, applied once to a loaded batch.
