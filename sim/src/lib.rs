@@ -14,6 +14,7 @@ pub mod matmul;
 pub mod noise;
 pub mod packed;
 pub mod profile;
+mod simd;
 pub mod sparse;
 pub mod threads;
 
