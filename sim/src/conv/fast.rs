@@ -32,20 +32,20 @@ impl ConvBlock {
         let touched = channels.len();
         let block = touched * cp;
         for (j, c) in channels.enumerate() {
-            let z = &mut self.z0[c * n..(c + 1) * n];
+            let z = &mut self.clean.z0[c * n..(c + 1) * n];
             for (q, &a) in coef.iter().enumerate() {
                 if a == 0.0 {
                     continue;
                 }
-                let vb = self.stacked[q * block + j * cp + k];
-                let dz = &self.dz_rows[self.dz_at + (q * touched + j) * n..][..n];
+                let vb = self.fast.stacked[q * block + j * cp + k];
+                let dz = &self.fast.dz_rows[self.fast.dz_at + (q * touched + j) * n..][..n];
                 for (z, d) in z.iter_mut().zip(dz) {
                     *z += a * (d + vb);
                 }
             }
-            self.z0_stats[c] = batch_stats(z);
-            self.z_stale[c] = false;
-            self.feat_stale[c] = true;
+            self.clean.z0_stats[c] = batch_stats(z);
+            self.clean.z_stale[c] = false;
+            self.clean.feat_stale[c] = true;
         }
     }
 
@@ -61,7 +61,7 @@ impl ConvBlock {
         let channels = self.channels_of(&chunk);
         let block = channels.len() * cp;
         let offset = chunk.start - channels.start * cp;
-        self.stacked.clear();
+        self.fast.stacked.clear();
         let mut count = 0;
         for v in vectors {
             if v.len() != chunk.len() {
@@ -71,8 +71,8 @@ impl ConvBlock {
                     got: v.len(),
                 });
             }
-            self.stacked.resize((count + 1) * block, 0.0);
-            self.stacked[count * block + offset..][..v.len()].copy_from_slice(v);
+            self.fast.stacked.resize((count + 1) * block, 0.0);
+            self.fast.stacked[count * block + offset..][..v.len()].copy_from_slice(v);
             count += 1;
         }
         Ok(Perturbation {
@@ -126,7 +126,7 @@ impl ConvBlock {
         let recompute = self.taps_path();
         // A stale clean pre-activation of the touched channels joins the first group's product
         // (one pass over the unfolded input instead of two).
-        let with_z0 = !recompute && channels.clone().all(|c| self.z_stale[c]);
+        let with_z0 = !recompute && channels.clone().all(|c| self.clean.z_stale[c]);
         let group = if recompute {
             self.ensure_cols_t();
             *count
@@ -135,7 +135,7 @@ impl ConvBlock {
                 .saturating_sub(with_z0 as usize)
                 .clamp(1, *count)
         };
-        self.dz_complete = !recompute && group == *count;
+        self.fast.dz_complete = !recompute && group == *count;
         if !recompute {
             self.ensure_cols();
             self.contributions_product(channels, 0, group.min(*count), with_z0);
@@ -147,11 +147,11 @@ impl ConvBlock {
         let every = touched == self.shape.out_channels;
         for (plus, minus) in out.iter_mut() {
             if every {
-                plus.resize(self.feat0.len(), 0.0);
-                minus.resize(self.feat0.len(), 0.0);
+                plus.resize(self.clean.feat0.len(), 0.0);
+                minus.resize(self.clean.feat0.len(), 0.0);
             } else {
-                plus.clone_from(&self.feat0);
-                minus.clone_from(&self.feat0);
+                plus.clone_from(&self.clean.feat0);
+                minus.clone_from(&self.clean.feat0);
             }
         }
         let tile_samples = (TILE_COLUMNS / hw).clamp(1, self.batch);
@@ -170,14 +170,14 @@ impl ConvBlock {
 
             // The batch statistics of z0 ± eps (dz + v_b) from those of z0 and the moments of
             // dz, and the BatchNorm affine of each (channel, direction, sign).
-            self.affines.clear();
+            self.fast.affines.clear();
             for (j, c) in channels.clone().enumerate() {
-                let (mean0, var0) = self.z0_stats[c];
+                let (mean0, var0) = self.clean.z0_stats[c];
                 let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
                 for q in 0..in_group {
-                    let v = &self.stacked[(first + q) * block + j * cp..][..cp];
+                    let v = &self.fast.stacked[(first + q) * block + j * cp..][..cp];
                     let (vb, vg, vs) = (v[k], v[k + 1], v[k + 2]);
-                    let [s1, s2, s12] = self.sums[j * in_group + q].map(|s| s / n as f64);
+                    let [s1, s2, s12] = self.fast.sums[j * in_group + q].map(|s| s / n as f64);
                     let (mean_dz, cov) = (s1, s12);
                     let var_dz = (s2 - mean_dz * mean_dz).max(0.0);
                     let affine = [1.0f32, -1.0].map(|sign| {
@@ -187,7 +187,7 @@ impl ConvBlock {
                         let var = (var0 + 2.0 * s * cov + s * s * var_dz).max(0.0);
                         bn_affine(mean, var, gamma + sign * eps * vg, beta + sign * eps * vs)
                     });
-                    self.affines.push(affine);
+                    self.fast.affines.push(affine);
                 }
             }
 
@@ -200,51 +200,52 @@ impl ConvBlock {
             for b0 in (0..self.batch).step_by(tile_samples) {
                 let samples = tile_samples.min(self.batch - b0);
                 let (n0, len) = (b0 * hw, samples * hw);
-                self.y_scratch.resize(2 * in_group * len, 0.0);
-                self.f_scratch.resize(2 * in_group * samples * d, 0.0);
+                self.scratch.y_scratch.resize(2 * in_group * len, 0.0);
+                self.fast.f_scratch.resize(2 * in_group * samples * d, 0.0);
                 for (j, c) in channels.clone().enumerate() {
-                    let z0 = &self.z0[c * n + n0..][..len];
+                    let z0 = &self.clean.z0[c * n + n0..][..len];
                     for q0 in (0..in_group).step_by(DIRECTIONS_AT_ONCE) {
                         let rows = DIRECTIONS_AT_ONCE.min(in_group - q0);
                         if recompute {
-                            self.dz_tile.resize(rows * len, 0.0);
+                            self.fast.dz_tile.resize(rows * len, 0.0);
                             direction_contributions(
-                                &self.stacked[(first + q0) * block + j * cp..],
+                                &self.fast.stacked[(first + q0) * block + j * cp..],
                                 (rows, block, k),
-                                &self.cols_t,
+                                &self.unfolded.cols_t,
                                 (cols_t_stride(n), n0),
-                                &mut self.dz_tile[..rows * len],
+                                &mut self.fast.dz_tile[..rows * len],
                                 (len, len),
                             );
                         }
                         for q in q0..q0 + rows {
                             let dz = if recompute {
-                                &self.dz_tile[(q - q0) * len..][..len]
+                                &self.fast.dz_tile[(q - q0) * len..][..len]
                             } else {
-                                &self.dz_rows[self.dz_at + (q * touched + j) * n + n0..][..len]
+                                &self.fast.dz_rows[self.fast.dz_at + (q * touched + j) * n + n0..]
+                                    [..len]
                             };
-                            let vb = self.stacked[(first + q) * block + j * cp + k];
+                            let vb = self.fast.stacked[(first + q) * block + j * cp + k];
                             let (plus, minus) =
-                                self.y_scratch[2 * q * len..][..2 * len].split_at_mut(len);
+                                self.scratch.y_scratch[2 * q * len..][..2 * len].split_at_mut(len);
                             bn_relu_pair(
                                 z0,
                                 dz,
                                 (eps, vb),
-                                self.affines[j * in_group + q],
+                                self.fast.affines[j * in_group + q],
                                 plus,
                                 minus,
                             );
                         }
                     }
                     gemm_into(
-                        View::new(&self.y_scratch, 2 * in_group * samples, hw),
+                        View::new(&self.scratch.y_scratch, 2 * in_group * samples, hw),
                         View::new(&self.projection[c * a_len..][..a_len], d, hw),
                         true,
-                        &mut self.f_scratch,
+                        &mut self.fast.f_scratch,
                         d,
                         false,
                     );
-                    for (map, rows) in self.f_scratch.chunks_exact(samples * d).enumerate() {
+                    for (map, rows) in self.fast.f_scratch.chunks_exact(samples * d).enumerate() {
                         let (plus, minus) = &mut out[first + map / 2];
                         let target = if map % 2 == 0 { plus } else { minus };
                         for (b, row) in rows.chunks_exact(d).enumerate() {
@@ -272,17 +273,20 @@ impl ConvBlock {
         let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
         let touched = channels.len();
         let block = touched * cp;
-        let directions = &self.stacked[first * block..(first + in_group) * block];
+        let directions = &self.fast.stacked[first * block..(first + in_group) * block];
         let (weights, z_rows) = if with_z0 {
-            self.fused_weights.clear();
-            self.fused_weights
+            self.fast.fused_weights.clear();
+            self.fast
+                .fused_weights
                 .extend_from_slice(&self.params[channels.start * cp..channels.end * cp]);
-            self.fused_weights.extend_from_slice(directions);
-            (&self.fused_weights[..], touched)
+            self.fast.fused_weights.extend_from_slice(directions);
+            (&self.fast.fused_weights[..], touched)
         } else {
             (directions, 0)
         };
-        self.dz_rows.resize((z_rows + in_group * touched) * n, 0.0);
+        self.fast
+            .dz_rows
+            .resize((z_rows + in_group * touched) * n, 0.0);
         gemm_into(
             View {
                 data: weights,
@@ -290,23 +294,23 @@ impl ConvBlock {
                 cols: k,
                 ld: cp,
             },
-            View::new(&self.cols, n, k),
+            View::new(&self.unfolded.cols, n, k),
             true,
-            &mut self.dz_rows,
+            &mut self.fast.dz_rows,
             n,
             false,
         );
-        self.z0.resize(self.shape.out_channels * n, 0.0);
+        self.clean.z0.resize(self.shape.out_channels * n, 0.0);
         for (j, c) in channels.clone().take(z_rows).enumerate() {
             let bias = self.params[c * cp + k];
-            let z = &mut self.z0[c * n..(c + 1) * n];
-            for (z, p) in z.iter_mut().zip(&self.dz_rows[j * n..(j + 1) * n]) {
+            let z = &mut self.clean.z0[c * n..(c + 1) * n];
+            for (z, p) in z.iter_mut().zip(&self.fast.dz_rows[j * n..(j + 1) * n]) {
                 *z = p + bias;
             }
-            self.z0_stats[c] = batch_stats(z);
-            self.z_stale[c] = false;
+            self.clean.z0_stats[c] = batch_stats(z);
+            self.clean.z_stale[c] = false;
         }
-        self.dz_at = z_rows * n;
+        self.fast.dz_at = z_rows * n;
     }
 
     /// Pass 1 of the fast path for a large kernel: the moments of each (channel, direction)'s
@@ -316,17 +320,18 @@ impl ConvBlock {
         let hw = self.shape.spatial();
         let touched = channels.len();
         let tile_samples = (TILE_COLUMNS / hw).clamp(1, self.batch);
-        self.sums.clear();
-        self.sums.resize(touched * in_group, [0.0; 3]);
+        self.fast.sums.clear();
+        self.fast.sums.resize(touched * in_group, [0.0; 3]);
         for b0 in (0..self.batch).step_by(tile_samples) {
             let (n0, len) = (b0 * hw, tile_samples.min(self.batch - b0) * hw);
             for (j, c) in channels.clone().enumerate() {
-                let z0 = &self.z0[c * n + n0..][..len];
-                let mean0 = self.z0_stats[c].0;
+                let z0 = &self.clean.z0[c * n + n0..][..len];
+                let mean0 = self.clean.z0_stats[c].0;
                 for q in 0..in_group {
-                    let dz = &self.dz_rows[self.dz_at + (q * touched + j) * n + n0..][..len];
+                    let dz =
+                        &self.fast.dz_rows[self.fast.dz_at + (q * touched + j) * n + n0..][..len];
                     let add = perturbation_sums(z0, dz, mean0);
-                    for (s, a) in self.sums[j * in_group + q].iter_mut().zip(add) {
+                    for (s, a) in self.fast.sums[j * in_group + q].iter_mut().zip(add) {
                         *s += a;
                     }
                 }
@@ -349,14 +354,14 @@ impl ConvBlock {
         let n = self.columns() as f64;
         let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
         self.ensure_gram();
-        self.sums.clear();
+        self.fast.sums.clear();
         for (j, c) in channels.clone().enumerate() {
             let w = &self.params[c * cp..][..k];
             for q in 0..in_group {
-                let v = &self.stacked[(first + q) * block + j * cp..][..k];
+                let v = &self.fast.stacked[(first + q) * block + j * cp..][..k];
                 let (vs, ws) = (self.tap_dot(v), self.tap_dot(w));
                 let (vgv, wgv) = (self.tap_form(v, v), self.tap_form(w, v));
-                self.sums.push([vs, vgv, wgv - ws * vs / n]);
+                self.fast.sums.push([vs, vgv, wgv - ws * vs / n]);
             }
         }
     }

@@ -97,6 +97,22 @@ pub struct ConvBlock {
     projection: Vec<f32>,
     input: Vec<f32>,
     batch: usize,
+    directions: DirectionCache,
+    choreography: Choreography,
+    /// The unfolded input and its transpose, each with its validity.
+    unfolded: Unfolded,
+    /// The clean pass's cached results, each channel with its staleness.
+    clean: Clean,
+    /// The fast path's buffers and what the next update may reuse.
+    fast: FastWork,
+    /// Scratch of the reference choreography and the clean pass.
+    scratch: Scratch,
+}
+
+/// The input batch unfolded for the 3x3 convolution, in the forms the paths read, each with
+/// whether it is the current batch's (rebuilt lazily after `load_input`).
+#[derive(Debug, Default)]
+struct Unfolded {
     /// The input unfolded for the convolution (im2col): (B*HW) x (C_in*9).
     cols: Vec<f32>,
     cols_ready: bool,
@@ -107,6 +123,15 @@ pub struct ConvBlock {
     cols_t: Vec<f32>,
     cols_t_ready: bool,
     gram_ready: bool,
+    /// For the taps path: the transposed unfolded input's row sums and Gram matrix (f64).
+    tap_sum: Vec<f64>,
+    tap_gram: Vec<f64>,
+}
+
+/// The clean pass cached between evaluations: pre-activation, its statistics and the features,
+/// each channel with whether it is stale (parameters, input or projection changed).
+#[derive(Debug, Default)]
+struct Clean {
     /// The clean pre-activation (conv + bias), C x (B*HW), and which channels of it are stale.
     z0: Vec<f32>,
     z_stale: Vec<bool>,
@@ -117,14 +142,15 @@ pub struct ConvBlock {
     feat_stale: Vec<bool>,
     /// The ReLU output of the last clean forward pass, C x (B*HW).
     relu: Vec<f32>,
-    directions: DirectionCache,
+}
+
+/// The fast path's workspace: stacked directions, their products and moments, and what an
+/// update may reuse of the last evaluation.
+#[derive(Debug, Default)]
+struct FastWork {
     /// A chunk's P directions laid out per touched channel: P x k x channel_params, zero where
     /// the chunk does not reach.
     stacked: Vec<f32>,
-    saved: Vec<f32>,
-    saved_stats: (Vec<f32>, Vec<f32>),
-    z_scratch: Vec<f32>,
-    y_scratch: Vec<f32>,
     /// The products of the fast path for a large kernel: from row `dz_at / N` on, each
     /// direction's contribution `dz = v ⊛ x` to each touched channel (row `q * touched + j`).
     dz_rows: Vec<f32>,
@@ -138,9 +164,6 @@ pub struct ConvBlock {
     /// sign.
     sums: Vec<[f64; 3]>,
     affines: Vec<[(f32, f32); 2]>,
-    /// For the taps path: the transposed unfolded input's row sums and Gram matrix (f64).
-    tap_sum: Vec<f64>,
-    tap_gram: Vec<f64>,
     /// Kernels of at most this many taps have their directions' contributions recomputed per
     /// tile by the fast path (RECOMPUTE_MAX_K; tests lower it to cover the other strategy).
     recompute_max_k: usize,
@@ -150,11 +173,19 @@ pub struct ConvBlock {
     contributions: Option<Contributions>,
     /// Whether the last fast evaluation left every direction's `dz` in `dz_rows`.
     dz_complete: bool,
-    choreography: Choreography,
+}
+
+/// Buffers of the reference choreography and the clean pass, kept between calls.
+#[derive(Debug, Default)]
+struct Scratch {
+    saved: Vec<f32>,
+    saved_stats: (Vec<f32>, Vec<f32>),
+    z_scratch: Vec<f32>,
+    y_scratch: Vec<f32>,
 }
 
 /// The last fast perturbed evaluation whose directions' contributions `dz` are all still in
-/// `ConvBlock::dz_rows` (rows `q * touched + j`), computed around the current clean pre-activation:
+/// `FastWork::dz_rows` (rows `q * touched + j`), computed around the current clean pre-activation:
 /// the update that follows along those seeds moves the pre-activation by a combination of them.
 #[derive(Debug)]
 struct Contributions {
@@ -189,38 +220,20 @@ impl ConvBlock {
             projection: Vec::new(),
             input: Vec::new(),
             batch: 0,
-            cols: Vec::new(),
-            cols_ready: false,
-            padded: Vec::new(),
-            cols_t: Vec::new(),
-            cols_t_ready: false,
-            gram_ready: false,
-            z0: Vec::new(),
-            z_stale: vec![true; c],
-            z0_stats: vec![(0.0, 0.0); c],
-            feat0: Vec::new(),
-            feat_stale: vec![true; c],
-            relu: Vec::new(),
             directions: DirectionCache::default(),
-            stacked: Vec::new(),
-            saved: Vec::new(),
-            saved_stats: (Vec::new(), Vec::new()),
-            z_scratch: Vec::new(),
-            y_scratch: Vec::new(),
-            dz_rows: Vec::new(),
-            dz_at: 0,
-            fused_weights: Vec::new(),
-            dz_tile: Vec::new(),
-            f_scratch: Vec::new(),
-            sums: Vec::new(),
-            tap_sum: Vec::new(),
-            tap_gram: Vec::new(),
-            affines: Vec::new(),
-            recompute_max_k: RECOMPUTE_MAX_K,
-            g_scratch: Vec::new(),
-            contributions: None,
-            dz_complete: false,
             choreography: Choreography::default(),
+            unfolded: Unfolded::default(),
+            clean: Clean {
+                z_stale: vec![true; c],
+                z0_stats: vec![(0.0, 0.0); c],
+                feat_stale: vec![true; c],
+                ..Default::default()
+            },
+            fast: FastWork {
+                recompute_max_k: RECOMPUTE_MAX_K,
+                ..Default::default()
+            },
+            scratch: Scratch::default(),
         }
     }
 
@@ -302,7 +315,7 @@ impl ConvBlock {
         }
         self.projection.clear();
         self.projection.extend_from_slice(a);
-        self.feat_stale.iter_mut().for_each(|s| *s = true);
+        self.clean.feat_stale.iter_mut().for_each(|s| *s = true);
         Ok(())
     }
 
@@ -319,8 +332,8 @@ impl ConvBlock {
         self.input.clear();
         self.input.extend_from_slice(x);
         self.batch = x.len() / width;
-        self.cols_ready = false;
-        self.cols_t_ready = false;
+        self.unfolded.cols_ready = false;
+        self.unfolded.cols_t_ready = false;
         self.mark_stale(0..self.shape.out_channels);
         Ok(())
     }
@@ -332,7 +345,7 @@ impl ConvBlock {
     /// The ReLU output of the last clean forward pass (C x B x H x W, channel-major), which the
     /// projection and the pooling read.
     pub fn relu_output(&self) -> &[f32] {
-        &self.relu
+        &self.clean.relu
     }
 
     /// The clean forward pass on the cached input: `features` (batch x C*d) are the projected
@@ -355,16 +368,16 @@ impl ConvBlock {
             self.shape.channel_params(),
             self.shape.kernel_len(),
         );
-        self.relu.resize(c_out * n, 0.0);
+        self.clean.relu.resize(c_out * n, 0.0);
         features.clear();
         features.resize(self.batch * self.shape.feature_width(), 0.0);
         for c in 0..c_out {
-            let z = &self.z0[c * n..(c + 1) * n];
+            let z = &self.clean.z0[c * n..(c + 1) * n];
             let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
-            let y = &mut self.relu[c * n..(c + 1) * n];
+            let y = &mut self.clean.relu[c * n..(c + 1) * n];
             match mode {
                 ForwardMode::Train => {
-                    let (mean, var) = self.z0_stats[c];
+                    let (mean, var) = self.clean.z0_stats[c];
                     bn_relu(z, mean, var, gamma, beta, y);
                     // PyTorch: running = (1 - momentum) running + momentum batch, with the
                     // unbiased variance.
@@ -382,10 +395,10 @@ impl ConvBlock {
         }
         if mode == ForwardMode::Train {
             // These are the clean training features the fast path perturbs around.
-            self.feat0.clone_from(features);
-            self.feat_stale.iter_mut().for_each(|s| *s = false);
+            self.clean.feat0.clone_from(features);
+            self.clean.feat_stale.iter_mut().for_each(|s| *s = false);
         }
-        max_pool(&self.shape, self.batch, &self.relu, next);
+        max_pool(&self.shape, self.batch, &self.clean.relu, next);
         Ok(())
     }
 
@@ -409,8 +422,8 @@ impl ConvBlock {
             .map(|s| directions.get(*s, len).expect("prepared just above"));
         let result = self.evaluate_perturbed_vectors(chunk.clone(), vectors, eps, out);
         self.directions = directions;
-        if result.is_ok() && self.dz_complete {
-            self.contributions = Some(Contributions {
+        if result.is_ok() && self.fast.dz_complete {
+            self.fast.contributions = Some(Contributions {
                 chunk,
                 seeds: seeds.to_vec(),
             });
@@ -428,8 +441,8 @@ impl ConvBlock {
         out: &mut Vec<(Vec<f32>, Vec<f32>)>,
     ) -> Result<(), SimError> {
         self.check_chunk(&chunk)?;
-        self.contributions = None;
-        self.dz_complete = false;
+        self.fast.contributions = None;
+        self.fast.dz_complete = false;
         if self.batch == 0 {
             return Err(SimError::NoInput);
         }
@@ -457,7 +470,7 @@ impl ConvBlock {
         self.check_chunk(&chunk)?;
         let len = chunk.len();
         self.directions.ensure(terms, len);
-        self.g_scratch.resize(len, 0.0);
+        self.fast.g_scratch.resize(len, 0.0);
         let directions = &self.directions;
         let vectors = terms.iter().map(|t| {
             let v = directions.get(t.seed, len).expect("ensured above");
@@ -468,9 +481,9 @@ impl ConvBlock {
             &mut self.params[chunk.clone()],
             scale,
             vectors,
-            &mut self.g_scratch,
+            &mut self.fast.g_scratch,
         );
-        match self.contributions.take() {
+        match self.fast.contributions.take() {
             Some(c) if c.chunk == chunk => self.move_preactivation(&chunk, &c.seeds, scale, terms),
             _ => self.mark_stale(channels),
         }
@@ -500,11 +513,13 @@ impl ConvBlock {
     }
 
     fn mark_stale(&mut self, channels: Range<usize>) {
-        self.contributions = None;
-        self.z_stale[channels.clone()]
+        self.fast.contributions = None;
+        self.clean.z_stale[channels.clone()]
             .iter_mut()
             .for_each(|s| *s = true);
-        self.feat_stale[channels].iter_mut().for_each(|s| *s = true);
+        self.clean.feat_stale[channels]
+            .iter_mut()
+            .for_each(|s| *s = true);
     }
 
     fn ensure_projection(&mut self) {
@@ -520,28 +535,28 @@ impl ConvBlock {
         }
         self.ensure_cols();
         let n = self.columns();
-        self.z0.resize(self.shape.out_channels * n, 0.0);
+        self.clean.z0.resize(self.shape.out_channels * n, 0.0);
         let mut c = 0;
         while c < self.shape.out_channels {
-            if !self.z_stale[c] {
+            if !self.clean.z_stale[c] {
                 c += 1;
                 continue;
             }
             let start = c;
-            while c < self.shape.out_channels && self.z_stale[c] {
-                self.z_stale[c] = false;
+            while c < self.shape.out_channels && self.clean.z_stale[c] {
+                self.clean.z_stale[c] = false;
                 c += 1;
             }
             convolve(
                 &self.shape,
                 &self.params,
                 start..c,
-                &self.cols,
+                &self.unfolded.cols,
                 n,
-                &mut self.z0[start * n..c * n],
+                &mut self.clean.z0[start * n..c * n],
             );
             for j in start..c {
-                self.z0_stats[j] = batch_stats(&self.z0[j * n..(j + 1) * n]);
+                self.clean.z0_stats[j] = batch_stats(&self.clean.z0[j * n..(j + 1) * n]);
             }
         }
     }
@@ -551,26 +566,27 @@ impl ConvBlock {
     fn refresh_features(&mut self, skip: &Range<usize>) {
         let n = self.columns();
         let (cp, k) = (self.shape.channel_params(), self.shape.kernel_len());
-        self.feat0
+        self.clean
+            .feat0
             .resize(self.batch * self.shape.feature_width(), 0.0);
         for c in 0..self.shape.out_channels {
-            if !self.feat_stale[c] || skip.contains(&c) {
+            if !self.clean.feat_stale[c] || skip.contains(&c) {
                 continue;
             }
-            let z = &self.z0[c * n..(c + 1) * n];
-            let (mean, var) = self.z0_stats[c];
-            self.y_scratch.resize(n, 0.0);
+            let z = &self.clean.z0[c * n..(c + 1) * n];
+            let (mean, var) = self.clean.z0_stats[c];
+            self.scratch.y_scratch.resize(n, 0.0);
             let (gamma, beta) = (self.params[c * cp + k + 1], self.params[c * cp + k + 2]);
-            bn_relu(z, mean, var, gamma, beta, &mut self.y_scratch);
+            bn_relu(z, mean, var, gamma, beta, &mut self.scratch.y_scratch);
             project_channel(
                 &self.shape,
                 &self.projection,
                 c,
                 self.batch,
-                &self.y_scratch,
-                &mut self.feat0,
+                &self.scratch.y_scratch,
+                &mut self.clean.feat0,
             );
-            self.feat_stale[c] = false;
+            self.clean.feat_stale[c] = false;
         }
     }
 }

@@ -175,8 +175,8 @@ mod tests {
                     } else {
                         0.0
                     };
-                    assert_eq!(b.cols[col * k + t].to_bits(), x.to_bits());
-                    assert_eq!(b.cols_t[t * ld + col].to_bits(), x.to_bits());
+                    assert_eq!(b.unfolded.cols[col * k + t].to_bits(), x.to_bits());
+                    assert_eq!(b.unfolded.cols_t[t * ld + col].to_bits(), x.to_bits());
                 }
             }
         }
@@ -201,8 +201,8 @@ mod tests {
         b.refresh_preactivation();
         let n = b.columns();
         for c in 0..s.out_channels {
-            let (mean, var) = b.z0_stats[c];
-            let (m, v) = batch_stats(&b.z0[c * n..(c + 1) * n]);
+            let (mean, var) = b.clean.z0_stats[c];
+            let (m, v) = batch_stats(&b.clean.z0[c * n..(c + 1) * n]);
             assert!(
                 (mean - m).abs() <= 1e-6 * m.abs().max(1.0),
                 "{c}: {mean} vs {m}"
@@ -245,7 +245,7 @@ mod tests {
         ] {
             let mut b = block(4);
             b.set_choreography(choreography);
-            b.recompute_max_k = recompute_max_k;
+            b.fast.recompute_max_k = recompute_max_k;
             let (mut f, mut next) = (Vec::new(), Vec::new());
             b.forward(ForwardMode::Train, &mut f, &mut next).unwrap();
             let (params, rm, rv) = (
@@ -279,7 +279,7 @@ mod tests {
     ) -> (Vec<Vec<f32>>, Vec<f32>) {
         let mut b = block(3);
         b.set_choreography(choreography);
-        b.recompute_max_k = recompute_max_k;
+        b.fast.recompute_max_k = recompute_max_k;
         let mut seen = Vec::new();
         let mut out = Vec::new();
         let (mut f, mut next) = (Vec::new(), Vec::new());
@@ -347,7 +347,7 @@ mod tests {
     fn a_chunk_changes_only_its_channels_features() {
         for recompute_max_k in [RECOMPUTE_MAX_K, 0] {
             let mut b = block(3);
-            b.recompute_max_k = recompute_max_k;
+            b.fast.recompute_max_k = recompute_max_k;
             let (mut f, mut next) = (Vec::new(), Vec::new());
             b.forward(ForwardMode::Train, &mut f, &mut next).unwrap();
             let mut out = Vec::new();

@@ -12,7 +12,7 @@ impl ConvBlock {
     /// as runs of three values (for the second block, 57 MB per batch: it was a sizeable share
     /// of a batch, written three values apart and cleared first).
     pub(super) fn ensure_cols(&mut self) {
-        if self.cols_ready {
+        if self.unfolded.cols_ready {
             return;
         }
         let ConvGeometry {
@@ -24,33 +24,37 @@ impl ConvBlock {
         let (hw, k) = (self.shape.spatial(), self.shape.kernel_len());
         let (hp, wp) = (height + 2, width + 2);
         // Every value is written below.
-        self.cols.resize(self.columns() * k, 0.0);
-        self.padded.clear();
-        self.padded.resize(in_channels * hp * wp, 0.0);
-        for (b, sample) in self.cols.chunks_exact_mut(hw * k).enumerate() {
+        self.unfolded.cols.resize(self.columns() * k, 0.0);
+        self.unfolded.padded.clear();
+        self.unfolded.padded.resize(in_channels * hp * wp, 0.0);
+        for (b, sample) in self.unfolded.cols.chunks_exact_mut(hw * k).enumerate() {
             let image = &self.input[b * in_channels * hw..][..in_channels * hw];
             for (ci, channel) in image.chunks_exact(hw).enumerate() {
                 for (h, src) in channel.chunks_exact(width).enumerate() {
-                    self.padded[(ci * hp + h + 1) * wp + 1..][..width].copy_from_slice(src);
+                    self.unfolded.padded[(ci * hp + h + 1) * wp + 1..][..width]
+                        .copy_from_slice(src);
                 }
             }
             for (p, row) in sample.chunks_exact_mut(k).enumerate() {
                 let (h, w) = (p / width, p % width);
                 for (ci, taps) in row.chunks_exact_mut(TAPS).enumerate() {
                     for (dh, dst) in taps.chunks_exact_mut(3).enumerate() {
-                        dst.copy_from_slice(&self.padded[(ci * hp + h + dh) * wp + w..][..3]);
+                        dst.copy_from_slice(
+                            &self.unfolded.padded[(ci * hp + h + dh) * wp + w..][..3],
+                        );
                     }
                 }
             }
         }
-        self.cols_ready = true;
+        self.unfolded.cols_ready = true;
     }
 
     /// Whether the fast path works from the transposed unfolded input: a kernel of at most
     /// `recompute_max_k` taps, whose products are cheaper as runs of scaled rows than as a
     /// general matrix product (see [`ConvBlock::perturbed_fast`]).
     pub(super) fn taps_path(&self) -> bool {
-        self.choreography == Choreography::Fast && self.shape.kernel_len() <= self.recompute_max_k
+        self.choreography == Choreography::Fast
+            && self.shape.kernel_len() <= self.fast.recompute_max_k
     }
 
     /// [`ConvBlock::refresh_preactivation`] on the taps path: the stale channels' clean
@@ -67,17 +71,17 @@ impl ConvBlock {
             self.shape.spatial(),
         );
         let c_out = self.shape.out_channels;
-        self.z0.resize(c_out * n, 0.0);
+        self.clean.z0.resize(c_out * n, 0.0);
         // Runs of up to four consecutive stale channels.
         let mut groups = Vec::new();
         let mut c = 0;
         while c < c_out {
-            if !self.z_stale[c] {
+            if !self.clean.z_stale[c] {
                 c += 1;
                 continue;
             }
             let start = c;
-            while c < c_out && self.z_stale[c] && c - start < DIRECTIONS_AT_ONCE {
+            while c < c_out && self.clean.z_stale[c] && c - start < DIRECTIONS_AT_ONCE {
                 c += 1;
             }
             groups.push(start..c);
@@ -93,14 +97,14 @@ impl ConvBlock {
                 direction_contributions(
                     &self.params[g.start * cp..],
                     (g.len(), cp, k),
-                    &self.cols_t,
+                    &self.unfolded.cols_t,
                     (ld, n0),
-                    &mut self.z0[g.start * n + n0..],
+                    &mut self.clean.z0[g.start * n + n0..],
                     (len, n),
                 );
                 for c in g.clone() {
                     let bias = self.params[c * cp + k];
-                    self.z0[c * n + n0..][..len]
+                    self.clean.z0[c * n + n0..][..len]
                         .iter_mut()
                         .for_each(|z| *z += bias);
                 }
@@ -116,8 +120,8 @@ impl ConvBlock {
                 let ws = self.tap_dot(w);
                 let mean = ws / nf + self.params[c * cp + k] as f64;
                 let var = ((self.tap_form(w, w) - ws * ws / nf) / nf).max(0.0);
-                self.z0_stats[c] = (mean, var);
-                self.z_stale[c] = false;
+                self.clean.z0_stats[c] = (mean, var);
+                self.clean.z_stale[c] = false;
             }
         }
     }
@@ -125,7 +129,7 @@ impl ConvBlock {
     /// `a · s`, `s` the transposed unfolded input's row sums (f64).
     pub(super) fn tap_dot(&self, a: &[f32]) -> f64 {
         a.iter()
-            .zip(&self.tap_sum)
+            .zip(&self.unfolded.tap_sum)
             .map(|(&a, s)| a as f64 * s)
             .sum()
     }
@@ -134,7 +138,7 @@ impl ConvBlock {
     pub(super) fn tap_form(&self, a: &[f32], b: &[f32]) -> f64 {
         let k = a.len();
         a.iter()
-            .zip(self.tap_gram.chunks_exact(k))
+            .zip(self.unfolded.tap_gram.chunks_exact(k))
             .map(|(&a, row)| a as f64 * b.iter().zip(row).map(|(&b, g)| b as f64 * g).sum::<f64>())
             .sum()
     }
@@ -144,38 +148,38 @@ impl ConvBlock {
     /// there, and the variances taken from them difference large sums), accumulated by tiles
     /// so that the rows being multiplied stay in cache.
     pub(super) fn ensure_gram(&mut self) {
-        if self.gram_ready {
+        if self.unfolded.gram_ready {
             return;
         }
         let (n, k) = (self.columns(), self.shape.kernel_len());
         let ld = cols_t_stride(n);
-        self.tap_sum.clear();
-        self.tap_sum.resize(k, 0.0);
-        self.tap_gram.clear();
-        self.tap_gram.resize(k * k, 0.0);
+        self.unfolded.tap_sum.clear();
+        self.unfolded.tap_sum.resize(k, 0.0);
+        self.unfolded.tap_gram.clear();
+        self.unfolded.tap_gram.resize(k * k, 0.0);
         let ones = vec![1.0f32; TILE_COLUMNS.min(n)];
         for n0 in (0..n).step_by(ones.len()) {
             let len = ones.len().min(n - n0);
             for t in 0..k {
-                let a = &self.cols_t[t * ld + n0..][..len];
-                self.tap_sum[t] += dot_f64(a, &ones);
+                let a = &self.unfolded.cols_t[t * ld + n0..][..len];
+                self.unfolded.tap_sum[t] += dot_f64(a, &ones);
                 for u in t..k {
-                    let g = dot_f64(a, &self.cols_t[u * ld + n0..][..len]);
-                    self.tap_gram[t * k + u] += g;
+                    let g = dot_f64(a, &self.unfolded.cols_t[u * ld + n0..][..len]);
+                    self.unfolded.tap_gram[t * k + u] += g;
                     if u != t {
-                        self.tap_gram[u * k + t] += g;
+                        self.unfolded.tap_gram[u * k + t] += g;
                     }
                 }
             }
         }
-        self.gram_ready = true;
+        self.unfolded.gram_ready = true;
     }
 
     /// The unfolded input transposed (C_in*9 x B*HW, row `ci*9 + kh*3 + kw` the input shifted
     /// by that tap, 0 outside the image), for the fast path of a small kernel: a run of a
     /// direction's contribution is then a sum of C_in*9 scaled contiguous runs.
     pub(super) fn ensure_cols_t(&mut self) {
-        if self.cols_t_ready {
+        if self.unfolded.cols_t_ready {
             return;
         }
         let ConvGeometry {
@@ -190,9 +194,9 @@ impl ConvBlock {
             self.shape.kernel_len(),
         );
         let ld = cols_t_stride(n);
-        self.cols_t.clear();
-        self.cols_t.resize(k * ld, 0.0);
-        for (tap, row) in self.cols_t.chunks_exact_mut(ld).enumerate() {
+        self.unfolded.cols_t.clear();
+        self.unfolded.cols_t.resize(k * ld, 0.0);
+        for (tap, row) in self.unfolded.cols_t.chunks_exact_mut(ld).enumerate() {
             let (ci, dh, dw) = (tap / TAPS, tap % TAPS / 3, tap % 3);
             for (b, dst) in row[..n].chunks_exact_mut(hw).enumerate() {
                 let image = &self.input[(b * in_channels + ci) * hw..][..hw];
@@ -209,8 +213,8 @@ impl ConvBlock {
                 }
             }
         }
-        self.gram_ready = false;
-        self.cols_t_ready = true;
+        self.unfolded.gram_ready = false;
+        self.unfolded.cols_t_ready = true;
     }
 }
 
