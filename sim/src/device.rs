@@ -386,9 +386,6 @@ pub(crate) fn assert_cached_update_is_the_protocol_update<L: SimulatedLayer>(
     );
 }
 
-/// A simulated layer behind the device protocol, with what every such device does the same way:
-/// parameter and input parts are staged here and handed to the layer whole (the layer takes
-
 #[cfg(test)]
 mod tests {
     use super::*;
