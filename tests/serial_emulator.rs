@@ -1,12 +1,15 @@
 //! Training through the emulator binary on a real pseudo-terminal: the same numbers as the
 //! in-process simulator, shape mismatches caught before training, and a device that goes away
-//! mid-run ending the run with a clear error.
+//! mid-run ending the run with a clear error. The emulator in process, over the in-memory pipe,
+//! computes what the binary does on its pseudo-terminal.
 
 mod serial_support;
 
 use std::time::{Duration, Instant};
 
-use serial_support::{Emulator, pnn_train, summary};
+use pnn::backend::serial::{self, SerialOracle, SerialSpec};
+use pnn::oracle::{Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerShape, UpdateTerm};
+use serial_support::{Emulator, in_process, pnn_train, summary};
 
 const RUN: [&str; 8] = [
     "--dataset",
@@ -139,4 +142,53 @@ fn a_device_that_goes_away_mid_run_ends_it_with_an_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     // No hang: far less than even one retry cycle.
     assert!(killed_at.elapsed() < Duration::from_secs(5));
+}
+
+/// Everything a training step asks of a layer: the perturbed outputs, the forward pass after a
+/// seeded update, and the parameters read back.
+fn exercise(o: &mut SerialOracle, n_in: usize, n_out: usize) -> Vec<Vec<u32>> {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let params: Vec<f32> = (0..n_in * n_out + n_out)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0)
+        .collect();
+    o.write_parameters(&params).unwrap();
+    let rows = 7;
+    let x: Vec<f32> = (0..rows * n_in).map(|i| (i % 13) as f32 / 13.0).collect();
+    o.load_input(&Activations::new(rows, n_in, x)).unwrap();
+    let seeds = [DirectionSeed(3), DirectionSeed(4), DirectionSeed(5)];
+    let mut pairs = Vec::new();
+    o.evaluate_perturbed(10..900, &seeds, 1e-2, &mut pairs)
+        .unwrap();
+    let terms: Vec<UpdateTerm> = seeds
+        .iter()
+        .map(|&seed| UpdateTerm {
+            seed,
+            derivative: 0.25,
+        })
+        .collect();
+    o.apply_update(10..900, 0.1, &terms).unwrap();
+    let mut out: Vec<Vec<u32>> = pairs
+        .iter()
+        .flat_map(|(p, m)| [bits(&p.data), bits(&m.data)])
+        .collect();
+    out.push(bits(&o.forward(ForwardMode::Train).unwrap().features.data));
+    out.push(bits(&o.read_parameters().unwrap()));
+    out
+}
+
+#[test]
+fn the_emulator_in_process_computes_what_the_binary_does_on_its_pty() {
+    let model = [LayerShape::dense(100, 20)];
+    let emulator = Emulator::spawn("100x20", &[]);
+    let mut pty = serial::open(&SerialSpec::parse(&emulator.path).unwrap(), &model).unwrap();
+    let (mut piped, device) = in_process("100x20", &model);
+    assert_eq!(
+        exercise(&mut piped[0], 100, 20),
+        exercise(&mut pty[0], 100, 20)
+    );
+    // The same requests on both links (the replies differ in the device's name and boot id).
+    let (a, b) = (piped[0].wire_stats().unwrap(), pty[0].wire_stats().unwrap());
+    assert_eq!((a.bytes_up, a.round_trips), (b.bytes_up, b.round_trips));
+    drop(piped);
+    device.join().unwrap();
 }

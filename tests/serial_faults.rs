@@ -1,6 +1,6 @@
 //! Bad input from the device side, one test each: a scripted fake device on a real
 //! pseudo-terminal pair runs the real protocol server and then garbles, drops or replaces its
-//! replies as each test's script says. The documented behaviour (`backend::serial::link`):
+//! replies as each test's script says. The documented behaviour (`firmware_protocol::link`):
 //! garbage, corrupt CRC, truncated frames, stale sequence numbers and silence are retried under
 //! the same sequence number and recovered from; a wrong protocol version, silence past the
 //! retries and a hang-up end with a clear error, quickly.
@@ -12,12 +12,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
+use firmware_protocol::link::{LinkCounters, RetryPolicy, SerialPortTransport, Side};
 use firmware_protocol::message::{PROTOCOL_VERSION, Request, Response};
-use pnn::backend::serial::{self, RetryPolicy, SerialOracle, SerialTransport};
+use pnn::backend::serial::{self, SerialOracle};
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, LayerShape, OracleError, UpdateTerm,
 };
-use pnn_sim::emulator::{self, EmulatorConfig, LayerConfig};
+use pnn_emulator::{self as emulator, EmulatorConfig};
 use serialport::{SerialPort, TTYPort};
 
 /// What the fake device does with one request, after the real server has executed it.
@@ -74,13 +75,7 @@ fn fake_device(mut script: impl FnMut(&Seen<'_>) -> Action + Send + 'static) -> 
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
     let thread = std::thread::spawn(move || {
-        let mut config = EmulatorConfig::new(
-            "fake",
-            vec![LayerConfig::Dense {
-                inputs: N_IN,
-                outputs: N_OUT,
-            }],
-        );
+        let mut config = EmulatorConfig::new("fake", vec![LayerShape::dense(N_IN, N_OUT)]);
         (config.max_batch, config.boot_id) = (64, 42);
         let mut server = emulator::server(&config).unwrap();
         let mut decoder = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
@@ -124,7 +119,7 @@ fn fake_device(mut script: impl FnMut(&Seen<'_>) -> Action + Send + 'static) -> 
 }
 
 fn connect(slave: TTYPort) -> Result<SerialOracle, OracleError> {
-    let transport = SerialTransport::from_port(Box::new(slave));
+    let transport = SerialPortTransport::new(Box::new(slave), Side::Host);
     let mut oracles = serial::open_transport(
         Box::new(transport),
         policy(),
@@ -174,10 +169,7 @@ fn reference() -> Outcome {
 
 /// Runs [`exercise`] against a device that misbehaves once on the first request `pick` selects,
 /// as `fault` says; checks the run recovered with the reference numbers.
-fn recovers(
-    pick: fn(&Request<'_>) -> bool,
-    fault: fn(&Seen<'_>) -> Action,
-) -> serial::link::LinkCounters {
+fn recovers(pick: fn(&Request<'_>) -> bool, fault: fn(&Seen<'_>) -> Action) -> LinkCounters {
     let mut done = false;
     let (_fake, slave) = fake_device(move |seen| {
         if !done && pick(&seen.request) {
@@ -219,7 +211,7 @@ fn garbage_before_a_reply_is_skipped() {
         bytes.extend_from_slice(seen.reply);
         Action::Send(bytes)
     });
-    assert!(c.corrupt_frames >= 1, "{c:?}");
+    assert!(c.resyncs >= 1, "{c:?}");
 }
 
 #[test]
@@ -233,7 +225,7 @@ fn a_corrupted_reply_is_retried_and_the_update_applied_once() {
         bytes[at] = if bytes[at] == 0x55 { 0x56 } else { 0x55 };
         Action::Send(bytes)
     });
-    assert!(c.corrupt_frames >= 1 && c.retransmissions >= 1, "{c:?}");
+    assert!(c.resyncs >= 1 && c.retries >= 1, "{c:?}");
 }
 
 #[test]
@@ -243,7 +235,7 @@ fn a_truncated_reply_is_retried() {
     let c = recovers(is_evaluation, |seen| {
         Action::Send(seen.reply[..seen.reply.len() / 2].to_vec())
     });
-    assert!(c.retransmissions >= 1, "{c:?}");
+    assert!(c.retries >= 1, "{c:?}");
 }
 
 #[test]
@@ -257,7 +249,7 @@ fn a_reply_with_another_sequence_number_is_discarded() {
         let n = frame::encode(seen.seq.wrapping_sub(1), &body, &mut scratch, &mut out).unwrap();
         Action::Send(out[..n].to_vec())
     });
-    assert!(c.stale_replies >= 1 && c.retransmissions >= 1, "{c:?}");
+    assert!(c.stale_replies >= 1 && c.retries >= 1, "{c:?}");
 }
 
 /// A device that answers the handshake with `version` instead of its own.
@@ -318,7 +310,7 @@ fn a_silent_device_is_retried_then_given_up_on() {
         elapsed >= p.timeout * (p.retries + 1) && elapsed < p.timeout * (p.retries + 1) * 3,
         "gave up after {elapsed:?}"
     );
-    assert_eq!(oracle.link_counters().retransmissions, p.retries as u64);
+    assert_eq!(oracle.link_counters().retries, p.retries as u64);
 }
 
 #[test]
@@ -339,5 +331,5 @@ fn a_device_that_hangs_up_ends_at_once() {
         "{:?}",
         start.elapsed()
     );
-    assert_eq!(oracle.link_counters().retransmissions, 0);
+    assert_eq!(oracle.link_counters().retries, 0);
 }

@@ -8,7 +8,8 @@
 //! - [`frame`]: postcard body, sequence number, CRC-32, COBS, `0x00` delimiter;
 //! - [`shape`]: what a layer is (shapes, conv geometry, chunking, forward mode), for every crate;
 //! - [`server`]: the device-side dispatcher over the [`server::PhysicalLayer`] trait;
-//! - [`simd`] (host builds): the one detection of the CPU's vector instructions.
+//! - [`simd`] (host builds): the one detection of the CPU's vector instructions;
+//! - `link` (feature `std`): the host side of a link, shared by the pnn host and its emulator.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 #[cfg(feature = "alloc")]
@@ -16,6 +17,8 @@ extern crate alloc;
 
 pub mod direction;
 pub mod frame;
+#[cfg(feature = "std")]
+pub mod link;
 pub mod message;
 pub mod server;
 pub mod shape;

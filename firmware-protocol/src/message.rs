@@ -538,14 +538,6 @@ pub enum Encoded<'a> {
 }
 
 impl Encoded<'_> {
-    /// Bytes on the wire (without the length prefix).
-    pub fn byte_len(&self) -> usize {
-        match self {
-            Self::Values { values, encoding } => values.len() * encoding.size(),
-            Self::Bytes(b) => b.len(),
-        }
-    }
-
     /// The bytes, where they are at hand (the receiving side).
     pub fn bytes(&self) -> Option<&[u8]> {
         match self {

@@ -25,7 +25,6 @@ pub mod conv;
 pub mod dense;
 pub mod device;
 pub mod direction_cache;
-pub mod emulator;
 mod error;
 pub mod layer;
 pub mod matmul;

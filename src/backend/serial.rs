@@ -6,15 +6,16 @@
 //! the model's layers, and hands out one [`SerialOracle`] per layer, all sharing the link.
 //! Directions go up as seeds only; each batch's input goes up once per layer; activations come
 //! down in the encoding the device declares. See `devices/README.md` for the device side.
+//!
+//! The link itself (transport, retransmission, counters, the typed client) is
+//! `firmware_protocol::link`, which the emulator (`pnn_emulator`) shares.
 
 pub mod device;
-pub mod faults;
-pub mod link;
 
 use std::time::Duration;
 
 pub use device::{SerialDevice, SerialOracle};
-pub use link::{Link, LinkError, RetryPolicy, SerialTransport, Transport};
+use firmware_protocol::link::{Link, RetryPolicy, SerialPortTransport, Transport};
 
 use crate::oracle::{LayerShape, OracleError};
 
@@ -88,13 +89,9 @@ impl SerialSpec {
     }
 }
 
-/// A first sequence number that differs between runs, so that a late reply left in the port by
-/// an earlier run can never be taken for a reply of this one.
+/// A first sequence number that differs between runs (see `firmware_protocol::link::fresh_nonce`).
 fn first_seq() -> u16 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    firmware_protocol::direction::mix(t.as_nanos() as u64 ^ std::process::id() as u64) as u16
+    firmware_protocol::link::fresh_nonce() as u16
 }
 
 /// Connects over `transport` and returns one oracle per model layer.
@@ -108,14 +105,14 @@ pub fn open_transport(
 
 /// Opens the port and handshakes, without checking the layers against a model.
 pub fn connect(spec: &SerialSpec) -> Result<SerialDevice, OracleError> {
-    let transport = SerialTransport::open(&spec.path, spec.baud, spec.timeout)
+    let transport = SerialPortTransport::open(&spec.path, spec.baud, spec.timeout)
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
     SerialDevice::connect(Link::new(Box::new(transport), spec.policy(), first_seq()))
 }
 
 /// Opens the port and returns one oracle per model layer.
 pub fn open(spec: &SerialSpec, layers: &[LayerShape]) -> Result<Vec<SerialOracle>, OracleError> {
-    let transport = SerialTransport::open(&spec.path, spec.baud, spec.timeout)
+    let transport = SerialPortTransport::open(&spec.path, spec.baud, spec.timeout)
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
     open_transport(Box::new(transport), spec.policy(), layers).map_err(|e| match e {
         OracleError::Link(m) => OracleError::Link(format!("{}: {m}", spec.path)),

@@ -1,4 +1,4 @@
-//! `pnn-emulate`: a simulated device on a real pseudo-terminal (see `pnn_sim::emulator`).
+//! `pnn-emulate`: a simulated device on a real pseudo-terminal (a thin CLI over `pnn_emulator`).
 //!
 //! Prints the path a host opens (e.g. `/dev/pts/7`) as the first line on stdout, then serves
 //! the device protocol there, one host after another, until killed:
@@ -9,7 +9,7 @@
 //! pnn-emulate --profile devices/ideal.ron --layers conv1x28x28:32,conv32x14x14:32 --seed 3
 //! ```
 //!
-//! A bad line and a flaky device on purpose (`pnn::backend::serial::faults`): every byte damaged
+//! A bad line and a flaky device on purpose (`pnn_emulator::faults`): every byte damaged
 //! with probability `--corrupt-rate`, every frame lost with `--drop-rate`, replies held back up to
 //! `--delay-ms`, and a power-cycle at every `--reset-every`-th request (parameters and input
 //! forgotten, a new boot id), all drawn from `--fault-seed`. `--max-frame` makes frames short,
@@ -31,9 +31,8 @@ use std::time::Duration;
 use clap::Parser;
 use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::message::ActivationEncoding;
-use pnn::backend::serial::faults::{self, FaultConfig, FaultyTransport, PortTransport};
 use pnn::model::DEFAULT_PROJ_DIM;
-use pnn_sim::emulator::{self, EmulatorConfig, LayerConfig};
+use pnn_emulator::{self as emulator, EmulatorConfig, FaultConfig, FaultyTransport};
 use pnn_sim::profile::DeviceProfile;
 
 #[derive(Parser, Debug)]
@@ -49,8 +48,8 @@ struct Args {
     profile: PathBuf,
     /// The device's layers, comma-separated: INPUTSxOUTPUTS for a dense layer (784x50),
     /// convCxHxW:OUT for a CNN block on C maps of H x W with OUT channels (conv1x28x28:32).
-    #[arg(long, value_parser = parse_layers)]
-    layers: Layers,
+    #[arg(long, value_parser = check_layers)]
+    layers: String,
     /// CNN blocks: projected features d per channel (pnn-train's --proj-dim).
     #[arg(long, default_value_t = DEFAULT_PROJ_DIM, value_parser = positive_usize)]
     proj_dim: usize,
@@ -90,11 +89,10 @@ struct Args {
     max_frame: Option<u32>,
 }
 
-#[derive(Clone, Debug)]
-struct Layers(Vec<LayerConfig>);
-
-fn parse_layers(s: &str) -> Result<Layers, String> {
-    emulator::parse_layers(s).map(Layers)
+/// The layer list's syntax, checked while the arguments are parsed; the layers themselves are
+/// built once `--proj-dim` and `--seed` are known.
+fn check_layers(s: &str) -> Result<String, String> {
+    emulator::parse_layers(s, DEFAULT_PROJ_DIM, 0).map(|_| s.to_string())
 }
 
 fn positive_usize(s: &str) -> Result<usize, String> {
@@ -127,22 +125,18 @@ fn main() -> ExitCode {
     };
     let config = EmulatorConfig {
         name: profile.name.clone(),
-        layers: args.layers.0.clone(),
+        layers: emulator::parse_layers(&args.layers, args.proj_dim, args.seed)
+            .expect("checked while parsing the arguments"),
         encoding: args.encoding,
         max_batch: args.max_batch,
         boot_id: args.boot_id.unwrap_or_else(emulator::fresh_boot_id),
         noise: profile.noise.clone(),
-        proj_dim: args.proj_dim,
-        seed: args.seed,
     };
     // Built before the pty exists, so that a device the profile cannot be is refused at once.
-    let mut server = match emulator::server(&config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    if let Err(e) = emulator::layers(&config) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let mut pty = match emulator::open_pty() {
         Ok(p) => p,
         Err(e) => {
@@ -154,7 +148,7 @@ fn main() -> ExitCode {
     if std::io::stdout().flush().is_err() {
         return ExitCode::from(4);
     }
-    let layers: Vec<String> = config.layers.iter().map(|l| l.to_string()).collect();
+    let layers: Vec<String> = config.layers.iter().map(emulator::layer_name).collect();
     eprintln!(
         "pnn-emulate: device '{}' (boot id {:#010x}), layers [{}]{}, serving on {}",
         config.name,
@@ -174,16 +168,16 @@ fn main() -> ExitCode {
         max_delay: Duration::from_millis(args.delay_ms),
         reset_every: args.reset_every,
     };
-    let served = if faults.is_clean() && args.max_frame.is_none() {
-        emulator::serve(&mut pty.device, &mut server, args.verbose)
+    let max_frame = args.max_frame.map_or(MAX_PAYLOAD, |m| m as usize);
+    let served = if faults.is_clean() {
+        emulator::serve(&mut pty.device, &config, max_frame, args.verbose)
     } else {
         eprintln!(
             "pnn-emulate: faults {faults:?}, frames of at most {:?} bytes",
             args.max_frame
         );
-        let max_frame = args.max_frame.map_or(MAX_PAYLOAD, |m| m as usize);
-        let mut transport = FaultyTransport::new(PortTransport::new(&mut pty.device), faults);
-        faults::serve_device(&mut transport, &config, max_frame, args.verbose).map(|_| ())
+        let mut line = FaultyTransport::new(&mut pty.device, faults);
+        emulator::serve(&mut line, &config, max_frame, args.verbose)
     };
     match served {
         Ok(()) => ExitCode::SUCCESS,

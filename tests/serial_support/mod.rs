@@ -1,9 +1,37 @@
-//! Shared by the `serial_*` integration tests: the emulator binary on a pseudo-terminal, and
-//! `pnn-train` runs.
+//! Shared by the `serial_*` integration tests: the emulator binary on a pseudo-terminal, the
+//! emulator in process over the shared in-memory pipe, and `pnn-train` runs.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use firmware_protocol::link::{RetryPolicy, pipe};
+use pnn::backend::serial::{self, SerialOracle};
+use pnn::oracle::LayerShape;
+use pnn_emulator::{EmulatorConfig, parse_layers};
+
+/// An ideal emulated device of `layers` (as `--layers` names them) served on a thread over
+/// `firmware_protocol::link::pipe`, by the emulator's one serve loop; returns the host's
+/// oracles for `model` and the device's thread, which ends when the oracles are dropped.
+pub fn in_process(layers: &str, model: &[LayerShape]) -> (Vec<SerialOracle>, JoinHandle<()>) {
+    let (host, mut device) = pipe();
+    let config = EmulatorConfig {
+        boot_id: 9,
+        ..EmulatorConfig::new("in-process", parse_layers(layers, 16, 0).unwrap())
+    };
+    let thread = std::thread::spawn(move || {
+        pnn_emulator::serve(&mut device, &config, usize::MAX, false).expect("serves");
+    });
+    let policy = RetryPolicy {
+        timeout: Duration::from_secs(10),
+        retries: 0,
+        baud: 921_600,
+    };
+    let oracles = serial::open_transport(Box::new(host), policy, model).expect("connects");
+    (oracles, thread)
+}
 
 /// `pnn-emulate` running as a child process; killed when dropped.
 pub struct Emulator {

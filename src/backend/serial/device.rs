@@ -1,16 +1,15 @@
 //! A device behind a [`Link`]: the handshake, and one [`SerialOracle`] per device layer, all
-//! sharing the link.
+//! sharing the link. The requests themselves are `firmware_protocol::link::Client`'s; this file
+//! checks what the device says against the model and maps the client's errors to
+//! [`OracleError`]s.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use firmware_protocol::frame::{CRC_LEN, HEADER_LEN};
-use firmware_protocol::message::{
-    ActivationEncoding, Capabilities, ChunkRange, DeviceError, DeviceInfo, LayerDescriptor,
-    PROTOCOL_VERSION, Packed, Request, Response, peek_hello_version,
-};
+use firmware_protocol::link::{Client, ClientError, Link, LinkCounters};
+use firmware_protocol::message::{Capabilities, ChunkRange, DeviceError, LayerDescriptor};
 
-use super::link::{Link, LinkError, name};
 use crate::oracle::{
     Activations, ChunkUnits, ConvGeometry, DirectionSeed, ForwardMode, ForwardOracle,
     ForwardOutput, LayerShape, LinkHealth, OracleError, PerturbedPair, UpdateTerm, WireStats,
@@ -33,26 +32,18 @@ pub struct DeviceSummary {
 
 /// A connected, identified device.
 pub struct SerialDevice {
-    link: Arc<Mutex<Link>>,
+    client: Arc<Mutex<Client>>,
     summary: DeviceSummary,
 }
 
-fn link_err(e: LinkError) -> OracleError {
-    OracleError::Link(e.to_string())
-}
-
-fn unexpected(request: &Request<'_>, body: &[u8]) -> OracleError {
-    match postcard::from_bytes::<Response>(body) {
-        Ok(Response::Error(e)) => OracleError::Refused(format!("{}: {e}", name(request))),
-        Ok(other) => OracleError::Link(format!(
-            "protocol error: unexpected reply to {}: {other:?}",
-            name(request)
-        )),
-        Err(_) => OracleError::Link(format!(
-            "protocol error: the reply to {} does not decode ({} bytes)",
-            name(request),
-            body.len()
-        )),
+/// A refusal stays a refusal (the device is up and said no); every other failure is the link's.
+impl From<ClientError> for OracleError {
+    fn from(e: ClientError) -> Self {
+        if e.is_refusal() {
+            OracleError::Refused(e.to_string())
+        } else {
+            OracleError::Link(e.to_string())
+        }
     }
 }
 
@@ -121,23 +112,10 @@ pub fn layer_spec(d: &LayerDescriptor) -> Result<LayerShape, OracleError> {
 
 impl SerialDevice {
     /// Handshakes over `link`: checks the protocol version and reads every layer's description.
-    pub fn connect(mut link: Link) -> Result<Self, OracleError> {
-        let hello = Request::Hello {
-            protocol_version: PROTOCOL_VERSION,
-        };
-        let body = link.call(&hello).map_err(link_err)?;
-        let info: DeviceInfo = match postcard::from_bytes::<Response>(body) {
-            Ok(Response::Hello(info)) => info,
-            Ok(_) | Err(_) => {
-                if let Some(v) = peek_hello_version(body).filter(|&v| v != PROTOCOL_VERSION) {
-                    return Err(version_mismatch(v));
-                }
-                return Err(unexpected(&hello, body));
-            }
-        };
-        if info.protocol_version != PROTOCOL_VERSION {
-            return Err(version_mismatch(info.protocol_version));
-        }
+    pub fn connect(link: Link) -> Result<Self, OracleError> {
+        let mut client = Client::new(link);
+        let info = client.hello()?;
+        let layers = info.layers;
         let mut summary = DeviceSummary {
             name: info.name.to_string(),
             boot_id: info.boot_id,
@@ -160,13 +138,8 @@ impl SerialDevice {
                 summary.name, summary.max_request
             )));
         }
-        for layer in 0..info.layers {
-            let req = Request::DescribeLayer { layer };
-            let body = link.call(&req).map_err(link_err)?;
-            match postcard::from_bytes::<Response>(body) {
-                Ok(Response::Layer(d)) => summary.layers.push(d),
-                _ => return Err(unexpected(&req, body)),
-            }
+        for layer in 0..layers {
+            summary.layers.push(client.describe_layer(layer)?);
         }
         tracing::info!(
             device = %summary.name,
@@ -175,7 +148,7 @@ impl SerialDevice {
             "connected"
         );
         Ok(Self {
-            link: Arc::new(Mutex::new(link)),
+            client: Arc::new(Mutex::new(client)),
             summary,
         })
     }
@@ -225,13 +198,13 @@ impl SerialDevice {
                 )));
             }
         }
-        let handshake = self.lock().counters().wire;
+        let handshake = self.lock().counters().traffic();
         Ok(model
             .iter()
             .zip(device)
             .enumerate()
             .map(|(l, (spec, d))| SerialOracle {
-                link: Arc::clone(&self.link),
+                client: Arc::clone(&self.client),
                 layer: l as u8,
                 spec: *spec,
                 descriptor: *d,
@@ -240,31 +213,25 @@ impl SerialDevice {
                 max_directions: self.summary.max_directions as usize,
                 read_back: self.summary.capabilities.parameter_read_back,
                 rows: 0,
-                stats: if l == 0 {
+                // The handshake's traffic (not its retries) is counted on the first layer.
+                share: if l == 0 {
                     handshake
                 } else {
-                    WireStats::default()
+                    LinkCounters::default()
                 },
-                health: LinkHealth::default(),
                 values: Vec::new(),
             })
             .collect())
     }
 
-    fn lock(&self) -> MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Client> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn version_mismatch(device: u16) -> OracleError {
-    OracleError::Link(format!(
-        "the device speaks protocol version {device}, this host speaks version {PROTOCOL_VERSION}: update the firmware or the host"
-    ))
 }
 
 /// One device layer as a [`ForwardOracle`].
 pub struct SerialOracle {
-    link: Arc<Mutex<Link>>,
+    client: Arc<Mutex<Client>>,
     layer: u8,
     spec: LayerShape,
     descriptor: LayerDescriptor,
@@ -274,10 +241,8 @@ pub struct SerialOracle {
     read_back: bool,
     /// Rows of the batch loaded last.
     rows: usize,
-    /// This oracle's share of the link's traffic.
-    stats: WireStats,
-    /// This oracle's share of the link's retries and resyncs.
-    health: LinkHealth,
+    /// This oracle's share of the link's traffic and health.
+    share: LinkCounters,
     values: Vec<f32>,
 }
 
@@ -287,90 +252,33 @@ impl SerialOracle {
     }
 
     /// The shared link's counters (all layers), retransmissions and dropped frames included.
-    pub fn link_counters(&self) -> super::link::LinkCounters {
-        self.link
+    pub fn link_counters(&self) -> LinkCounters {
+        self.client
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .counters()
     }
 
-    /// Runs `f` on the link and adds the traffic it caused to this oracle's counters.
+    /// This oracle's share of the link's counters (the handshake's traffic on the first layer).
+    pub fn counters(&self) -> LinkCounters {
+        self.share
+    }
+
+    /// Runs `f` on the client and adds the traffic it caused to this oracle's counters.
     fn with_link<T>(
         &mut self,
-        f: impl FnOnce(&mut Link, &mut Vec<f32>) -> Result<T, OracleError>,
+        f: impl FnOnce(&mut Client, &mut Vec<f32>) -> Result<T, ClientError>,
     ) -> Result<T, OracleError> {
-        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        let counters = link.counters();
-        let before = counters.wire;
-        let result = f(&mut link, &mut self.values);
-        let now = link.counters();
-        self.health.retries += now.retransmissions - counters.retransmissions;
-        self.health.resyncs += now.corrupt_frames - counters.corrupt_frames;
-        let after = now.wire;
-        self.stats.bytes_up += after.bytes_up - before.bytes_up;
-        self.stats.bytes_down += after.bytes_down - before.bytes_down;
-        self.stats.round_trips += after.round_trips - before.round_trips;
-        result
+        let mut client = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let before = client.counters();
+        let result = f(&mut client, &mut self.values);
+        self.share += client.counters() - before;
+        Ok(result?)
     }
 
     /// Values of f32 bulk data that fit one request.
     fn part_len(&self) -> usize {
         (self.max_request - REQUEST_OVERHEAD) / 4
-    }
-}
-
-fn ack(link: &mut Link, request: &Request<'_>) -> Result<(), OracleError> {
-    let body = link.call(request).map_err(link_err)?;
-    match postcard::from_bytes::<Response>(body) {
-        Ok(Response::Ack) => Ok(()),
-        _ => Err(unexpected(request, body)),
-    }
-}
-
-/// Issues `request`, then reads its whole result (`expected` values in `encoding`) into `out`.
-fn fetch(
-    link: &mut Link,
-    request: &Request<'_>,
-    expected: usize,
-    encoding: ActivationEncoding,
-    out: &mut Vec<f32>,
-) -> Result<(), OracleError> {
-    out.clear();
-    let size = encoding.size();
-    let total_bytes = expected * size;
-    let mut current = request.clone();
-    loop {
-        let body = link.call(&current).map_err(link_err)?;
-        let (total, offset, data) = match postcard::from_bytes::<Response>(body) {
-            Ok(Response::Result {
-                total,
-                offset,
-                data,
-            }) => (total as usize, offset as usize, data),
-            _ => return Err(unexpected(&current, body)),
-        };
-        let bytes = data.bytes().unwrap_or_default();
-        if total != total_bytes
-            || offset != out.len() * size
-            || !bytes.len().is_multiple_of(size)
-            || offset + bytes.len() > total
-            || bytes.is_empty()
-        {
-            return Err(OracleError::Link(format!(
-                "protocol error: {} returned bytes {offset}..{} of {total}, expected the {} bytes from {}",
-                name(request),
-                offset + bytes.len(),
-                total_bytes,
-                out.len() * size
-            )));
-        }
-        out.extend(bytes.chunks_exact(size).map(|b| encoding.decode(b)));
-        if out.len() == expected {
-            return Ok(());
-        }
-        current = Request::ReadResult {
-            offset: (out.len() * size) as u32,
-        };
     }
 }
 
@@ -395,14 +303,9 @@ impl ForwardOracle for SerialOracle {
             )));
         }
         let (layer, part) = (self.layer, self.part_len());
-        self.with_link(|link, _| {
+        self.with_link(|client, _| {
             for (k, values) in params.chunks(part).enumerate() {
-                let request = Request::SetParameters {
-                    layer,
-                    offset: (k * part) as u32,
-                    values: Packed::Items(values),
-                };
-                ack(link, &request)?;
+                client.set_parameters(layer, (k * part) as u32, values)?;
             }
             Ok(())
         })
@@ -413,14 +316,8 @@ impl ForwardOracle for SerialOracle {
             return Err(OracleError::Unsupported("parameter read-back"));
         }
         let (layer, count) = (self.layer, self.spec.param_count());
-        self.with_link(|link, values| {
-            fetch(
-                link,
-                &Request::ReadParameters { layer },
-                count,
-                ActivationEncoding::F32,
-                values,
-            )?;
+        self.with_link(|client, values| {
+            client.read_parameters(layer, count, values)?;
             Ok(values.clone())
         })
     }
@@ -441,15 +338,9 @@ impl ForwardOracle for SerialOracle {
             )));
         }
         let (layer, part) = (self.layer, self.part_len());
-        self.with_link(|link, _| {
+        self.with_link(|client, _| {
             for (k, values) in input.data.chunks(part).enumerate() {
-                let request = Request::LoadInput {
-                    layer,
-                    rows: input.rows as u32,
-                    offset: (k * part) as u32,
-                    values: Packed::Items(values),
-                };
-                ack(link, &request)?;
+                client.load_input(layer, input.rows as u32, (k * part) as u32, values)?;
             }
             Ok(())
         })?;
@@ -460,10 +351,7 @@ impl ForwardOracle for SerialOracle {
     /// The features and, for a layer whose next-layer input differs from them (a CNN block),
     /// that input: the device returns both in one result, features first.
     fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
-        let request = Request::Forward {
-            layer: self.layer,
-            mode,
-        };
+        let layer = self.layer;
         let (rows, width, encoding) = (
             self.rows,
             self.spec.feature_width(),
@@ -474,14 +362,8 @@ impl ForwardOracle for SerialOracle {
         } else {
             0
         };
-        let (features, next) = self.with_link(|link, values| {
-            fetch(
-                link,
-                &request,
-                rows * (width + next_width),
-                encoding,
-                values,
-            )?;
+        let (features, next) = self.with_link(|client, values| {
+            client.forward(layer, mode, rows * (width + next_width), encoding, values)?;
             let (features, next) = values.split_at(rows * width);
             Ok((features.to_vec(), next.to_vec()))
         })?;
@@ -505,20 +387,16 @@ impl ForwardOracle for SerialOracle {
                 self.max_directions
             )));
         }
-        let request = Request::EvaluatePerturbed {
-            layer: self.layer,
-            chunk: chunk_range(&chunk),
-            eps,
-            seeds: Packed::Items(seeds),
-        };
+        let (layer, range) = (self.layer, chunk_range(&chunk));
         let (rows, width, encoding) = (
             self.rows,
             self.spec.feature_width(),
             self.descriptor.encoding,
         );
         let block = rows * width;
-        self.with_link(|link, values| {
-            fetch(link, &request, 2 * seeds.len() * block, encoding, values)
+        self.with_link(|client, values| {
+            let expected = 2 * seeds.len() * block;
+            client.evaluate_perturbed(layer, range, eps, seeds, expected, encoding, values)
         })?;
         out.resize_with(seeds.len(), Default::default);
         for ((plus, minus), pair) in out.iter_mut().zip(self.values.chunks_exact(2 * block)) {
@@ -538,26 +416,29 @@ impl ForwardOracle for SerialOracle {
         scale: f32,
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError> {
-        let request = Request::ApplyUpdate {
-            layer: self.layer,
-            chunk: chunk_range(&chunk),
-            scale,
-            terms: Packed::Items(terms),
-        };
-        self.with_link(|link, _| ack(link, &request))
+        let (layer, range) = (self.layer, chunk_range(&chunk));
+        self.with_link(|client, _| client.apply_update(layer, range, scale, terms))
     }
 
     fn wire_stats(&self) -> Option<WireStats> {
-        Some(self.stats)
+        let c = self.share;
+        Some(WireStats {
+            bytes_up: c.bytes_up,
+            bytes_down: c.bytes_down,
+            round_trips: c.round_trips,
+        })
     }
 
     fn link_health(&self) -> Option<LinkHealth> {
-        Some(self.health)
+        Some(LinkHealth {
+            retries: self.share.retries,
+            resyncs: self.share.resyncs,
+        })
     }
 
     /// The boot id, from a `Hello`: a device that reset has a new one (see `crate::recovery`).
     fn session(&mut self) -> Result<Option<u64>, OracleError> {
-        self.with_link(|link, _| super::faults::boot_id(link).map(|id| Some(id as u64)))
+        self.with_link(|client, _| client.boot_id().map(|id| Some(id as u64)))
     }
 }
 

@@ -13,7 +13,7 @@ use firmware_protocol::message::{
     ActivationEncoding, ChunkRange, ForwardMode, Packed, Request, Response,
 };
 use firmware_protocol::server::ServerIo;
-use pnn_sim::emulator::{self, EmulatorConfig};
+use pnn_emulator::{self as emulator, EmulatorConfig};
 use proptest::prelude::*;
 
 struct Counting;
@@ -245,8 +245,8 @@ fn a_damaged_request_is_nakked_under_its_sequence_number() {
     assert_eq!(server.stats().naks, 1);
 }
 
-fn dense(inputs: usize, outputs: usize) -> pnn_sim::emulator::LayerConfig {
-    pnn_sim::emulator::LayerConfig::Dense { inputs, outputs }
+fn dense(inputs: usize, outputs: usize) -> firmware_protocol::shape::LayerShape {
+    firmware_protocol::shape::LayerShape::dense(inputs, outputs)
 }
 
 #[test]

@@ -1,33 +1,21 @@
-//! Link faults and device resets, on purpose and on detection.
+//! Link faults and device resets, on purpose.
 //!
-//! - [`FaultyTransport`] wraps any [`Transport`] and, seeded, damages bytes (one random bit of a
-//!   byte flipped, at a per-byte rate), loses whole frames, holds frames back, and tells its owner
-//!   when the device should power-cycle (every N-th request received, that request lost). Tests
-//!   and `pnn-emulate --corrupt-rate --drop-rate --delay-ms --reset-every` use it.
-//! - [`serve_device`] is the emulator's device loop over such a transport: the protocol server
-//!   over simulated layers, rebuilt from scratch with a new boot id at every reset (parameters,
-//!   inputs, results and the retransmission cache are gone, as after a brown-out).
-//! - [`pipe`]: an in-memory byte pipe, a [`Transport`] pair for in-process tests.
-//! - [`boot_id`]: how the host asks a device for its boot id, which a reset changes; the host's
-//!   recovery (`crate::recovery`) compares it around its work.
+//! [`FaultyTransport`] wraps any [`Transport`] and, seeded, damages bytes (one random bit of a
+//! byte flipped, at a per-byte rate), loses whole frames, holds frames back, and tells its owner
+//! when the device should power-cycle (every N-th request received, that request lost; the serve
+//! loop, [`crate::serve()`], does the power-cycling). Tests and `pnn-emulate --corrupt-rate
+//! --drop-rate --delay-ms --reset-every` use it.
 //!
 //! A faulty transport may sit on either side of a link; on the device side (as in the emulator),
 //! "sent" frames are replies and "received" frames are requests.
 
-use std::io::ErrorKind;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use firmware_protocol::frame::{FrameDecoder, wire_len};
-use firmware_protocol::message::{PROTOCOL_VERSION, Request, Response};
-use firmware_protocol::server::ServerIo;
-use pnn_sim::emulator::{self, EmulatorConfig};
+use firmware_protocol::link::Transport;
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
-use serialport::SerialPort;
 
-use super::link::{Link, Transport};
-use crate::oracle::OracleError;
+use crate::serve::DeviceLine;
 
 /// What goes wrong on a link, and how often.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -126,15 +114,6 @@ impl<T: Transport> FaultyTransport<T> {
         self.counters
     }
 
-    pub fn inner_mut(&mut self) -> &mut T {
-        &mut self.inner
-    }
-
-    /// Whether the device should power-cycle now (once per reset).
-    pub fn take_reset(&mut self) -> bool {
-        std::mem::take(&mut self.reset_due)
-    }
-
     /// Damages `byte` if its turn has come.
     fn corrupt(&mut self, byte: &mut u8) {
         if self.until_corrupt == 0 {
@@ -160,6 +139,13 @@ fn gap(rng: &mut ChaCha8Rng, rate: f64) -> u64 {
     ((1.0 - u).ln() / (1.0 - rate).ln())
         .floor()
         .min(u64::MAX as f64) as u64
+}
+
+impl<T: Transport> DeviceLine for FaultyTransport<T> {
+    /// Whether the device should power-cycle now (once per reset).
+    fn take_reset(&mut self) -> bool {
+        std::mem::take(&mut self.reset_due)
+    }
 }
 
 impl<T: Transport> Transport for FaultyTransport<T> {
@@ -247,175 +233,13 @@ impl<T: Transport> Transport for FaultyTransport<T> {
     }
 }
 
-/// One end of an in-memory byte pipe (see [`pipe`]).
-pub struct PipeEnd {
-    tx: mpsc::Sender<Vec<u8>>,
-    rx: mpsc::Receiver<Vec<u8>>,
-    pending: Vec<u8>,
-    at: usize,
-}
-
-/// Two connected in-memory [`Transport`]s: what one sends, the other receives. Dropping one end
-/// hangs up the other (`BrokenPipe`).
-pub fn pipe() -> (PipeEnd, PipeEnd) {
-    let (a_tx, b_rx) = mpsc::channel();
-    let (b_tx, a_rx) = mpsc::channel();
-    let end = |tx, rx| PipeEnd {
-        tx,
-        rx,
-        pending: Vec::new(),
-        at: 0,
-    };
-    (end(a_tx, a_rx), end(b_tx, b_rx))
-}
-
-impl Transport for PipeEnd {
-    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.tx
-            .send(bytes.to_vec())
-            .map_err(|_| ErrorKind::BrokenPipe.into())
-    }
-
-    fn receive(&mut self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
-        if self.at == self.pending.len() {
-            match self.rx.recv_timeout(timeout) {
-                Ok(bytes) => {
-                    self.pending = bytes;
-                    self.at = 0;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => return Ok(0),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(ErrorKind::BrokenPipe.into());
-                }
-            }
-        }
-        let n = buf.len().min(self.pending.len() - self.at);
-        buf[..n].copy_from_slice(&self.pending[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-
-    fn discard_input(&mut self) -> std::io::Result<()> {
-        self.at = self.pending.len();
-        while self.rx.try_recv().is_ok() {}
-        Ok(())
-    }
-}
-
-/// The device side of a serial port (the emulator's pseudo-terminal) as a [`Transport`].
-pub struct PortTransport<'a> {
-    port: &'a mut dyn SerialPort,
-}
-
-impl<'a> PortTransport<'a> {
-    pub fn new(port: &'a mut dyn SerialPort) -> Self {
-        Self { port }
-    }
-}
-
-impl Transport for PortTransport<'_> {
-    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.port.write_all(bytes)
-    }
-
-    fn receive(&mut self, buf: &mut [u8], timeout: Duration) -> std::io::Result<usize> {
-        if self.port.timeout() != timeout {
-            self.port
-                .set_timeout(timeout)
-                .map_err(std::io::Error::from)?;
-        }
-        match self.port.read(buf) {
-            Ok(n) => Ok(n),
-            Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::Interrupted => {
-                Ok(0)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// Smallest frame payload a device may be given: the handshake's replies must fit, and the host
-/// needs room for data in every request.
-pub const MIN_FRAME: usize = 128;
-
-/// Serves the emulated device over `transport` until receiving fails (the host side hung up).
-/// Frames carry at most `max_frame` bytes of payload each way. At every reset the transport
-/// asks for, the device starts over: a new server (nothing programmed, nothing cached) with the
-/// next boot id. Returns the fault counters when the link ends.
-pub fn serve_device<T: Transport>(
-    transport: &mut FaultyTransport<T>,
-    config: &EmulatorConfig,
-    max_frame: usize,
-    verbose: bool,
-) -> std::io::Result<FaultCounters> {
-    let max_frame = max_frame.clamp(MIN_FRAME, firmware_protocol::frame::MAX_PAYLOAD);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut boot_id = config.boot_id;
-    loop {
-        let booted = EmulatorConfig {
-            boot_id,
-            ..config.clone()
-        };
-        let mut server = emulator::server(&booted)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        server.set_max_request(max_frame as u32);
-        let mut io = ServerIo {
-            decoder: FrameDecoder::new(vec![0u8; wire_len(max_frame)]),
-            payload: vec![0u8; max_frame],
-            out: vec![0u8; wire_len(max_frame)],
-        };
-        loop {
-            let n = match transport.receive(&mut buf, Duration::from_millis(200)) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::BrokenPipe => return Ok(transport.counters()),
-                Err(e) => return Err(e),
-            };
-            if n > 0 {
-                let served = server.serve(&mut io, &buf[..n], |reply| transport.send(reply));
-                if let Err(e) = served {
-                    if verbose {
-                        eprintln!("pnn-emulate: reply dropped: {e}; {:?}", server.stats());
-                    }
-                    io.decoder.clear();
-                }
-            }
-            if transport.take_reset() {
-                boot_id = boot_id.wrapping_add(1);
-                if verbose {
-                    eprintln!(
-                        "pnn-emulate: reset after {} requests ({:?} since the last); boot id now {boot_id:#010x}",
-                        transport.counters().frames_received,
-                        server.stats()
-                    );
-                }
-                break;
-            }
-        }
-    }
-}
-
-/// Asks the device for its boot id (a `Hello`); a device that has reset answers with a new one.
-pub fn boot_id(link: &mut Link) -> Result<u32, OracleError> {
-    let hello = Request::Hello {
-        protocol_version: PROTOCOL_VERSION,
-    };
-    let body = link
-        .call(&hello)
-        .map_err(|e| OracleError::Link(e.to_string()))?;
-    match postcard::from_bytes::<Response>(body) {
-        Ok(Response::Hello(info)) => Ok(info.boot_id),
-        Ok(Response::Error(e)) => Err(OracleError::Refused(format!("Hello: {e}"))),
-        _ => Err(OracleError::Link(
-            "protocol error: the reply to Hello does not decode".into(),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::serial::link::RetryPolicy;
+    use crate::{EmulatorConfig, serve};
+    use firmware_protocol::link::{Client, Link, PipeEnd, RetryPolicy, pipe};
     use firmware_protocol::message::ActivationEncoding;
+    use firmware_protocol::shape::LayerShape;
 
     /// An emulated device (one dense layer) behind `faults`, on a thread; returns the host's end.
     fn device(
@@ -428,27 +252,22 @@ mod tests {
                 encoding: ActivationEncoding::F32,
                 max_batch: 64,
                 boot_id: 100,
-                ..EmulatorConfig::new(
-                    "faulty",
-                    vec![pnn_sim::emulator::LayerConfig::Dense {
-                        inputs: 6,
-                        outputs: 4,
-                    }],
-                )
+                ..EmulatorConfig::new("faulty", vec![LayerShape::dense(6, 4)])
             };
             let mut t = FaultyTransport::new(dev, faults);
-            serve_device(&mut t, &config, max_frame, false).unwrap()
+            serve(&mut t, &config, max_frame, false).unwrap();
+            t.counters()
         });
         (host, thread)
     }
 
-    fn link(host: PipeEnd, timeout_ms: u64) -> Link {
+    fn client(host: PipeEnd, timeout_ms: u64) -> Client<PipeEnd> {
         let policy = RetryPolicy {
             timeout: Duration::from_millis(timeout_ms),
             retries: 50,
             baud: 921_600,
         };
-        Link::new(Box::new(host), policy, 1)
+        Client::new(Link::new(host, policy, 1))
     }
 
     #[test]
@@ -463,22 +282,19 @@ mod tests {
             },
             256,
         );
-        let mut link = link(host, 20);
+        let mut client = client(host, 20);
         let mut boots = Vec::new();
         for _ in 0..300 {
-            boots.push(boot_id(&mut link).expect("every Hello gets through"));
+            boots.push(client.boot_id().expect("every Hello gets through"));
         }
-        let c = link.counters();
+        let c = client.counters();
         eprintln!("{c:?}");
-        assert!(
-            c.retransmissions > 0 && c.naks > 0 && c.corrupt_frames > 0,
-            "{c:?}"
-        );
+        assert!(c.retries > 0 && c.naks > 0 && c.resyncs > 0, "{c:?}");
         // Boot ids only ever step up by one, once per reset.
         boots.dedup();
         assert!(boots.len() > 3, "{boots:?}");
         assert!(boots.windows(2).all(|w| w[1] == w[0] + 1), "{boots:?}");
-        drop(link);
+        drop(client);
         let faults = thread.join().unwrap();
         assert_eq!(faults.resets as usize, boots.len() - 1);
     }
@@ -494,14 +310,14 @@ mod tests {
             1024,
         );
         // A third of the replies come after the host has given up waiting and sent again.
-        let mut link = link(host, 20);
-        let first = boot_id(&mut link).unwrap();
+        let mut client = client(host, 20);
+        let first = client.boot_id().unwrap();
         for _ in 0..20 {
-            assert_eq!(boot_id(&mut link).unwrap(), first);
+            assert_eq!(client.boot_id().unwrap(), first);
         }
-        let c = link.counters();
-        assert!(c.retransmissions > 0 && c.stale_replies > 0, "{c:?}");
-        drop(link);
+        let c = client.counters();
+        assert!(c.retries > 0 && c.stale_replies > 0, "{c:?}");
+        drop(client);
         thread.join().unwrap();
     }
 
