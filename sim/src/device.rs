@@ -386,90 +386,85 @@ pub(crate) fn assert_cached_update_is_the_protocol_update<L: SimulatedLayer>(
     );
 }
 
+/// The one protocol client of these tests: `firmware_protocol::link`'s typed [`Client`] over a
+/// [`Loopback`] (the server in process, no thread), the very link a host runs, with the raw
+/// calls these tests need on top.
+///
+/// [`Client`]: firmware_protocol::link::Client
+/// [`Loopback`]: firmware_protocol::link::Loopback
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
-    use firmware_protocol::message::{Capabilities, ChunkRange, Packed, Request, Response};
-    use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
+mod test_client {
+    use std::time::Duration;
 
-    fn config() -> DeviceConfig<'static> {
-        DeviceConfig {
-            name: "test",
-            boot_id: 1,
-            max_request: MAX_PAYLOAD as u32,
-            max_batch: 64,
-            max_directions: 8,
-            capabilities: Capabilities {
-                seeded_perturbation: true,
-                raw_parameter_writes: true,
-                parameter_read_back: true,
-            },
-        }
+    use firmware_protocol::frame::MAX_PAYLOAD;
+    use firmware_protocol::link::{Client, Link, Loopback, RetryPolicy};
+    use firmware_protocol::message::{Capabilities, Request, Response};
+    use firmware_protocol::server::{DeviceConfig, PhysicalLayer, Server};
+
+    pub(super) type TestServer<L> = Server<'static, L, Vec<L>, Vec<f32>>;
+
+    pub(super) struct TestClient<L: PhysicalLayer + Send + 'static> {
+        client: Client<Loopback<'static, L, Vec<L>, Vec<f32>>>,
     }
 
-    /// Sends requests through the frame layer and collects every reply's f32 result.
-    struct Client<L: PhysicalLayer> {
-        server: Server<'static, L, Vec<L>, Vec<f32>>,
-        io: ServerIo<Vec<u8>>,
-        seq: u16,
-    }
-
-    impl<L: PhysicalLayer> Client<L> {
-        fn new(layers: Vec<L>) -> Self {
-            Self {
-                server: Server::new(layers, config(), Vec::new(), Vec::new()),
-                io: ServerIo {
-                    decoder: FrameDecoder::new(vec![0; MAX_ENCODED]),
-                    payload: vec![0; MAX_PAYLOAD],
-                    out: vec![0; MAX_ENCODED + 1],
+    impl<L: PhysicalLayer + Send + 'static> TestClient<L> {
+        pub(super) fn new(layers: Vec<L>) -> Self {
+            let config = DeviceConfig {
+                name: "test",
+                boot_id: 1,
+                max_request: MAX_PAYLOAD as u32,
+                max_batch: 64,
+                max_directions: 8,
+                capabilities: Capabilities {
+                    seeded_perturbation: true,
+                    raw_parameter_writes: true,
+                    parameter_read_back: true,
                 },
-                seq: 0,
+            };
+            let server = Server::new(layers, config, Vec::new(), Vec::new());
+            let policy = RetryPolicy {
+                timeout: Duration::from_secs(10),
+                retries: 0,
+                baud: 921_600,
+            };
+            Self {
+                client: Client::new(Link::new(Loopback::new(server), policy, 0)),
             }
         }
 
-        /// One request under `seq` (retransmissions reuse it); returns the raw reply bodies.
-        fn send_seq(&mut self, seq: u16, req: &Request<'_>) -> Vec<u8> {
-            let mut scratch = vec![0u8; MAX_PAYLOAD];
-            let mut wire = vec![0u8; MAX_ENCODED + 1];
-            let n = frame::encode(seq, req, &mut scratch, &mut wire).unwrap();
-            let mut replies = Vec::new();
-            self.server
-                .serve(&mut self.io, &wire[..n], |bytes| {
-                    replies.extend_from_slice(bytes);
-                    Ok::<_, ()>(())
-                })
-                .unwrap();
-            let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
-            let (_, f) = dec.feed(&replies);
-            let f = f.unwrap().unwrap();
-            assert_eq!(f.seq, seq);
-            f.body.to_vec()
+        pub(super) fn server(&self) -> &TestServer<L> {
+            self.client.link().transport().server()
         }
 
-        fn send(&mut self, req: &Request<'_>) -> Vec<u8> {
-            self.seq = self.seq.wrapping_add(1);
-            self.send_seq(self.seq, req)
+        pub(super) fn server_mut(&mut self) -> &mut TestServer<L> {
+            self.client.link_mut().transport_mut().server_mut()
         }
 
-        fn ack(&mut self, req: &Request<'_>) {
-            let body = self.send(req);
-            assert_eq!(
-                postcard::from_bytes::<Response>(&body).unwrap(),
-                Response::Ack
-            );
+        /// The raw reply body to `req`.
+        pub(super) fn send(&mut self, req: &Request<'_>) -> Vec<u8> {
+            self.client.call(req).expect("a reply").to_vec()
+        }
+
+        /// `req` under sequence number `seq` (a retransmission reuses it).
+        pub(super) fn send_seq(&mut self, seq: u16, req: &Request<'_>) -> Vec<u8> {
+            self.client.link_mut().set_last_seq(seq.wrapping_sub(1));
+            self.send(req)
+        }
+
+        pub(super) fn ack(&mut self, req: &Request<'_>) {
+            self.client.ack(req).unwrap();
         }
 
         /// The whole result of a request, fetched block by block.
-        fn result(&mut self, req: &Request<'_>) -> Vec<f32> {
+        pub(super) fn result(&mut self, req: &Request<'_>) -> Vec<f32> {
             let mut bytes = Vec::new();
             let mut body = self.send(req);
             loop {
-                let Response::Result {
+                let Ok(Response::Result {
                     total,
                     offset,
                     data,
-                } = postcard::from_bytes(&body).unwrap()
+                }) = postcard::from_bytes(&body)
                 else {
                     panic!(
                         "not a result: {:?}",
@@ -491,13 +486,26 @@ mod tests {
                 .collect()
         }
     }
+}
 
-    fn program<L: PhysicalLayer>(c: &mut Client<L>, n_in: usize, n_out: usize, rows: usize) {
+#[cfg(test)]
+mod tests {
+    use super::test_client::TestClient as Client;
+    use super::*;
+    use firmware_protocol::frame::FrameDecoder;
+    use firmware_protocol::message::{ChunkRange, Packed, Request, Response};
+
+    fn program<L: PhysicalLayer + Send>(c: &mut Client<L>, n_in: usize, n_out: usize, rows: usize) {
         program_sizes(c, n_in * n_out + n_out, n_in, rows);
     }
 
     /// Programs `params` parameters and loads `rows` inputs of `n_in` values into layer 0.
-    fn program_sizes<L: PhysicalLayer>(c: &mut Client<L>, params: usize, n_in: usize, rows: usize) {
+    fn program_sizes<L: PhysicalLayer + Send>(
+        c: &mut Client<L>,
+        params: usize,
+        n_in: usize,
+        rows: usize,
+    ) {
         let p: Vec<f32> = (0..params)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 400.0)
             .collect();
@@ -597,7 +605,7 @@ mod tests {
         assert_eq!(first, again);
         let once = c.result(&read);
         assert_ne!(once, before);
-        assert_eq!(c.server.stats().retransmissions, 1);
+        assert_eq!(c.server().stats().retransmissions, 1);
         // The same request under a new sequence number is a new update.
         c.send_seq(501, &update);
         assert_ne!(c.result(&read), once);
@@ -675,7 +683,7 @@ mod tests {
         let mut scratch = vec![0u8; 64];
         let mut out = vec![0u8; 80];
         let n = c
-            .server
+            .server_mut()
             .respond(3, &[42, 0], &mut scratch, &mut out)
             .unwrap();
         let mut dec = FrameDecoder::new(vec![0u8; 80]);
@@ -758,17 +766,16 @@ mod tests {
             }
             let mut scratch = vec![0u8; 256];
             let mut out = vec![0u8; 300];
-            proptest::prop_assert!(c.server.respond(7, &body, &mut scratch, &mut out).is_ok());
+            proptest::prop_assert!(c.server_mut().respond(7, &body, &mut scratch, &mut out).is_ok());
         }
     }
 }
 
 #[cfg(test)]
 mod conv_tests {
+    use super::test_client::TestClient as Client;
     use super::*;
-    use firmware_protocol::frame::{self, FrameDecoder, MAX_ENCODED, MAX_PAYLOAD};
-    use firmware_protocol::message::{Capabilities, ChunkRange, Packed, Request, Response};
-    use firmware_protocol::server::{DeviceConfig, Server, ServerIo};
+    use firmware_protocol::message::{ChunkRange, Packed, Request, Response};
 
     fn shape() -> ConvGeometry {
         ConvGeometry {
@@ -781,106 +788,27 @@ mod conv_tests {
         }
     }
 
-    /// Drives a server over one layer through the frame layer.
-    struct Client<L: PhysicalLayer> {
-        server: Server<'static, L, Vec<L>, Vec<f32>>,
-        io: ServerIo<Vec<u8>>,
-        seq: u16,
-    }
-
-    impl<L: PhysicalLayer> Client<L> {
-        fn new(layer: L) -> Self {
-            let config = DeviceConfig {
-                name: "conv",
-                boot_id: 1,
-                max_request: MAX_PAYLOAD as u32,
-                max_batch: 64,
-                max_directions: 8,
-                capabilities: Capabilities {
-                    seeded_perturbation: true,
-                    raw_parameter_writes: true,
-                    parameter_read_back: true,
-                },
-            };
-            Self {
-                server: Server::new(vec![layer], config, Vec::new(), Vec::new()),
-                io: ServerIo {
-                    decoder: FrameDecoder::new(vec![0; MAX_ENCODED]),
-                    payload: vec![0; MAX_PAYLOAD],
-                    out: vec![0; MAX_ENCODED + 1],
-                },
-                seq: 0,
-            }
-        }
-
-        fn send(&mut self, req: &Request<'_>) -> Vec<u8> {
-            self.seq += 1;
-            let mut scratch = vec![0u8; MAX_PAYLOAD];
-            let mut wire = vec![0u8; MAX_ENCODED + 1];
-            let n = frame::encode(self.seq, req, &mut scratch, &mut wire).unwrap();
-            let mut replies = Vec::new();
-            self.server
-                .serve(&mut self.io, &wire[..n], |b| {
-                    replies.extend_from_slice(b);
-                    Ok::<_, ()>(())
-                })
-                .unwrap();
-            let mut dec = FrameDecoder::new(vec![0u8; MAX_ENCODED]);
-            let (_, f) = dec.feed(&replies);
-            f.unwrap().unwrap().body.to_vec()
-        }
-
-        fn ack(&mut self, req: &Request<'_>) {
-            let body = self.send(req);
-            let reply = postcard::from_bytes::<Response>(&body).unwrap();
-            assert_eq!(reply, Response::Ack);
-        }
-
-        fn result(&mut self, req: &Request<'_>) -> Vec<f32> {
-            let mut bytes = Vec::new();
-            let mut body = self.send(req);
-            loop {
-                let Ok(Response::Result { total, data, .. }) = postcard::from_bytes(&body) else {
-                    panic!(
-                        "not a result: {:?}",
-                        postcard::from_bytes::<Response>(&body)
-                    );
-                };
-                bytes.extend_from_slice(data.bytes().unwrap());
-                if bytes.len() == total as usize {
-                    break;
-                }
-                body = self.send(&Request::ReadResult {
-                    offset: bytes.len() as u32,
-                });
-            }
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect()
-        }
-
-        fn program(&mut self, rows: usize) {
-            let s = shape();
-            // BatchNorm scales and shifts away from 1 and 0.
-            let p: Vec<f32> = (0..s.param_count())
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 80.0)
-                .collect();
-            self.ack(&Request::SetParameters {
-                layer: 0,
-                offset: 0,
-                values: Packed::Items(&p),
-            });
-            let x: Vec<f32> = (0..rows * s.input_width())
-                .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
-                .collect();
-            self.ack(&Request::LoadInput {
-                layer: 0,
-                rows: rows as u32,
-                offset: 0,
-                values: Packed::Items(&x),
-            });
-        }
+    /// Programs the block's parameters (BatchNorm scales and shifts away from 1 and 0) and
+    /// loads `rows` inputs.
+    fn program<L: PhysicalLayer + Send>(c: &mut Client<L>, rows: usize) {
+        let s = shape();
+        let p: Vec<f32> = (0..s.param_count())
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 80.0)
+            .collect();
+        c.ack(&Request::SetParameters {
+            layer: 0,
+            offset: 0,
+            values: Packed::Items(&p),
+        });
+        let x: Vec<f32> = (0..rows * s.input_width())
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        c.ack(&Request::LoadInput {
+            layer: 0,
+            rows: rows as u32,
+            offset: 0,
+            values: Packed::Items(&x),
+        });
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -894,18 +822,20 @@ mod conv_tests {
     #[test]
     fn a_forward_pass_returns_the_features_then_the_pooled_input() {
         let rows = 3;
-        let mut c = Client::new(DeviceConv::new(shape(), ActivationEncoding::F32).unwrap());
-        let d = c.server.layers()[0].descriptor();
+        let mut c = Client::new(vec![
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        ]);
+        let d = c.server().layers()[0].descriptor();
         assert_eq!(
             d.chunking,
             firmware_protocol::shape::ChunkUnits::Groups { size: 21 }
         );
-        c.program(rows);
+        program(&mut c, rows);
         let got = c.result(&forward(ForwardMode::Train));
         // The block itself, programmed alike.
         let mut block = ConvBlock::new(shape());
         block
-            .set_params(c.server.layers_mut()[0].layer_mut().params())
+            .set_params(c.server_mut().layers_mut()[0].layer_mut().params())
             .unwrap();
         let x: Vec<f32> = (0..rows * shape().input_width())
             .map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0)
@@ -925,7 +855,7 @@ mod conv_tests {
         block.forward(ForwardMode::Eval, &mut f, &mut next).unwrap();
         assert_eq!(bits(&eval[..f.len()]), bits(&f));
         assert_eq!(
-            bits(c.server.layers()[0].layer().running_mean()),
+            bits(c.server().layers()[0].layer().running_mean()),
             bits(block.running_mean())
         );
     }
@@ -933,12 +863,14 @@ mod conv_tests {
     #[test]
     fn the_conv_override_agrees_with_the_default_choreography_and_leaves_no_trace() {
         let rows = 4;
-        let mut fast = Client::new(DeviceConv::new(shape(), ActivationEncoding::F32).unwrap());
-        let mut minimal = Client::new(Minimal(
+        let mut fast = Client::new(vec![
             DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
-        ));
-        fast.program(rows);
-        minimal.program(rows);
+        ]);
+        let mut minimal = Client::new(vec![Minimal(
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        )]);
+        program(&mut fast, rows);
+        program(&mut minimal, rows);
         // Running statistics away from (0, 1) first.
         fast.result(&forward(ForwardMode::Train));
         minimal.result(&forward(ForwardMode::Train));
@@ -974,8 +906,8 @@ mod conv_tests {
                 bits(&fast.result(&forward(ForwardMode::Eval))),
                 bits(&eval_before)
             );
-            let m = minimal.server.layers()[0].0.layer();
-            let f = fast.server.layers()[0].layer();
+            let m = minimal.server().layers()[0].0.layer();
+            let f = fast.server().layers()[0].layer();
             assert_eq!(bits(m.running_mean()), bits(f.running_mean()));
             assert_eq!(bits(m.running_var()), bits(f.running_var()));
             let update = Request::ApplyUpdate {
@@ -1012,10 +944,10 @@ mod conv_tests {
                 self.0.forward(m, out)
             }
         }
-        let mut c = Client::new(Bare(
+        let mut c = Client::new(vec![Bare(
             DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
-        ));
-        c.program(2);
+        )]);
+        program(&mut c, 2);
         let before = c.result(&Request::ReadParameters { layer: 0 });
         let seeds = [DirectionSeed(1)];
         let body = c.send(&Request::EvaluatePerturbed {
