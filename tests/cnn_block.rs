@@ -9,7 +9,7 @@ use pnn::chunking::weight_chunks;
 use pnn::model::{ModelSpec, initialise};
 use pnn::oracle::{Activations, ForwardMode, ForwardOracle, LayerShape};
 use pnn::trainer::{Hyper, Trainer};
-use pnn_sim::dense::Choreography;
+use pnn_sim::Choreography;
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

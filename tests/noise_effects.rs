@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use firmware_protocol::{DirectionSeed, UpdateTerm};
+use pnn_sim::Choreography;
 use pnn_sim::DenseLayer;
-use pnn_sim::dense::Choreography;
 use pnn_sim::noise::{Converter, Drift, NoiseModel, StuckFaults};
 use pnn_sim::profile::DeviceProfile;
 

@@ -4,8 +4,8 @@ use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::message::{ActivationEncoding, Capabilities, MAX_LAYERS};
 use firmware_protocol::server::{DeviceConfig, Server};
 use firmware_protocol::shape::LayerShape;
+use pnn_sim::device::{DeviceConv, DeviceDense, DeviceLayer};
 use pnn_sim::noise::layer_seed;
-use pnn_sim::physical::{DeviceConv, DeviceDense, DeviceLayer};
 
 use crate::config::{EmulatorConfig, layer_name};
 
@@ -27,13 +27,14 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
                     let layer = layer_name(layer);
                     return Err(format!("layer {l} ({layer}) has too many parameters"));
                 }
-                Ok(DeviceLayer::Dense(Box::new(DeviceDense::with_noise(
+                Ok(DeviceDense::with_noise(
                     inputs,
                     outputs,
                     config.encoding,
                     &config.noise,
                     layer_seed(config.noise.seed, l),
-                ))))
+                )
+                .erased())
             }
             LayerShape::Conv(geometry) => {
                 let layer = layer_name(layer);
@@ -52,7 +53,7 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
                     ));
                 }
                 DeviceConv::new(geometry, config.encoding)
-                    .map(|b| DeviceLayer::Conv(Box::new(b)))
+                    .map(DeviceConv::erased)
                     .map_err(|e| format!("layer {l} ({layer}): {e}"))
             }
         })
@@ -155,10 +156,9 @@ mod tests {
         let mut layers = layers(&config).unwrap();
         let mut distinct = Vec::new();
         for (l, layer) in layers.iter_mut().enumerate() {
-            let DeviceLayer::Dense(d) = layer else {
-                panic!()
-            };
-            let (n_in, n_out) = (d.layer().n_in(), d.layer().n_out());
+            let d = layer;
+            let dense = d.layer().as_dense().expect("a dense layer");
+            let (n_in, n_out) = (dense.n_in(), dense.n_out());
             let mut reference = pnn_sim::DenseLayer::with_noise(
                 n_in,
                 n_out,

@@ -90,10 +90,7 @@ pub fn packed_gemm_bt(
     crate::matmul::count_flops(2 * (m * n * k) as u64);
     let panels = m.div_ceil(MR);
     let out = crate::threads::SharedMut(c.as_mut_ptr());
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = firmware_protocol::simd::level() >= firmware_protocol::simd::SimdLevel::Avx2Fma;
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
+    let avx2 = crate::simd::avx2_fma();
     let split = 2 * m * n * k >= crate::threads::WORTH_A_THREAD;
     crate::threads::for_each(panels, split, |p| {
         // The panel's product, transposed: n rows of MR values.

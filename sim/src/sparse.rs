@@ -10,7 +10,7 @@
 //! bits differ between machines with and without them, as the `gemm` crate's do.
 
 use crate::matmul::View;
-use firmware_protocol::simd::{self, SimdLevel};
+use crate::simd;
 
 /// Panel width: two AVX registers of f32, so each stored entry's index and value are loaded
 /// once for 16 outputs. Every row of the input runs over one panel (k x 16 values) before the
@@ -121,7 +121,7 @@ impl SparseRows {
 /// positions to the front of `value` and `index` (each 8 longer than `row`); returns how many.
 fn compact(row: &[f32], background: f32, index: &mut [u32], value: &mut [f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if simd::level() >= SimdLevel::Avx2 {
+    if simd::avx2() {
         // SAFETY: the feature was just detected.
         return unsafe { compact_avx2(row, background, index, value) };
     }
@@ -268,10 +268,7 @@ pub fn sparse_gemm_bt(
     );
     crate::matmul::count_flops(2 * (a.stored() * n + k * n) as u64);
     pack(b, packed);
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = simd::level() >= SimdLevel::Avx2Fma;
-    #[cfg(not(target_arch = "x86_64"))]
-    let avx2 = false;
+    let avx2 = simd::avx2_fma();
     // Panels write disjoint columns and each value's sum does not depend on its panel: they run
     // on threads when the product is large enough (`crate::threads`), with the same bits.
     let panels = n.div_ceil(PANEL);
@@ -335,7 +332,7 @@ fn pack(b: View, packed: &mut Packed) {
     for (p, panel) in all.chunks_exact_mut(k * PANEL).enumerate() {
         let full = (p + 1) * PANEL <= n;
         #[cfg(target_arch = "x86_64")]
-        let done = full && simd::level() >= SimdLevel::Avx && {
+        let done = full && simd::avx() && {
             // SAFETY: the feature was just detected; the panel's PANEL rows exist.
             unsafe { transpose_panel_avx(b, p * PANEL, panel) };
             true

@@ -3,9 +3,9 @@
 use std::ops::Range;
 
 use pnn_sim::conv::ConvBlock;
-use pnn_sim::dense::SimError;
+use pnn_sim::layer::{self, SimulatedLayer};
 use pnn_sim::profile::DeviceProfile;
-use pnn_sim::{DenseLayer, NoiseModel};
+use pnn_sim::{DenseLayer, NoiseModel, SimError};
 
 use crate::oracle::{
     Activations, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess, LayerShape,
@@ -14,28 +14,24 @@ use crate::oracle::{
 
 pub struct SimOracle {
     spec: LayerShape,
-    layer: SimLayer,
+    /// The simulated layer (the one interface the device server serves too); called once per
+    /// request, its hot loops inside.
+    layer: Box<dyn SimulatedLayer>,
     pairs: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-/// The simulated layer behind an oracle (boxed: the variants differ much in size).
-enum SimLayer {
-    Dense(Box<DenseLayer>),
-    Conv(Box<ConvBlock>),
+    next: Vec<f32>,
 }
 
 impl SimOracle {
     pub fn new(spec: LayerShape) -> Self {
-        let layer = match spec {
-            LayerShape::Dense { inputs, outputs } => {
-                SimLayer::Dense(Box::new(DenseLayer::new(inputs, outputs)))
-            }
-            LayerShape::Conv(geometry) => SimLayer::Conv(Box::new(ConvBlock::new(geometry))),
-        };
+        Self::over(spec, layer::ideal(spec))
+    }
+
+    fn over(spec: LayerShape, layer: Box<dyn SimulatedLayer>) -> Self {
         Self {
             spec,
             layer,
             pairs: Vec::new(),
+            next: Vec::new(),
         }
     }
 
@@ -49,13 +45,10 @@ impl SimOracle {
     ) -> Result<Self, OracleError> {
         let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
         match spec {
-            LayerShape::Dense { inputs, outputs } => Ok(Self {
-                layer: SimLayer::Dense(Box::new(DenseLayer::with_noise(
-                    inputs, outputs, noise, seed,
-                ))),
+            LayerShape::Dense { inputs, outputs } => Ok(Self::over(
                 spec,
-                pairs: Vec::new(),
-            }),
+                Box::new(DenseLayer::with_noise(inputs, outputs, noise, seed)),
+            )),
             LayerShape::Conv(_) if noise.is_ideal() => Ok(Self::new(spec)),
             LayerShape::Conv(_) => Err(OracleError::Unsupported(
                 "hardware effects on convolutional blocks (the noise model covers dense layers)",
@@ -75,42 +68,32 @@ impl SimOracle {
             .collect()
     }
 
+    /// The simulated layer.
+    pub fn simulated(&self) -> &dyn SimulatedLayer {
+        &*self.layer
+    }
+
     /// The simulated dense layer (its device state, effective weights, clock), if it is one.
     pub fn layer(&self) -> Option<&DenseLayer> {
-        match &self.layer {
-            SimLayer::Dense(l) => Some(l),
-            SimLayer::Conv(_) => None,
-        }
+        self.layer.as_dense()
     }
 
     pub fn layer_mut(&mut self) -> Option<&mut DenseLayer> {
-        match &mut self.layer {
-            SimLayer::Dense(l) => Some(l),
-            SimLayer::Conv(_) => None,
-        }
+        self.layer.as_dense_mut()
     }
 
     /// Selects the fast path or the literal reference choreography of the simulated layer.
-    pub fn set_choreography(&mut self, choreography: pnn_sim::dense::Choreography) {
-        match &mut self.layer {
-            SimLayer::Dense(l) => l.set_choreography(choreography),
-            SimLayer::Conv(b) => b.set_choreography(choreography),
-        }
+    pub fn set_choreography(&mut self, choreography: pnn_sim::Choreography) {
+        self.layer.set_choreography(choreography);
     }
 
     /// The simulated CNN block, if this oracle is one (for inspecting BatchNorm state).
     pub fn conv_block(&self) -> Option<&ConvBlock> {
-        match &self.layer {
-            SimLayer::Conv(b) => Some(b),
-            SimLayer::Dense(_) => None,
-        }
+        self.layer.as_conv()
     }
 
     fn batch(&self) -> usize {
-        match &self.layer {
-            SimLayer::Dense(l) => l.batch(),
-            SimLayer::Conv(b) => b.batch(),
-        }
+        self.layer.batch()
     }
 
     /// One oracle per layer of a model.
@@ -134,15 +117,11 @@ impl ForwardOracle for SimOracle {
     }
 
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {
-        match &mut self.layer {
-            SimLayer::Dense(l) => l.set_params(params),
-            SimLayer::Conv(b) => b.set_params(params),
-        }
-        .map_err(sim_err)
+        self.layer.set_params(params).map_err(sim_err)
     }
 
     fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
-        Ok(self.parameters().to_vec())
+        Ok(self.layer.params().to_vec())
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
@@ -153,31 +132,23 @@ impl ForwardOracle for SimOracle {
                 self.spec.input_width()
             )));
         }
-        match &mut self.layer {
-            SimLayer::Dense(l) => l.load_input(&input.data),
-            SimLayer::Conv(b) => b.load_input(&input.data),
-        }
-        .map_err(sim_err)
+        self.layer.load_input(&input.data).map_err(sim_err)
     }
 
     fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
         let mut data = Vec::new();
-        let next = match &mut self.layer {
-            SimLayer::Dense(l) => {
-                l.forward(&mut data).map_err(sim_err)?;
-                None
-            }
-            SimLayer::Conv(b) => {
-                let mut pooled = Vec::new();
-                b.forward(mode, &mut data, &mut pooled).map_err(sim_err)?;
-                Some(Activations::new(
-                    b.batch(),
-                    self.spec.output_width(),
-                    pooled,
-                ))
-            }
-        };
-        let features = Activations::new(self.batch(), self.spec.feature_width(), data);
+        self.layer
+            .forward(mode, &mut data, &mut self.next)
+            .map_err(sim_err)?;
+        let rows = self.batch();
+        let next = self.spec.has_separate_output().then(|| {
+            Activations::new(
+                rows,
+                self.spec.output_width(),
+                std::mem::take(&mut self.next),
+            )
+        });
+        let features = Activations::new(rows, self.spec.feature_width(), data);
         Ok(ForwardOutput { features, next })
     }
 
@@ -188,11 +159,9 @@ impl ForwardOracle for SimOracle {
         eps: f32,
         out: &mut Vec<PerturbedPair>,
     ) -> Result<(), OracleError> {
-        match &mut self.layer {
-            SimLayer::Dense(l) => l.evaluate_perturbed(chunk, seeds, eps, &mut self.pairs),
-            SimLayer::Conv(b) => b.evaluate_perturbed(chunk, seeds, eps, &mut self.pairs),
-        }
-        .map_err(sim_err)?;
+        self.layer
+            .evaluate_perturbed(chunk, seeds, eps, &mut self.pairs)
+            .map_err(sim_err)?;
         out.resize_with(seeds.len(), Default::default);
         let (rows, width) = (self.batch(), self.spec.feature_width());
         for ((plus, minus), (p, m)) in self.pairs.iter_mut().zip(out.iter_mut()) {
@@ -210,39 +179,32 @@ impl ForwardOracle for SimOracle {
         scale: f32,
         terms: &[UpdateTerm],
     ) -> Result<(), OracleError> {
-        match &mut self.layer {
-            SimLayer::Dense(l) => l.apply_update(chunk, scale, terms),
-            SimLayer::Conv(b) => b.apply_update(chunk, scale, terms),
-        }
-        .map_err(sim_err)
+        self.layer
+            .apply_update(chunk, scale, terms)
+            .map_err(sim_err)
     }
 
     /// A conv block's BatchNorm running statistics: the means, then the variances.
     fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
-        Ok(match &self.layer {
-            SimLayer::Dense(_) => None,
-            SimLayer::Conv(b) => Some([b.running_mean(), b.running_var()].concat()),
-        })
+        let state = self.layer.layer_state();
+        Ok((!state.is_empty()).then_some(state))
     }
 
     fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
-        match &mut self.layer {
-            SimLayer::Dense(_) if state.is_empty() => Ok(()),
-            SimLayer::Dense(_) => Err(OracleError::Shape(format!(
+        let keeps = self.layer.layer_state().len();
+        if keeps == 0 && !state.is_empty() {
+            return Err(OracleError::Shape(format!(
                 "{} values of layer state for a dense layer, which keeps none",
                 state.len()
-            ))),
-            SimLayer::Conv(b) => {
-                let (mean, var) = state.split_at(state.len() / 2);
-                if mean.len() != var.len() {
-                    return Err(OracleError::Shape(format!(
-                        "{} values of BatchNorm state: expected means and variances, as many of each",
-                        state.len()
-                    )));
-                }
-                b.set_running_stats(mean, var).map_err(sim_err)
-            }
+            )));
         }
+        if keeps > 0 && !state.len().is_multiple_of(2) {
+            return Err(OracleError::Shape(format!(
+                "{} values of BatchNorm state: expected means and variances, as many of each",
+                state.len()
+            )));
+        }
+        self.layer.set_layer_state(state).map_err(sim_err)
     }
 
     fn in_process(&mut self) -> Option<&mut dyn InProcess> {
@@ -250,14 +212,11 @@ impl ForwardOracle for SimOracle {
     }
 }
 
-/// The simulated layer is in this process: its parameters, the touched-columns evaluation of a
-/// dense layer, direction prefetching, and the reference choreography.
+/// The simulated layer is in this process: its parameters, the touched-columns evaluation,
+/// direction prefetching, and the reference choreography.
 impl InProcess for SimOracle {
     fn parameters(&self) -> &[f32] {
-        match &self.layer {
-            SimLayer::Dense(l) => l.params(),
-            SimLayer::Conv(b) => b.params(),
-        }
+        self.layer.params()
     }
 
     fn evaluate_perturbed_columns(
@@ -267,15 +226,13 @@ impl InProcess for SimOracle {
         eps: f32,
         out: &mut PerturbedColumns,
     ) -> Result<bool, OracleError> {
-        let SimLayer::Dense(l) = &mut self.layer else {
-            return Ok(false);
-        };
         let touched = self.spec.touched_features(&chunk);
         let mut clean = std::mem::take(&mut out.clean.data);
-        let done = l
+        let done = self
+            .layer
             .evaluate_perturbed_columns(chunk, seeds, eps, &mut self.pairs, &mut clean)
             .map_err(sim_err)?;
-        let (rows, width) = (l.batch(), self.spec.feature_width());
+        let (rows, width) = (self.batch(), self.spec.feature_width());
         out.clean = Activations {
             rows,
             width,
@@ -305,16 +262,14 @@ impl InProcess for SimOracle {
     }
 
     fn prefetch_directions(&mut self, chunk: Range<usize>, seeds: &[DirectionSeed]) {
-        if let SimLayer::Dense(l) = &mut self.layer {
-            l.prefetch_directions(chunk, seeds);
-        }
+        self.layer.prefetch_directions(chunk, seeds);
     }
 
     fn set_exact_reference(&mut self, exact: bool) {
         self.set_choreography(if exact {
-            pnn_sim::dense::Choreography::Reference
+            pnn_sim::Choreography::Reference
         } else {
-            pnn_sim::dense::Choreography::Fast
+            pnn_sim::Choreography::Fast
         });
     }
 }

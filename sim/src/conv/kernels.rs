@@ -1,38 +1,10 @@
 //! The elementwise kernels of the CNN block's fast path (`conv::ConvBlock`'s perturbed
 //! evaluation). Each is written once, portably, and compiled a second time with AVX2 and FMA
-//! for CPUs that have them (checked once at run time): the same IEEE operations in the same
+//! for CPUs that have them (chosen in `crate::simd`): the same IEEE operations in the same
 //! order, so the same bits either way (`mul_add` is one rounding with or without an FMA unit).
 //! The build targets baseline x86-64 (SSE2), where these loops ran at a quarter of the width.
 
-/// Whether this CPU runs the AVX2 + FMA builds of the kernels.
-#[inline]
-fn wide() -> bool {
-    firmware_protocol::simd::level() >= firmware_protocol::simd::SimdLevel::Avx2Fma
-}
-
-/// Defines `pub(crate) fn $name` that runs `$body` (an `#[inline(always)]` function) built for
-/// AVX2 + FMA where the CPU has them, and built for the baseline target otherwise.
-macro_rules! dispatch {
-    ($(#[$doc:meta])* fn $name:ident / $wide:ident / $body:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
-        $(#[$doc])*
-        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if wide() {
-                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                    return unsafe { $wide($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $wide($($arg: $ty),*) $(-> $ret)? {
-            $body($($arg),*)
-        }
-    };
-}
+use crate::simd::multiversion;
 
 /// Lanes the kernels work in (two AVX2 registers of f32).
 const LANES: usize = 16;
@@ -66,7 +38,7 @@ pub(crate) fn direction_contributions(
     };
     #[cfg(target_arch = "x86_64")]
     {
-        if wide() {
+        if crate::simd::avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
             return unsafe {
                 match rows {
@@ -150,7 +122,7 @@ fn contributions_body<const Q: usize>(k: Contributions, out: &mut [f32]) {
     }
 }
 
-dispatch! {
+multiversion! {
     /// `sum a[i] b[i]` (as long as `a`) in f64, where the products of f32 values are exact
     /// (sixteen interleaved partial sums).
     fn dot_f64 / dot_f64_wide / dot_f64_body(a: &[f32], b: &[f32]) -> f64
@@ -173,7 +145,7 @@ fn dot_f64_body(a: &[f32], b: &[f32]) -> f64 {
     acc.iter().sum()
 }
 
-dispatch! {
+multiversion! {
     /// Over a run of one channel's columns: `[sum dz, sum dz², sum (z0 - mean0) dz]` (f64,
     /// sixteen interleaved partial sums each), the moments from which the batch statistics of
     /// `z0 + s dz` follow for any `s`.
@@ -207,7 +179,7 @@ fn perturbation_sums_body(z0: &[f32], dz: &[f32], mean0: f64) -> [f64; 3] {
     [s1, s2, s12].map(|s| s.iter().sum())
 }
 
-dispatch! {
+multiversion! {
     /// BatchNorm and ReLU of both perturbed pre-activations `z0 ± eps (dz + vb)` at once:
     /// `plus = max(0, (z0 + t) alpha+ + shift+)`, `minus = max(0, (z0 - t) alpha- + shift-)`,
     /// `t = eps (dz + vb)`, each affine `(alpha, shift)` of [`crate::conv`]'s BatchNorm form.
