@@ -1,4 +1,4 @@
-//! Nanoseconds per call of `pnn::loss::cross_entropy`, as `cargo bench --bench loss` prints them:
+//! Nanoseconds per call of `pnn::train::loss::cross_entropy`, as `cargo bench --bench loss` prints them:
 //! the median of several timed runs for each shape (rows x classes), and the same for
 //! `cross_entropy_portable`, the path of CPUs without AVX2. 256 x 10 is the MNIST/CIFAR batch of
 //! the trainer, called about 8000 times per MNIST epoch.
@@ -8,7 +8,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use pnn::loss::{cross_entropy, cross_entropy_portable};
+use pnn::train::loss::{cross_entropy, cross_entropy_portable};
 
 /// Logits in [-8, 8) and labels from a fixed linear congruential stream.
 fn data(rows: usize, classes: usize) -> (Vec<f32>, Vec<u8>) {

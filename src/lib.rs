@@ -15,4 +15,3 @@ pub mod train;
 
 // Old paths of the training modules, kept while colleagues' code still names them; to be
 // removed once every caller says `crate::train::...`.
-pub use train::{chunking, loss, projection, trainer};

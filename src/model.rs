@@ -9,7 +9,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::data::DatasetKind;
 use crate::oracle::LayerShape;
-use crate::projection::Projection;
+use crate::train::projection::Projection;
 
 /// The architectures of thesis Appendix A, as named on the command line (`--arch`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -313,8 +313,7 @@ mod tests {
                 .layer_specs()[0]
         );
         // Whole channels per chunk (section 4.4): 1155 parameters each.
-        let chunks =
-            crate::chunking::weight_chunks(&specs[1].chunk_units(), specs[1].param_count(), 5000);
+        let chunks = specs[1].weight_chunks(5000).collect::<Vec<_>>();
         assert_eq!(chunks[0], 0..4 * 1155);
         assert_eq!(chunks.len(), 32);
         // Too many blocks for the image.

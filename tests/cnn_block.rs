@@ -5,10 +5,9 @@
 use firmware_protocol::DirectionSeed;
 use firmware_protocol::direction::direction_values;
 use pnn::backend::sim::SimOracle;
-use pnn::chunking::weight_chunks;
 use pnn::model::{ModelSpec, initialise};
 use pnn::oracle::{Activations, ForwardMode, ForwardOracle, LayerShape};
-use pnn::trainer::{Hyper, Trainer};
+use pnn::train::{Hyper, Trainer};
 use pnn_sim::Choreography;
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -44,7 +43,7 @@ fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical()
         let params = bits(&oracle.read_parameters().unwrap());
         let eval_before = oracle.forward(ForwardMode::Eval).unwrap();
         // Every chunk of whole channels (3 channels of 30 parameters per chunk), 3 directions.
-        let chunks = weight_chunks(&spec.chunk_units(), spec.param_count(), 90);
+        let chunks = spec.weight_chunks(90).collect::<Vec<_>>();
         assert_eq!(chunks.len(), 2);
         let mut out = Vec::new();
         for (k, chunk) in chunks.iter().enumerate() {

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 
 use firmware_protocol::direction::step_with_vectors;
 use pnn::oracle::{Activations, ForwardMode, LayerShape};
-use pnn::train::chunking::{projection_row_chunks, weight_chunks};
+use pnn::train::chunking::projection_row_chunks;
 use pnn::train::loss::cross_entropy;
 use pnn::train::projection::Projection;
+use pnn_sim::Choreography;
 use pnn_sim::conv::ConvBlock;
-use pnn_sim::dense::Choreography;
 
 struct Golden(zip::ZipArchive<File>);
 
@@ -130,7 +130,7 @@ fn golden_cnn_batch_replays() {
 
         // Chunks: whole channels up to C_max, M in whole rows; the recorded directions have
         // exactly these lengths, in this order.
-        let w_chunks = weight_chunks(&spec.chunk_units(), spec.param_count(), chunk_max);
+        let w_chunks = spec.weight_chunks(chunk_max).collect::<Vec<_>>();
         let m_chunks = projection_row_chunks(spec.feature_width(), CLASSES, chunk_max);
 
         // W: recompute L± through the simulated block along the recorded directions (both

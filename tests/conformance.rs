@@ -24,7 +24,7 @@ use pnn::oracle::{
     OracleError, PerturbedColumns, PerturbedPair, UpdateTerm,
 };
 use pnn::train::{Hyper, Trainer, epoch_order};
-use pnn_sim::dense::Choreography;
+use pnn_sim::Choreography;
 
 /// Trains `batches` batches; returns every step's local losses and the final parameters.
 fn train(

@@ -7,7 +7,7 @@ use common::{npy, read_npz, shared_dir};
 use firmware_protocol::direction::step_with_vectors;
 use pnn::data::{Dataset, DatasetKind};
 use pnn::oracle::ChunkUnits;
-use pnn::train::chunking::{projection_row_chunks, weight_chunks};
+use pnn::train::chunking::projection_row_chunks;
 use pnn::train::loss::cross_entropy;
 use pnn_sim::dense::forward_with;
 use pnn_sim::matmul::matmul;
@@ -78,7 +78,7 @@ fn recorded_directions_and_losses_reproduce_the_recorded_update() {
         let mut scratch = Vec::new();
         let mut act = Vec::new();
         let mut goodness = vec![0f32; 256 * classes];
-        for chunk in weight_chunks(&ChunkUnits::Flat, theta.len(), c_max) {
+        for chunk in ChunkUnits::Flat.chunks(theta.len(), c_max) {
             let mut terms = Vec::new();
             for _ in 0..p_count {
                 let (v, idx) = next_direction(chunk.len());

@@ -6,7 +6,7 @@
 use pnn::data::DatasetKind;
 use pnn::report::sweep::{self, FdSignal, SweepPoint};
 use pnn::run::noise_sweep::{self, NoiseParam, Setup};
-use pnn::trainer::Hyper;
+use pnn::train::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
 /// The short run of `noise_training.rs`: 10,000 training samples, 4 epochs, lr 0.01, eps 1.

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use pnn::data::DatasetKind;
 use pnn::run::noise_sweep::{self, Setup, Trained};
-use pnn::trainer::Hyper;
+use pnn::train::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
 fn setup() -> &'static Setup {

@@ -11,7 +11,7 @@ use pnn::model::initialise;
 use pnn::oracle::{
     Activations, DirectionSeed, ForwardOracle, LayerShape, LinkCounters, UpdateTerm,
 };
-use pnn::trainer::{Hyper, Trainer};
+use pnn::train::{Hyper, Trainer};
 use serial_support::Emulator;
 
 fn delta(a: LinkCounters, b: LinkCounters) -> LinkCounters {

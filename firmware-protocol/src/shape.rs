@@ -213,6 +213,11 @@ impl LayerShape {
         }
     }
 
+    /// The chunks of this layer's parameters (see [`ChunkUnits::chunks`]).
+    pub fn weight_chunks(&self, chunk_max: usize) -> impl Iterator<Item = Range<usize>> + Clone {
+        self.chunk_units().chunks(self.param_count(), chunk_max)
+    }
+
     /// Whether the next layer's input differs from the features (a conv block pools), and so
     /// follows them in a clean forward pass's result on the wire.
     pub const fn has_separate_output(&self) -> bool {
@@ -270,6 +275,31 @@ pub enum ChunkUnits {
 }
 
 impl ChunkUnits {
+    /// The chunks of `W_l` (thesis section 4.4): consecutive ranges of at most `chunk_max`
+    /// parameters over the flat layout (weights then bias); with [`ChunkUnits::Groups`], as many
+    /// whole groups as fit in `chunk_max` (a group larger than `chunk_max` is a chunk by itself).
+    /// The one place this rule is written.
+    pub fn chunks(
+        self,
+        param_count: usize,
+        chunk_max: usize,
+    ) -> impl Iterator<Item = Range<usize>> + Clone {
+        assert!(chunk_max > 0, "chunk_max must be positive");
+        let step = match self {
+            Self::Flat => chunk_max,
+            Self::Groups { size } => {
+                assert!(
+                    size > 0 && param_count.is_multiple_of(size),
+                    "groups must cover the parameters"
+                );
+                (chunk_max / size).max(1) * size
+            }
+        };
+        (0..param_count)
+            .step_by(step)
+            .map(move |start| start..(start + step).min(param_count))
+    }
+
     /// Whether `chunk` of a layer with `param_count` parameters respects these units.
     pub fn allows(&self, chunk: &Range<usize>, param_count: usize) -> bool {
         if chunk.start > chunk.end || chunk.end > param_count {
@@ -339,6 +369,35 @@ mod tests {
             })
         );
         assert!(LayerShape::conv(1, 1, (2, 2), 1, 0).check().is_ok());
+    }
+
+    #[test]
+    fn flat_chunks_cover_consecutively_and_respect_the_bound() {
+        let chunks = |n, max| {
+            ChunkUnits::Flat
+                .chunks(n, max)
+                .collect::<std::vec::Vec<_>>()
+        };
+        assert_eq!(
+            chunks(120_300, 50_000),
+            [0..50_000, 50_000..100_000, 100_000..120_300]
+        );
+        // The MNIST MLP's first layer fits one chunk (section 4.5).
+        assert_eq!(chunks(39_250, 50_000), std::vec![0..39_250]);
+    }
+
+    #[test]
+    fn groups_are_never_split() {
+        let chunks =
+            |size, max| (ChunkUnits::Groups { size }.chunks(60, max)).collect::<std::vec::Vec<_>>();
+        assert_eq!(chunks(10, 25), [0..20, 20..40, 40..60]);
+        // A group larger than the bound is a chunk by itself.
+        assert_eq!(chunks(30, 25), [0..30, 30..60]);
+        let conv = LayerShape::conv(1, 4, (4, 4), 2, 0);
+        assert_eq!(
+            conv.weight_chunks(30).collect::<std::vec::Vec<_>>(),
+            [0..24, 24..48]
+        );
     }
 
     #[test]

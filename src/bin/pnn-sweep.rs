@@ -10,7 +10,7 @@ use clap::Parser;
 use pnn::data::DatasetKind;
 use pnn::report::sweep;
 use pnn::run::noise_sweep::{self, NoiseParam, Setup};
-use pnn::trainer::Hyper;
+use pnn::train::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
 #[derive(Parser, Debug)]

@@ -50,6 +50,6 @@ pub trait DeviceLink {
 
     /// The device's current power-on session (its boot id), asked of the device. A changed value
     /// means the device lost what was written to it (a reset, a brown-out) and must be
-    /// re-programmed (see `crate::recovery`).
+    /// re-programmed (see `crate::run::recovery`).
     fn session(&mut self) -> Result<u64, OracleError>;
 }

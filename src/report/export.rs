@@ -29,9 +29,9 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::data::{DatasetKind, Normalizer, Split};
 use crate::oracle::{ConvGeometry, ForwardOracle, LayerShape, OracleError};
-use crate::projection::Projection;
 use crate::train::evaluation::{self, EvalSums, Evaluation};
-use crate::trainer::{Hyper, Trainer};
+use crate::train::projection::Projection;
+use crate::train::{Hyper, Trainer};
 
 pub const FORMAT: &str = "pnn-model";
 pub const FORMAT_VERSION: u32 = 1;

@@ -1,6 +1,6 @@
 //! What a run reports: one record per epoch (the `--metrics` JSONL) and the closing summary.
 
-use crate::trainer::Evaluation;
+use crate::train::Evaluation;
 
 /// One line of the `--metrics` file.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

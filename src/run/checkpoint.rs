@@ -14,9 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::data::Dataset;
 use crate::model::ModelSpec;
-use crate::projection::Projection;
 use crate::report::metrics::EpochMetrics;
-use crate::trainer::{HostState, Hyper};
+use crate::train::projection::Projection;
+use crate::train::{HostState, Hyper};
 
 const MAGIC: &[u8; 8] = b"PNNCKPT1";
 const HEADER: usize = 8 + 8 + 32;
@@ -76,7 +76,9 @@ pub struct Checkpoint {
     pub settings: Option<String>,
 }
 
-/// A run's link counters, summed over the processes that carried it.
+/// A run's link counters ([`crate::oracle::LinkCounters`]: traffic and health), summed over the
+/// processes that carried it, with the re-programmings after device resets. Its own type because
+/// it is part of the checkpoint file (postcard: the fields and their order are the format).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkTotals {
     pub bytes_up: u64,

@@ -15,16 +15,15 @@ use pnn_sim::profile::DeviceProfile;
 
 use super::{RunConfig, RunError, run_with};
 use crate::backend::sim::SimOracle;
-use crate::chunking::weight_chunks;
 use crate::data::{Dataset, DatasetKind};
-use crate::loss::cross_entropy;
 use crate::model::{ArchKind, InitialParams, ModelSpec, initialise};
 use crate::oracle::{Activations, ForwardOracle, OracleError, PerturbedPair};
 use crate::report::export::SavedModel;
 use crate::report::metrics::RunSummary;
 use crate::report::observe::{ByRef, RunObserver};
 use crate::report::sweep::{FdSignal, SweepPoint};
-use crate::trainer::{Evaluation, Hyper, Trainer, epoch_order};
+use crate::train::loss::cross_entropy;
+use crate::train::{Evaluation, Hyper, Trainer, epoch_order};
 
 /// A dataset, a model and the hyperparameters of the runs to compare.
 pub struct Setup {
@@ -180,12 +179,7 @@ pub fn fd_signal(
     s.data.normalizer.batch(train, batch, &mut x);
     let labels: Vec<u8> = batch.iter().map(|&i| train.labels[i]).collect();
     oracle.load_input(&Activations::new(batch.len(), s.data.input_width(), x))?;
-    let chunk = weight_chunks(
-        &specs[0].chunk_units(),
-        specs[0].param_count(),
-        s.hyper.chunk_max,
-    )[0]
-    .clone();
+    let chunk = (specs[0].weight_chunks(s.hyper.chunk_max).next()).expect("a layer has parameters");
     let seeds: Vec<_> = (0..directions)
         .map(|p| {
             DirectionKey {

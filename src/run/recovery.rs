@@ -27,7 +27,7 @@
 //! the last completed batch boundary, so that `--resume` continues from there.
 
 use crate::oracle::{ForwardOracle, LayerShape, OracleError};
-use crate::trainer::{HostState, Trainer};
+use crate::train::{HostState, Trainer};
 
 /// Resets survived in a row, within one step, before the run gives up.
 const MAX_RESETS_PER_STEP: u32 = 8;
@@ -115,7 +115,7 @@ impl Recovery {
     }
 
     /// Runs `step`, and again from `snapshot` for as long as a device reset during it (at most
-    /// [`MAX_RESETS_PER_STEP`] times in a row). Without a snapshot (no layer can reset), runs
+    /// `MAX_RESETS_PER_STEP` (8) times in a row). Without a snapshot (no layer can reset), runs
     /// `step` once.
     pub fn run<O: ForwardOracle, T>(
         &mut self,

@@ -33,7 +33,7 @@ use crate::backend::BackendSpec;
 use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
-use crate::trainer::Hyper;
+use crate::train::Hyper;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

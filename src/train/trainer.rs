@@ -17,9 +17,9 @@ use rand::rngs::ChaCha8Rng;
 use rand::seq::SliceRandom;
 use sha2::{Digest, Sha256};
 
-use super::chunking::{projection_row_chunks, weight_chunks};
+use super::chunking::projection_row_chunks;
 use super::estimator::{self, directional_derivatives};
-pub use super::evaluation::{EvalSums, Evaluation};
+use super::evaluation::{EvalSums, Evaluation};
 use super::projection::{self, Projection, ProjectionTraining, train_projection};
 use super::update::{Sgd, UpdateRule, WeightStep};
 use crate::data::{Normalizer, Split};
@@ -89,7 +89,7 @@ pub struct LayerState {
 }
 
 /// The host's whole training state: every layer's shadow of `W_l`, every `M_l`, and the
-/// evaluation counter. Checkpoints store it; reset recovery rolls back to it (`crate::recovery`).
+/// evaluation counter. Checkpoints store it; reset recovery rolls back to it (`crate::run::recovery`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostState {
     pub shadows: Vec<Vec<f32>>,
@@ -161,11 +161,7 @@ impl<O: ForwardOracle> Trainer<O> {
             }
             oracle.write_parameters(&params)?;
             layers.push(LayerState {
-                weight_chunks: weight_chunks(
-                    &spec.chunk_units(),
-                    spec.param_count(),
-                    hyper.chunk_max,
-                ),
+                weight_chunks: spec.weight_chunks(hyper.chunk_max).collect(),
                 projection_rows: projection_row_chunks(projection.rows, classes, hyper.chunk_max),
                 shadow: params,
                 projection,

@@ -12,9 +12,9 @@ use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 use input::{InputForm, LayerInput, SPARSE_INPUT_DENSITY};
 
-pub use crate::choreography::Choreography;
+use crate::choreography::Choreography;
 use crate::direction_cache::DirectionCache;
-pub use crate::error::SimError;
+use crate::error::SimError;
 use crate::layer::SimulatedLayer;
 use crate::matmul::{View, matmul_a_bt};
 use crate::noise::{Device, NoiseModel};

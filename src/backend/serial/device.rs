@@ -421,7 +421,7 @@ impl ForwardOracle for SerialOracle {
     }
 
     /// The protocol carries no layer state: a device's BatchNorm running statistics stay on the
-    /// device (a reset loses them; `crate::recovery` says so for conv blocks).
+    /// device (a reset loses them; `crate::run::recovery` says so for conv blocks).
     fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
         Ok(None)
     }
@@ -450,7 +450,7 @@ impl DeviceLink for SerialOracle {
         self.share
     }
 
-    /// The boot id, from a `Hello`: a device that reset has a new one (see `crate::recovery`).
+    /// The boot id, from a `Hello`: a device that reset has a new one (see `crate::run::recovery`).
     fn session(&mut self) -> Result<u64, OracleError> {
         self.with_link(|client, _| client.boot_id().map(u64::from))
     }

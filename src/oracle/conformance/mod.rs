@@ -25,7 +25,6 @@ use super::{
     Activations, DirectionSeed, ForwardOracle, ForwardOutput, LayerShape, OracleError,
     PerturbedPair, UpdateTerm,
 };
-use crate::train::chunking::weight_chunks;
 
 mod agreement;
 mod contract;
@@ -94,7 +93,7 @@ impl Probe {
     /// dense layer) of the layer's chunking at about a third of its parameters.
     pub fn chunks(&self, spec: &LayerShape) -> Vec<Range<usize>> {
         let n = spec.param_count();
-        let all = weight_chunks(&spec.chunk_units(), n, n.div_ceil(3).max(1));
+        let all: Vec<_> = spec.weight_chunks(n.div_ceil(3).max(1)).collect();
         let mut picked = vec![all[0].clone(), all[all.len() / 2].clone()];
         picked.push(all[all.len() - 1].clone());
         picked.dedup();
