@@ -259,11 +259,6 @@ impl SerialOracle {
             .counters()
     }
 
-    /// This oracle's share of the link's counters (the handshake's traffic on the first layer).
-    pub fn counters(&self) -> LinkCounters {
-        self.share
-    }
-
     /// Runs `f` on the client and adds the traffic it caused to this oracle's counters.
     fn with_link<T>(
         &mut self,
