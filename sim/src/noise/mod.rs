@@ -41,11 +41,11 @@
 //! 2. `noise/device.rs`: its arithmetic in [`Device`], where its class says it acts (the input at
 //!    load; [`Device::effective`] and [`Device::slope`] for a weight map; [`Device::forward`]
 //!    for a per-evaluation draw; the output stage for an output transform).
-//! 3. `sim/tests/every_effect.rs`: its non-default value in `every_effect_on` and its line in
+//! 3. `tests/noise_effects.rs`: its non-default value in `every_effect_on` and its line in
 //!    `one_at_a_time` (both exhaustive: they do not compile, or do not pass the lints, without
 //!    it). The test fails if the fast path does not give what the reference choreography gives.
 //!
-//! Users read about effects in the top-level `README.md`; `src/study.rs` sweeps them.
+//! Users read about effects in the top-level `README.md`; `src/run/noise_sweep.rs` sweeps them.
 
 /// The hardware effects of a device, as its profile states them. `Default` is the ideal device.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -241,7 +241,7 @@ impl NoiseModel {
     /// new field does not compile until it is classified here; [`Device`]'s fast-path
     /// predicates ([`Device::weights_identity`], [`Device::weights_linear`],
     /// [`Device::needs_full_forward`], [`Device::has_output_stage`]) and [`Self::is_ideal`] all
-    /// read the result. The test in `sim/tests/every_effect.rs` then switches each effect on
+    /// read the result. The test in `tests/noise_effects.rs` then switches each effect on
     /// alone and holds the fast path to the reference choreography.
     pub fn effects(&self) -> Effects {
         let NoiseModel {
