@@ -199,14 +199,12 @@ impl SerialDevice {
             }
         }
         let handshake = self.lock().counters().traffic();
-        Ok(model
+        Ok(device
             .iter()
-            .zip(device)
             .enumerate()
-            .map(|(l, (spec, d))| SerialOracle {
+            .map(|(l, d)| SerialOracle {
                 client: Arc::clone(&self.client),
                 layer: l as u8,
-                spec: *spec,
                 descriptor: *d,
                 max_request: self.summary.max_request as usize,
                 max_batch: self.summary.max_batch as usize,
@@ -233,7 +231,7 @@ impl SerialDevice {
 pub struct SerialOracle {
     client: Arc<Mutex<Client>>,
     layer: u8,
-    spec: LayerShape,
+    /// The layer as the device described it, which the handshake checked equals the model's.
     descriptor: LayerDescriptor,
     max_request: usize,
     max_batch: usize,
@@ -286,15 +284,15 @@ fn chunk_range(chunk: &Range<usize>) -> ChunkRange {
 
 impl ForwardOracle for SerialOracle {
     fn spec(&self) -> &LayerShape {
-        &self.spec
+        &self.descriptor.kind
     }
 
     fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {
-        if params.len() != self.spec.param_count() {
+        if params.len() != self.descriptor.kind.param_count() {
             return Err(OracleError::Shape(format!(
                 "{} parameters for a layer of {}",
                 params.len(),
-                self.spec.param_count()
+                self.descriptor.kind.param_count()
             )));
         }
         let (layer, part) = (self.layer, self.part_len());
@@ -310,7 +308,7 @@ impl ForwardOracle for SerialOracle {
         if !self.read_back {
             return Err(OracleError::Unsupported("parameter read-back"));
         }
-        let (layer, count) = (self.layer, self.spec.param_count());
+        let (layer, count) = (self.layer, self.descriptor.kind.param_count());
         self.with_link(|client, values| {
             client.read_parameters(layer, count, values)?;
             Ok(values.clone())
@@ -318,12 +316,12 @@ impl ForwardOracle for SerialOracle {
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
-        if input.width != self.spec.input_width() || input.rows == 0 {
+        if input.width != self.descriptor.kind.input_width() || input.rows == 0 {
             return Err(OracleError::Shape(format!(
                 "input is {} rows of {} values, the layer takes rows of {}",
                 input.rows,
                 input.width,
-                self.spec.input_width()
+                self.descriptor.kind.input_width()
             )));
         }
         if input.rows > self.max_batch {
@@ -349,11 +347,11 @@ impl ForwardOracle for SerialOracle {
         let layer = self.layer;
         let (rows, width, encoding) = (
             self.rows,
-            self.spec.feature_width(),
+            self.descriptor.kind.feature_width(),
             self.descriptor.encoding,
         );
         let next_width = if self.descriptor.has_separate_output() {
-            self.spec.output_width()
+            self.descriptor.kind.output_width()
         } else {
             0
         };
@@ -385,7 +383,7 @@ impl ForwardOracle for SerialOracle {
         let (layer, range) = (self.layer, chunk_range(&chunk));
         let (rows, width, encoding) = (
             self.rows,
-            self.spec.feature_width(),
+            self.descriptor.kind.feature_width(),
             self.descriptor.encoding,
         );
         let block = rows * width;
