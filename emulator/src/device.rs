@@ -1,7 +1,7 @@
 //! The emulated device's layers and the protocol server over them.
 
 use firmware_protocol::frame::MAX_PAYLOAD;
-use firmware_protocol::message::{ActivationEncoding, Capabilities, MAX_LAYERS};
+use firmware_protocol::message::{ActivationEncoding, Capabilities, LayerDescriptor, MAX_LAYERS};
 use firmware_protocol::server::{DeviceConfig, Server};
 use firmware_protocol::shape::LayerShape;
 use pnn_sim::device::{DeviceConv, DeviceDense, DeviceLayer};
@@ -23,9 +23,11 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
         .enumerate()
         .map(|(l, layer)| match *layer {
             LayerShape::Dense { inputs, outputs } => {
-                if u32::try_from(inputs.saturating_mul(outputs).saturating_add(outputs)).is_err() {
+                if !LayerDescriptor::fits(layer) {
                     let layer = layer_name(layer);
-                    return Err(format!("layer {l} ({layer}) has too many parameters"));
+                    return Err(format!(
+                        "layer {l} ({layer}) is too large for the protocol's u32 sizes"
+                    ));
                 }
                 Ok(DeviceDense::with_noise(
                     inputs,

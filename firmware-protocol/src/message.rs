@@ -195,6 +195,13 @@ impl LayerDescriptor {
         }
     }
 
+    /// Whether every size of a layer of this shape fits the protocol's u32 fields (its
+    /// parameters, its input and its forward result per sample); a device holds no larger layer.
+    pub const fn fits(shape: &LayerShape) -> bool {
+        let max = u32::MAX as usize;
+        shape.param_count() <= max && shape.input_width() <= max && shape.forward_width() <= max
+    }
+
     /// Values per sample of the layer's input (saturating).
     pub const fn input_width(&self) -> u32 {
         wire_u32(self.kind.input_width())
@@ -752,6 +759,26 @@ mod tests {
         );
         assert_eq!((huge.param_count, huge.input_width()), (u32::MAX, u32::MAX));
         assert_eq!(huge.forward_width(), u32::MAX);
+        assert!(!LayerDescriptor::fits(&huge.kind));
+        assert!(LayerDescriptor::fits(&d.kind));
+        // Each size alone: parameters, input, forward result.
+        let max = u32::MAX as usize;
+        assert!(LayerDescriptor::fits(&LayerShape::dense(1, max / 2 - 1)));
+        assert!(!LayerDescriptor::fits(&LayerShape::dense(1, max / 2 + 1)));
+        assert!(!LayerDescriptor::fits(&LayerShape::conv(
+            1,
+            1,
+            (1 << 16, 1 << 16),
+            1,
+            0
+        )));
+        assert!(!LayerDescriptor::fits(&LayerShape::conv(
+            1,
+            1 << 20,
+            (2, 2),
+            1 << 12,
+            0
+        )));
     }
 
     /// The shared shape vocabulary encodes a conv block exactly as protocol version 2's own

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use firmware_protocol::message::{ActivationEncoding, DeviceError, LayerDescriptor};
 use firmware_protocol::server::PhysicalLayer;
-use firmware_protocol::shape::ForwardMode;
+use firmware_protocol::shape::{ForwardMode, LayerShape};
 use firmware_protocol::{DirectionSeed, UpdateTerm};
 
 use crate::SimError;
@@ -102,18 +102,14 @@ impl DeviceConv {
     /// [`ConvGeometry::check`] refuses, or one whose sizes do not fit the protocol's u32 fields.
     pub fn new(shape: ConvGeometry, encoding: ActivationEncoding) -> Result<Self, String> {
         shape.check().map_err(|e| e.to_string())?;
-        let sizes = [
-            ("parameters", shape.param_count()),
-            ("input values per sample", shape.input_width()),
-            (
-                "result values per sample",
-                shape.feature_width() + shape.output_width(),
-            ),
-        ];
-        for (what, n) in sizes {
-            if u32::try_from(n).is_err() {
-                return Err(format!("a conv block with {n} {what} is too large"));
-            }
+        if !LayerDescriptor::fits(&LayerShape::Conv(shape)) {
+            return Err(format!(
+                "a conv block of {} parameters, {} input and {} result values per sample is too \
+                 large for the protocol's u32 sizes",
+                shape.param_count(),
+                shape.input_width(),
+                shape.feature_width().saturating_add(shape.output_width())
+            ));
         }
         Ok(Self::wrap(ConvBlock::new(shape), encoding))
     }

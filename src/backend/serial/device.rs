@@ -85,13 +85,7 @@ fn describe_chunking(c: &ChunkUnits) -> String {
 /// or do not fit the protocol's u32 fields (device garbage), is refused.
 pub fn layer_spec(d: &LayerDescriptor) -> Result<LayerShape, OracleError> {
     let shape = d.kind;
-    let sizes = [
-        shape.param_count(),
-        shape.input_width(),
-        shape.feature_width(),
-        shape.output_width(),
-    ];
-    if sizes.iter().any(|&n| u32::try_from(n).is_err()) {
+    if !LayerDescriptor::fits(&shape) {
         return Err(OracleError::Shape(format!(
             "the device describes a layer too large to hold: {}",
             describe(&shape)
@@ -452,5 +446,40 @@ impl DeviceLink for SerialOracle {
 impl From<DeviceError> for OracleError {
     fn from(e: DeviceError) -> Self {
         OracleError::Refused(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firmware_protocol::message::ActivationEncoding;
+
+    #[test]
+    fn a_consistent_descriptor_gives_its_shape() {
+        let shape = LayerShape::conv(1, 4, (6, 6), 2, 9);
+        let d = LayerDescriptor::new(shape, ActivationEncoding::F32);
+        assert_eq!(layer_spec(&d).unwrap(), shape);
+    }
+
+    #[test]
+    fn descriptors_that_contradict_their_shape_or_overflow_are_refused() {
+        let shape = LayerShape::dense(4, 3);
+        let good = LayerDescriptor::new(shape, ActivationEncoding::F32);
+        let wrong_count = LayerDescriptor {
+            param_count: 14,
+            ..good
+        };
+        let wrong_chunks = LayerDescriptor {
+            chunking: ChunkUnits::Groups { size: 5 },
+            ..good
+        };
+        for d in [wrong_count, wrong_chunks] {
+            let e = layer_spec(&d).unwrap_err().to_string();
+            assert!(e.contains("contradicts itself"), "{e}");
+        }
+        let huge = LayerShape::dense(1 << 20, 1 << 20);
+        let d = LayerDescriptor::new(huge, ActivationEncoding::F32);
+        let e = layer_spec(&d).unwrap_err().to_string();
+        assert!(e.contains("too large to hold"), "{e}");
     }
 }
