@@ -10,7 +10,11 @@
 //!
 //! Exit codes: 0 success, 2 invalid arguments or config, 3 data error, 4 backend or device error
 //! (the message says how to resume where the run was saved), 5 the model could not be saved,
-//! 6 a checkpoint could not be read (missing, damaged, of another run) or written.
+//! 6 a checkpoint could not be read (missing, damaged, of another run) or written, or the
+//! --checkpoint directory holds a run that this one would overwrite (`--resume` it, or `--fresh`),
+//! 7 training diverged (a loss or weight became NaN or infinite; the last good checkpoint is
+//! kept), 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (into --checkpoint DIR, else
+//! a `pnn-rescue-*` directory in the temporary directory) and printing the command to continue.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -60,6 +64,9 @@ fn main() -> ExitCode {
         args.progress.resolve()
     };
     let multi = init_tracing(mode);
+    if let Err(e) = pnn::run::interrupt::install() {
+        tracing::warn!("Ctrl-C and SIGTERM will end the run without saving it: {e}");
+    }
     let mut settings = match &args.config {
         Some(path) => match ExperimentConfig::load(path) {
             Ok(file) => file.overlay(args.settings),

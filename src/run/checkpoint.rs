@@ -114,6 +114,17 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, what: String },
     #[error("the checkpoint in {path} is of another run: {what}")]
     Mismatch { path: PathBuf, what: String },
+    /// A fresh run was pointed at a checkpoint directory that holds a run (the
+    /// checkpoint-safety rule: nothing overwrites a saved run unless told to).
+    #[error(
+        "{path} holds {what}; a new run would overwrite it. Continue that run with `pnn-train --resume {dir}`, or start over with --fresh (the saved run is then lost), or choose another --checkpoint directory"
+    )]
+    HoldsRun {
+        path: PathBuf,
+        what: String,
+        /// The directory, as one shell word.
+        dir: String,
+    },
 }
 
 impl RunIdentity {

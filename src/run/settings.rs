@@ -221,6 +221,11 @@ pub struct ExperimentConfig {
     #[arg(long, value_name = "DIR")]
     #[serde(default, skip_serializing)]
     pub resume: Option<PathBuf>,
+    /// Start a new run even though the --checkpoint directory holds a saved one, which is then
+    /// overwritten (without it, such a run is refused: continue it with --resume instead)
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(default, skip_serializing)]
+    pub fresh: bool,
 }
 }
 
@@ -398,6 +403,13 @@ impl ExperimentConfig {
         run.checkpoint = self.checkpoint.clone().or_else(|| self.resume.clone());
         run.checkpoint_every = self.checkpoint_every;
         run.resume = self.resume.clone();
+        if self.fresh && self.resume.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "fresh",
+                message: "starts a new run, so it cannot go with resume".into(),
+            });
+        }
+        run.fresh = self.fresh;
         run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
         if self.exact_reference && matches!(run.backend, BackendSpec::Serial(_)) {
             return Err(ConfigError::Invalid {
@@ -546,6 +558,7 @@ mod tests {
             checkpoint_every: Some(10),
             resume: None,
             exact_reference: true,
+            fresh: false,
         };
         for c in [full, ExperimentConfig::default()] {
             let text = c.to_ron();
