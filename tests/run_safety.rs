@@ -241,3 +241,190 @@ fn a_diverging_run_stops_with_its_own_exit_code_and_keeps_the_last_good_checkpoi
     assert_eq!(out.status.code(), Some(7), "{msg}");
     assert!(out.stdout.is_empty() && msg.contains("diverged"), "{msg}");
 }
+
+/// Item 3: `--save` to a directory, or to a place that cannot be written, is refused before the
+/// run starts (exit 2, nothing trained), naming the path.
+#[test]
+fn an_unusable_save_path_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = dir.to_str().unwrap();
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let under_file = blocker.join("m.safetensors");
+    for bad in [
+        tmp.path().to_str().unwrap(),
+        "/proc/nope/m.safetensors",
+        under_file.to_str().unwrap(),
+    ] {
+        let out = train(&with(&["--epochs", "1", "--save", bad, "--checkpoint", d]));
+        let msg = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {msg}");
+        assert!(
+            msg.contains(bad),
+            "{bad}: the message does not name it: {msg}"
+        );
+        assert!(!dir.exists(), "{bad}: the run started");
+    }
+}
+
+/// Item 8: resume may change only the settings that leave the training's numbers alone; the
+/// others are refused by name, and so is an --epochs below the saved run's.
+#[test]
+fn resume_refuses_settings_it_cannot_change_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = dir.to_str().unwrap();
+    let first = untimed(summary_of(&train(&with(&[
+        "--epochs",
+        "2",
+        "--checkpoint",
+        d,
+    ]))));
+    for (flag, value) in [
+        ("--lr", "0.5"),
+        ("--batch-size", "64"),
+        ("--directions", "2"),
+        ("--limit-train", "1000"),
+    ] {
+        let out = train(&["--resume", d, flag, value, "-q"]);
+        let msg = stderr(&out);
+        assert_eq!(out.status.code(), Some(6), "{flag}: {msg}");
+        let key = flag.trim_start_matches("--").replace('-', "_");
+        assert!(
+            msg.contains(&format!("{key} is ")) && msg.contains(value),
+            "{flag}: {msg}"
+        );
+        assert!(msg.contains("Resume may change only epochs"), "{msg}");
+    }
+    let fewer = train(&["--resume", d, "--epochs", "1", "-q"]);
+    let msg = stderr(&fewer);
+    assert_eq!(fewer.status.code(), Some(6), "{msg}");
+    assert!(
+        msg.contains("--epochs 1") && msg.contains("2 epochs"),
+        "{msg}"
+    );
+    // The saved values themselves, and the settings resume may change, are accepted.
+    let same = untimed(summary_of(&train(&[
+        "--resume", d, "--lr", "0.001", "--seed", "5", "-q",
+    ])));
+    assert_eq!(same, first);
+    let more = summary_of(&train(&[
+        "--resume",
+        d,
+        "--epochs",
+        "3",
+        "--limit-test",
+        "200",
+        "-q",
+    ]));
+    assert_eq!(
+        (more["epochs"].as_u64(), more["test_samples"].as_u64()),
+        (Some(3), Some(200))
+    );
+}
+
+/// A copy of MNIST in a new data directory, its training labels (written raw) or its training
+/// set replaced.
+fn mnist_copy(root: &Path, train_labels: Option<Vec<u8>>, empty_train: bool) -> std::path::PathBuf {
+    use std::io::Read;
+    let src = common::data_dir().join("mnist");
+    let dst = root.join("data");
+    let mnist = dst.join("mnist");
+    std::fs::create_dir_all(&mnist).unwrap();
+    for name in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+        std::os::unix::fs::symlink(src.join(name), mnist.join(name)).unwrap();
+    }
+    if empty_train {
+        let images = [
+            &[0u8, 0, 8, 3][..],
+            &0u32.to_be_bytes(),
+            &28u32.to_be_bytes(),
+            &28u32.to_be_bytes(),
+        ]
+        .concat();
+        std::fs::write(mnist.join("train-images-idx3-ubyte"), images).unwrap();
+        let labels = [&[0u8, 0, 8, 1][..], &0u32.to_be_bytes()].concat();
+        std::fs::write(mnist.join("train-labels-idx1-ubyte"), labels).unwrap();
+        return dst;
+    }
+    let name = "train-images-idx3-ubyte.gz";
+    std::os::unix::fs::symlink(src.join(name), mnist.join(name)).unwrap();
+    let mut labels = Vec::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(src.join("train-labels-idx1-ubyte.gz")).unwrap(),
+    )
+    .read_to_end(&mut labels)
+    .unwrap();
+    if let Some(replace) = train_labels {
+        labels = replace;
+    }
+    std::fs::write(mnist.join("train-labels-idx1-ubyte"), labels).unwrap();
+    dst
+}
+
+/// Item 9: a checkpoint records the training data's fingerprint; other data under the same name
+/// (here one label changed) is refused.
+#[test]
+fn other_data_under_the_same_name_does_not_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = dir.to_str().unwrap();
+    summary_of(&train(&with(&["--epochs", "1", "--checkpoint", d])));
+    let same = mnist_copy(tmp.path(), None, false);
+    summary_of(&train(&[
+        "--resume",
+        d,
+        "--epochs",
+        "2",
+        "--data-dir",
+        same.to_str().unwrap(),
+        "-q",
+    ]));
+
+    let other_root = tmp.path().join("other");
+    let mut labels = {
+        use std::io::Read;
+        let mut v = Vec::new();
+        let f = std::fs::File::open(common::data_dir().join("mnist/train-labels-idx1-ubyte.gz"))
+            .unwrap();
+        flate2::read::GzDecoder::new(f).read_to_end(&mut v).unwrap();
+        v
+    };
+    labels[8 + 100] = (labels[8 + 100] + 1) % 10;
+    let other = mnist_copy(&other_root, Some(labels), false);
+    let out = train(&[
+        "--resume",
+        d,
+        "--epochs",
+        "3",
+        "--data-dir",
+        other.to_str().unwrap(),
+        "-q",
+    ]);
+    let msg = stderr(&out);
+    assert_eq!(out.status.code(), Some(6), "{msg}");
+    assert!(msg.contains("the training data is 2048 samples"), "{msg}");
+}
+
+/// Item 7: training files that hold no samples are a data error (exit 3), not a model trained on
+/// nothing.
+#[test]
+fn empty_training_files_are_a_data_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = mnist_copy(tmp.path(), None, true);
+    let save = tmp.path().join("m.safetensors");
+    let out = train(&[
+        "--epochs",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--save",
+        save.to_str().unwrap(),
+        "-q",
+    ]);
+    let msg = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{msg}");
+    assert!(msg.contains("training files hold no samples"), "{msg}");
+    assert!(!save.exists());
+}

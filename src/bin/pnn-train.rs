@@ -4,8 +4,8 @@
 //! paper's defaults. Progress goes to stderr; stdout carries the summary alone.
 //!
 //! With `--checkpoint DIR` the run is saved as it goes; `--resume DIR` continues it, with the
-//! settings saved in the checkpoint (any given on the command line or in `--config` override
-//! them), bit-identical to an uninterrupted run. A device that fails for good mid-run ends the
+//! settings saved in the checkpoint, bit-identical to an uninterrupted run (those that do not
+//! change the training's numbers may be given anew: `ExperimentConfig::RESUMABLE`). A device that fails for good mid-run ends the
 //! run with a checkpoint and the command that continues it.
 //!
 //! Exit codes: 0 success, 2 invalid arguments or config, 3 data error, 4 backend or device error
@@ -83,7 +83,10 @@ fn main() -> ExitCode {
         if let Some(text) = saved {
             let origin = format!("saved in {}", Checkpoint::path_in(&dir).display());
             match ExperimentConfig::parse(&text, &origin) {
-                Ok(saved) => settings = saved.overlay(settings),
+                Ok(saved) => match saved.check_resume_changes(&settings) {
+                    Ok(()) => settings = saved.overlay(settings),
+                    Err(e) => return fail(6, e),
+                },
                 Err(e) => return fail(6, e),
             }
         }
@@ -109,7 +112,9 @@ fn main() -> ExitCode {
             }
         }
     };
-    if let Some(Err(e)) = settings.save.as_deref().map(create_parent) {
+    if let Some(Err(e)) =
+        (settings.save.as_deref()).map(pnn::report::export::SavedModel::check_destination)
+    {
         return fail(2, e);
     }
     if let (Some(_), Err(e)) = (

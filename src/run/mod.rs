@@ -460,6 +460,14 @@ pub fn run_with<O: ForwardOracle>(
         Some(dir) => {
             let c = Checkpoint::load(dir)?;
             c.check_compatible(&identity, dir)?;
+            if config.epochs < c.epochs {
+                return Err(CheckpointError::FewerEpochs {
+                    path: Checkpoint::path_in(dir),
+                    saved: c.epochs,
+                    given: config.epochs,
+                }
+                .into());
+            }
             Some(c)
         }
         None => None,

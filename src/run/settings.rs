@@ -215,9 +215,10 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exact_reference: bool,
-    /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
-    /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
-    /// unless --checkpoint says otherwise
+    /// Continue the run whose checkpoint is in DIR, with its saved settings; ends bit-identical
+    /// to an uninterrupted run. Only epochs (more), backend, data_dir, limit_test, metrics, save,
+    /// checkpoint and checkpoint_every may be given anew. Checkpoints go on into DIR unless
+    /// --checkpoint says otherwise
     #[arg(long, value_name = "DIR")]
     #[serde(default, skip_serializing)]
     pub resume: Option<PathBuf>,
@@ -363,6 +364,106 @@ impl ExperimentConfig {
             .new_line("\n")
             .compact_arrays(true);
         ron::ser::to_string_pretty(self, pretty).expect("settings serialise")
+    }
+
+    /// The settings `--resume` may change: where the run executes and saves, how far it goes
+    /// (more epochs only, checked against the checkpoint), and what it reports. Every other
+    /// setting changes the training's numbers, so the continued run would be neither the saved
+    /// run nor a fresh one.
+    pub const RESUMABLE: &'static [&'static str] = &[
+        "epochs",
+        "backend",
+        "data_dir",
+        "limit_test",
+        "metrics",
+        "save",
+        "checkpoint",
+        "checkpoint_every",
+    ];
+
+    /// Refuses `given` (the command line over `--config`) as changes to `self`, the settings
+    /// saved in a checkpoint, where it changes a setting outside [`Self::RESUMABLE`], naming each
+    /// such setting with both values. Values equal to the saved ones (or to the defaults the
+    /// saved run used) are no change.
+    pub fn check_resume_changes(&self, given: &Self) -> Result<(), ConfigError> {
+        let saved = self.to_run_config()?;
+        let merged = self.clone().overlay(given.clone()).to_run_config()?;
+        let widths = |r: &RunConfig| {
+            r.hidden.clone().unwrap_or_else(|| match r.arch {
+                ArchKind::Mlp => crate::model::ModelSpec::default_hidden(r.dataset),
+                ArchKind::Cnn => crate::model::ModelSpec::default_channels(r.dataset),
+            })
+        };
+        let (a, b) = (&saved.hyper, &merged.hyper);
+        let mut changed = Vec::new();
+        let mut cmp = |key: &str, was: String, now: String| {
+            if was != now {
+                changed.push(format!("{key} is {was} in the checkpoint but {now} now"));
+            }
+        };
+        cmp(
+            "dataset",
+            saved.dataset.to_string(),
+            merged.dataset.to_string(),
+        );
+        cmp("arch", saved.arch.to_string(), merged.arch.to_string());
+        cmp(
+            "hidden",
+            format!("{:?}", widths(&saved)),
+            format!("{:?}", widths(&merged)),
+        );
+        cmp(
+            "proj_dim",
+            saved.proj_dim.to_string(),
+            merged.proj_dim.to_string(),
+        );
+        cmp(
+            "batch_size",
+            a.batch_size.to_string(),
+            b.batch_size.to_string(),
+        );
+        cmp("lr", a.lr.to_string(), b.lr.to_string());
+        cmp("eps", a.eps.to_string(), b.eps.to_string());
+        cmp(
+            "directions",
+            a.directions.to_string(),
+            b.directions.to_string(),
+        );
+        cmp(
+            "chunk_max",
+            a.chunk_max.to_string(),
+            b.chunk_max.to_string(),
+        );
+        cmp("seed", a.seed.to_string(), b.seed.to_string());
+        let all = |n: Option<usize>| n.map_or("all".to_string(), |n| n.to_string());
+        cmp(
+            "limit_train",
+            all(saved.limit_train),
+            all(merged.limit_train),
+        );
+        cmp(
+            "max_batches",
+            all(saved.max_batches),
+            all(merged.max_batches),
+        );
+        cmp(
+            "exact_reference",
+            saved.exact_reference.to_string(),
+            merged.exact_reference.to_string(),
+        );
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            key: "resume",
+            message: format!(
+                "a resumed run keeps the settings it was started with, and these would change: {}. \
+                 Resume may change only {} (epochs to more); to train with other settings, start a \
+                 new run (another --checkpoint directory, or --fresh)",
+                changed.join(", "),
+                Self::RESUMABLE.join(", ")
+            ),
+        })
     }
 
     /// The run these settings describe, with the paper's defaults (section 4.5) for what is unset.
