@@ -74,6 +74,26 @@ pub struct Checkpoint {
     /// The settings the run was started with, as a config file (RON): `pnn-train --resume DIR`
     /// needs nothing else.
     pub settings: Option<String>,
+    /// State of the estimator's options (optimizer moments, `--eps auto`'s choice). Written
+    /// after the payload above as a second postcard value, and only where it is not empty, so
+    /// a checkpoint of a run with the paper's settings has the bytes it had before these
+    /// existed and every older checkpoint loads (with empty options state).
+    #[serde(skip)]
+    pub options: OptionsState,
+}
+
+/// What a run with non-default estimator options must carry across a resume (see
+/// [`Checkpoint::options`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptionsState {
+    /// [`crate::train::update::UpdateRule::state`]: momentum's or Adam's moments.
+    pub rule_state: Vec<f32>,
+}
+
+impl OptionsState {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A run's link counters ([`crate::oracle::LinkCounters`]: traffic and health), summed over the
@@ -146,6 +166,7 @@ impl Checkpoint {
             shadows: self.layers.clone(),
             projections: self.projections.clone(),
             oracle_evaluations: self.oracle_evaluations,
+            rule_state: self.options.rule_state.clone(),
         }
     }
 
@@ -160,7 +181,10 @@ impl Checkpoint {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
+        let mut payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
+        if !self.options.is_empty() {
+            payload.extend(postcard::to_stdvec(&self.options).expect("options serialise"));
+        }
         // Temporary files of writes that a crash cut short are of no use to anyone.
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
@@ -212,7 +236,13 @@ impl Checkpoint {
         if Sha256::digest(payload).as_slice() != &bytes[16..HEADER] {
             return Err("payload digest mismatch (the file was altered or damaged)".into());
         }
-        postcard::from_bytes(payload).map_err(|e| format!("payload does not decode: {e}"))
+        let (mut checkpoint, rest): (Self, _) = postcard::take_from_bytes(payload)
+            .map_err(|e| format!("payload does not decode: {e}"))?;
+        if !rest.is_empty() {
+            checkpoint.options = postcard::from_bytes(rest)
+                .map_err(|e| format!("the estimator options' state does not decode: {e}"))?;
+        }
+        Ok(checkpoint)
     }
 
     /// Refuses a checkpoint whose run differs from `identity` (another model, dataset, data
@@ -310,6 +340,7 @@ mod tests {
                 ..Default::default()
             }),
             settings: Some("(epochs: 3)".into()),
+            options: OptionsState::default(),
         }
     }
 
@@ -324,6 +355,26 @@ mod tests {
         // Saving again replaces it and leaves no temporary files behind.
         c.save(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn optimizer_state_round_trips_and_defaults_keep_the_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = sample();
+        plain.save(dir.path()).unwrap();
+        let old_layout = std::fs::read(Checkpoint::path_in(dir.path())).unwrap();
+        // The payload of a run without options is the struct alone, as before they existed.
+        let payload = postcard::to_stdvec(&plain).unwrap();
+        assert_eq!(&old_layout[HEADER..], &payload[..]);
+        let mut with = sample();
+        with.options.rule_state = vec![1.5, -0.0, f32::from_bits(7)];
+        with.save(dir.path()).unwrap();
+        let back = Checkpoint::load(dir.path()).unwrap();
+        assert_eq!(back, with);
+        assert_eq!(
+            back.host_state().rule_state[1].to_bits(),
+            (-0.0f32).to_bits()
+        );
     }
 
     #[test]
