@@ -198,6 +198,51 @@ fn a_killed_mlp_run_resumes_bit_identically() {
 }
 
 #[test]
+fn a_killed_run_with_adam_and_forward_differences_resumes_bit_identically() {
+    // Adam's moments live on the host and travel in the checkpoint (issue 15).
+    killed_runs_end_as_an_uninterrupted_one(
+        &[
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "2",
+            "--limit-train",
+            "8192",
+            "--limit-test",
+            "2000",
+            "--seed",
+            "11",
+            "--optimizer",
+            "adam",
+            "--difference",
+            "forward",
+        ],
+        2,
+    );
+}
+
+#[test]
+fn a_killed_momentum_run_resumes_bit_identically() {
+    killed_runs_end_as_an_uninterrupted_one(
+        &[
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "2",
+            "--limit-train",
+            "8192",
+            "--limit-test",
+            "2000",
+            "--seed",
+            "11",
+            "--optimizer",
+            "momentum",
+        ],
+        1,
+    );
+}
+
+#[test]
 fn a_killed_cnn_run_resumes_bit_identically() {
     killed_runs_end_as_an_uninterrupted_one(
         &[

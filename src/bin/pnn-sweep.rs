@@ -89,6 +89,7 @@ fn main() -> ExitCode {
         chunk_max: args.chunk_max,
         batch_size: args.batch_size,
         seed: args.seed,
+        ..Hyper::default()
     };
     let setup = match Setup::load(
         args.dataset,

@@ -52,6 +52,9 @@ pub struct RunIdentity {
 struct Extras {
     #[serde(default)]
     data: Option<String>,
+    /// [`OptionsState::rule_state`] as bit patterns, so JSON carries every value exactly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rule_state_bits: Vec<u32>,
 }
 
 /// A training split's fingerprint: its size and the SHA-256 of its labels and of its images.
@@ -102,7 +105,20 @@ pub struct Checkpoint {
     /// The settings the run was started with, as a config file (RON): `pnn-train --resume DIR`
     /// needs nothing else.
     pub settings: Option<String>,
+    /// State of the estimator's options (optimizer moments). Stored in the [`Extras`] after the
+    /// postcard part, so every older checkpoint loads (with empty options state).
+    #[serde(skip)]
+    pub options: OptionsState,
 }
+
+/// What a run with non-default estimator options must carry across a resume (see
+/// [`Checkpoint::options`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptionsState {
+    /// [`crate::train::update::UpdateRule::state`]: momentum's or Adam's moments.
+    pub rule_state: Vec<f32>,
+}
+
 
 /// A run's link counters ([`crate::oracle::LinkCounters`]: traffic and health), summed over the
 /// processes that carried it, with the re-programmings after device resets. Its own type because
@@ -194,6 +210,7 @@ impl Checkpoint {
             shadows: self.layers.clone(),
             projections: self.projections.clone(),
             oracle_evaluations: self.oracle_evaluations,
+            rule_state: self.options.rule_state.clone(),
         }
     }
 
@@ -211,6 +228,7 @@ impl Checkpoint {
         let mut payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
         let extras = Extras {
             data: self.identity.data.clone(),
+            rule_state_bits: self.options.rule_state.iter().map(|v| v.to_bits()).collect(),
         };
         serde_json::to_writer(&mut payload, &extras).expect("extras serialise");
         // Temporary files of writes that a crash cut short are of no use to anyone.
@@ -270,6 +288,8 @@ impl Checkpoint {
             let extras: Extras = serde_json::from_slice(rest)
                 .map_err(|e| format!("the payload's extras do not decode: {e}"))?;
             checkpoint.identity.data = extras.data;
+            checkpoint.options.rule_state =
+                extras.rule_state_bits.into_iter().map(f32::from_bits).collect();
         }
         Ok(checkpoint)
     }
@@ -373,6 +393,7 @@ mod tests {
                 ..Default::default()
             }),
             settings: Some("(epochs: 3)".into()),
+            options: OptionsState::default(),
         }
     }
 
@@ -387,6 +408,23 @@ mod tests {
         // Saving again replaces it and leaves no temporary files behind.
         c.save(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn optimizer_state_round_trips_bit_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = sample();
+        plain.save(dir.path()).unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap(), plain);
+        let mut with = sample();
+        with.options.rule_state = vec![1.5, -0.0, f32::from_bits(7)];
+        with.save(dir.path()).unwrap();
+        let back = Checkpoint::load(dir.path()).unwrap();
+        assert_eq!(back, with);
+        assert_eq!(
+            back.host_state().rule_state[1].to_bits(),
+            (-0.0f32).to_bits()
+        );
     }
 
     #[test]

@@ -302,6 +302,9 @@ impl RunState {
             layer_state: snapshot.layer_state,
             link,
             settings: config.settings.clone(),
+            options: checkpoint::OptionsState {
+                rule_state: snapshot.host.rule_state,
+            },
         }
     }
 }

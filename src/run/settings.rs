@@ -34,6 +34,8 @@ use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
 use crate::train::Hyper;
+use crate::train::estimator::Difference;
+use crate::train::update::Optimizer;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -164,6 +166,16 @@ pub struct ExperimentConfig {
     #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
     #[serde(default, deserialize_with = "de_positive_f32", skip_serializing_if = "Option::is_none")]
     pub eps: Option<f32>,
+    /// Finite difference of the estimate: central (the paper's, 2P evaluations per chunk) or
+    /// forward (one clean loss shared by the P directions: P+1) [default: central]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
+    pub difference: Option<Difference>,
+    /// Update rule on the estimate: sgd (the paper's), momentum (beta 0.9) or adam
+    /// (0.9, 0.999) [default: sgd]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<Optimizer>,
     /// Perturbation directions P per chunk, 1 to 64 [default: 4]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     #[serde(default, deserialize_with = "de_directions", skip_serializing_if = "Option::is_none")]
@@ -490,6 +502,8 @@ impl ExperimentConfig {
             chunk_max: self.chunk_max.unwrap_or(defaults.chunk_max),
             batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             seed: self.seed.unwrap_or(defaults.seed),
+            difference: self.difference.unwrap_or(defaults.difference),
+            optimizer: self.optimizer.unwrap_or(defaults.optimizer),
         };
         run.limit_train = self.limit_train;
         run.limit_test = self.limit_test;
@@ -646,6 +660,8 @@ mod tests {
             batch_size: Some(32),
             lr: Some(1.7e-3),
             eps: Some(0.1),
+            difference: Some(Difference::Forward),
+            optimizer: Some(Optimizer::Adam),
             directions: Some(8),
             chunk_max: Some(1000),
             seed: Some(u64::MAX),
