@@ -13,6 +13,8 @@ pub fn shared_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
 
+pub mod replay;
+
 /// The real datasets: `$PNN_DATA_DIR`, else `shared/data`.
 pub fn data_dir() -> PathBuf {
     match std::env::var_os("PNN_DATA_DIR") {
