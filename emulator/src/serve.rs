@@ -6,7 +6,7 @@ use std::io::ErrorKind;
 use std::time::Duration;
 
 use firmware_protocol::frame::{FrameDecoder, MAX_PAYLOAD, wire_len};
-use firmware_protocol::link::{PipeEnd, SerialPortTransport, Transport};
+use firmware_protocol::link::{PipeEnd, SerialPortTransport, TcpListenerLine, Transport};
 use firmware_protocol::server::ServerIo;
 
 use crate::config::EmulatorConfig;
@@ -27,6 +27,7 @@ pub trait DeviceLine: Transport {
 
 impl DeviceLine for SerialPortTransport {}
 impl DeviceLine for PipeEnd {}
+impl DeviceLine for TcpListenerLine {}
 
 impl<T: DeviceLine + ?Sized> DeviceLine for &mut T {
     fn take_reset(&mut self) -> bool {
