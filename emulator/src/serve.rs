@@ -10,7 +10,7 @@ use firmware_protocol::link::{PipeEnd, SerialPortTransport, TcpListenerLine, Tra
 use firmware_protocol::server::ServerIo;
 
 use crate::config::EmulatorConfig;
-use crate::device::server;
+use crate::device::paced_server;
 
 /// Smallest frame payload a device may be given: the handshake's replies must fit, and the host
 /// needs room for data in every request.
@@ -49,6 +49,18 @@ pub fn serve<L: DeviceLine + ?Sized>(
     max_frame: usize,
     verbose: bool,
 ) -> std::io::Result<()> {
+    serve_paced(line, config, max_frame, verbose, None)
+}
+
+/// [`serve()`], the device's evaluations taking the time a device of `macs_per_second` needs
+/// (pace the line itself with a [`crate::timing::PacedLine`]).
+pub fn serve_paced<L: DeviceLine + ?Sized>(
+    line: &mut L,
+    config: &EmulatorConfig,
+    max_frame: usize,
+    verbose: bool,
+    macs_per_second: Option<f64>,
+) -> std::io::Result<()> {
     let max_frame = max_frame.clamp(MIN_FRAME, MAX_PAYLOAD);
     let mut buf = vec![0u8; 64 * 1024];
     let mut boot_id = config.boot_id;
@@ -57,8 +69,8 @@ pub fn serve<L: DeviceLine + ?Sized>(
             boot_id,
             ..config.clone()
         };
-        let mut server =
-            server(&booted).map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
+        let mut server = paced_server(&booted, macs_per_second)
+            .map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
         server.set_max_request(max_frame as u32);
         let mut io = ServerIo {
             decoder: FrameDecoder::new(vec![0u8; wire_len(max_frame)]),

@@ -35,6 +35,14 @@
 //! pnn-emulate --profile devices/ideal.ron --layers 784x50,50x50 --listen 127.0.0.1:4000
 //! ```
 //!
+//! Real link speeds (`pnn_emulator::timing`): `--baud` paces the line as a UART (10 bits a
+//! byte), `--latency-us` adds a fixed time to every frame, `--macs-per-second` makes the
+//! device's evaluations take the time a microcontroller would:
+//!
+//! ```text
+//! pnn-emulate --profile devices/ideal.ron --layers 784x50 --layers 50x50 --baud 921600
+//! ```
+//!
 //! Exit codes: 2 invalid arguments or profile (or layers the profile cannot serve), 4 the
 //! pseudo-terminal or socket failed.
 
@@ -48,7 +56,9 @@ use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::link::TcpListenerLine;
 use firmware_protocol::message::ActivationEncoding;
 use pnn::model::DEFAULT_PROJ_DIM;
-use pnn_emulator::{self as emulator, DeviceLine, EmulatorConfig, FaultConfig, FaultyTransport};
+use pnn_emulator::{
+    self as emulator, DeviceLine, EmulatorConfig, FaultConfig, FaultyTransport, PacedLine, Timing,
+};
 use pnn_sim::profile::DeviceProfile;
 
 #[derive(Parser, Debug)]
@@ -67,6 +77,18 @@ struct Args {
     /// Given several times: several devices, one per occurrence, served concurrently.
     #[arg(long, value_parser = check_layers, required = true)]
     layers: Vec<String>,
+    /// Pace the line as a UART of this many baud (10 bits a byte, each direction on its own
+    /// clock): a frame reaches the device, and its reply the host, no sooner than such a line
+    /// carries it. USB full speed is about --baud 12000000.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(300..))]
+    baud: Option<u32>,
+    /// Microseconds added to every frame, each way (a USB frame, a driver's turnaround).
+    #[arg(long, default_value_t = 0)]
+    latency_us: u64,
+    /// The device's arithmetic: multiply-accumulates per second (a dense forward pass is rows x
+    /// inputs x outputs of them; a perturbed evaluation 2P passes). Default: the host's speed.
+    #[arg(long, value_parser = positive_rate)]
+    macs_per_second: Option<f64>,
     /// Serve over TCP on ADDR (HOST:PORT; port 0 picks one) instead of a pseudo-terminal, one
     /// host connection at a time; given once per device. Prints the address bound.
     #[arg(long, value_name = "ADDR")]
@@ -114,6 +136,13 @@ struct Args {
 /// built once `--proj-dim` and `--seed` are known.
 fn check_layers(s: &str) -> Result<String, String> {
     emulator::parse_layers(s, DEFAULT_PROJ_DIM, 0).map(|_| s.to_string())
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("'{s}' is not a positive rate")),
+    }
 }
 
 fn positive_usize(s: &str) -> Result<usize, String> {
@@ -213,6 +242,14 @@ fn main() -> ExitCode {
         reset_every: args.reset_every,
     };
     let max_frame = args.max_frame.map_or(MAX_PAYLOAD, |m| m as usize);
+    let timing = Timing {
+        baud: args.baud,
+        latency: Duration::from_micros(args.latency_us),
+        macs_per_second: args.macs_per_second,
+    };
+    if !timing.is_unpaced() {
+        eprintln!("pnn-emulate: paced as {timing:?}");
+    }
     let failed = std::thread::scope(|scope| {
         let served: Vec<_> = (lines.iter_mut().zip(&configs))
             .map(|((line, at), config)| {
@@ -235,14 +272,16 @@ fn main() -> ExitCode {
                         Line::Pty(p) => &mut p.device,
                         Line::Tcp(l) => l,
                     };
+                    let mut line = PacedLine::new(line, timing);
+                    let rate = timing.macs_per_second;
                     let served = if faults.is_clean() {
-                        emulator::serve(line, config, max_frame, verbose)
+                        emulator::serve_paced(&mut line, config, max_frame, verbose, rate)
                     } else {
                         eprintln!(
                             "pnn-emulate: faults {faults:?}, frames of at most {max_frame} bytes"
                         );
                         let mut line = FaultyTransport::new(line, faults);
-                        emulator::serve(&mut line, config, max_frame, verbose)
+                        emulator::serve_paced(&mut line, config, max_frame, verbose, rate)
                     };
                     served.map_err(|e| format!("serving on {at} failed: {e}"))
                 })
