@@ -13,6 +13,10 @@ use crate::timing::PacedLayer;
 /// The server type the emulator runs.
 pub type EmulatedServer<'n> = Server<'n, DeviceLayer, Vec<DeviceLayer>, Vec<f32>>;
 
+/// The server over layers paced to a device's arithmetic ([`PacedLayer`]).
+pub type PacedServer<'n> =
+    Server<'n, PacedLayer<DeviceLayer>, Vec<PacedLayer<DeviceLayer>>, Vec<f32>>;
+
 /// The simulated layers of `config`, or why the device cannot be built.
 pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
     if config.layers.len() > MAX_LAYERS {
@@ -73,7 +77,7 @@ pub fn server(config: &EmulatorConfig) -> Result<EmulatedServer<'_>, String> {
 pub fn paced_server(
     config: &EmulatorConfig,
     macs_per_second: Option<f64>,
-) -> Result<Server<'_, PacedLayer<DeviceLayer>, Vec<PacedLayer<DeviceLayer>>, Vec<f32>>, String> {
+) -> Result<PacedServer<'_>, String> {
     let layers = layers(config)?;
     let paced = (layers.into_iter())
         .map(|l| PacedLayer::new(l, macs_per_second))
