@@ -74,6 +74,11 @@ fn main() -> ExitCode {
         },
         None => args.settings,
     };
+    // A rig file is read now: the rig itself is what a checkpoint stores (and what a resume's
+    // own --backend or --rig replaces).
+    if let Err(e) = settings.resolve_rig() {
+        return fail(2, e);
+    }
     if let Some(dir) = settings.resume.clone() {
         // The saved settings, under those given now.
         let saved = match Checkpoint::load(&dir) {

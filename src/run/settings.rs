@@ -29,7 +29,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::RunConfig;
-use crate::backend::BackendSpec;
+use crate::backend::{BackendSpec, Rig};
 use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
@@ -150,6 +150,12 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_backend", skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendSpec>,
+    /// A rig file (RON, e.g. rigs/two-boards.ron): the devices, their ports and link options and
+    /// the layers each holds, in place of --backend (which also takes one backend per layer,
+    /// comma-separated)
+    #[arg(long, conflicts_with = "backend")]
+    #[serde(default, serialize_with = "ser_path", skip_serializing_if = "Option::is_none")]
+    pub rig: Option<PathBuf>,
     /// Training epochs [default: 200, as the paper]
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,16 +257,7 @@ fn ser_display<T: fmt::Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S:
 
 /// A backend as `--backend` takes it, every option spelled out.
 fn ser_backend<S: Serializer>(b: &Option<BackendSpec>, s: S) -> Result<S::Ok, S::Error> {
-    match b {
-        Some(BackendSpec::Serial(p)) => s.serialize_some(&format!(
-            "serial:{}?baud={}&timeout_ms={}&retries={}",
-            p.path,
-            p.baud,
-            p.timeout.as_millis(),
-            p.retries
-        )),
-        other => ser_display(other, s),
-    }
+    ser_display(&b.as_ref().map(BackendSpec::spelled_out), s)
 }
 
 /// A path as text (as it displays, where it is not Unicode).
@@ -478,8 +475,34 @@ impl ExperimentConfig {
         })
     }
 
+    /// Reads the rig file, if one is named, into the backend setting: what is stored (in
+    /// checkpoints) is then the rig itself, every device's port and options, not a path to a
+    /// file that may change. Naming both a rig and a backend is an error.
+    pub fn resolve_rig(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.rig.take() else {
+            return Ok(());
+        };
+        if self.backend.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "rig",
+                message: "give a rig or a backend, not both".into(),
+            });
+        }
+        let rig = Rig::load(&path).map_err(|message| ConfigError::Invalid {
+            key: "rig",
+            message,
+        })?;
+        self.backend = Some(BackendSpec::Rig(rig));
+        Ok(())
+    }
+
     /// The run these settings describe, with the paper's defaults (section 4.5) for what is unset.
     pub fn to_run_config(&self) -> Result<RunConfig, ConfigError> {
+        if self.rig.is_some() {
+            let mut resolved = self.clone();
+            resolved.resolve_rig()?;
+            return resolved.to_run_config();
+        }
         let dataset = self.dataset.unwrap_or(DatasetKind::Mnist);
         let arch = self.arch.unwrap_or_default();
         if arch == ArchKind::Mlp && self.proj_dim.is_some() {
@@ -526,7 +549,7 @@ impl ExperimentConfig {
         }
         run.fresh = self.fresh;
         run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
-        if self.exact_reference && matches!(run.backend, BackendSpec::Serial(_)) {
+        if self.exact_reference && !run.backend.is_simulated() {
             return Err(ConfigError::Invalid {
                 key: "exact_reference",
                 message: "chooses how the simulator evaluates, so it needs a simulated backend \
@@ -656,6 +679,7 @@ mod tests {
                     .parse()
                     .unwrap(),
             ),
+            rig: Some(PathBuf::from("rigs/two boards.ron")),
             epochs: Some(3),
             batch_size: Some(32),
             lr: Some(1.7e-3),
@@ -677,7 +701,15 @@ mod tests {
             exact_reference: true,
             fresh: false,
         };
-        for c in [full, ExperimentConfig::default()] {
+        let rig = ExperimentConfig {
+            backend: Some(
+                "sim,tcp:127.0.0.1:4000?baud=115200&timeout_ms=20&retries=7"
+                    .parse()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        for c in [full, ExperimentConfig::default(), rig] {
             let text = c.to_ron();
             assert_eq!(parse(&text).unwrap(), c, "{text}");
         }
