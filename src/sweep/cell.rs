@@ -82,7 +82,8 @@ impl CellDir {
 
     fn expected_epochs(&self) -> Option<u32> {
         let config = ExperimentConfig::load(&self.file(CONFIG_FILE)).ok()?;
-        Some(config.to_run_config().ok()?.epochs)
+        let default = crate::run::RunConfig::new(crate::data::DatasetKind::Mnist).epochs;
+        Some(config.epochs.unwrap_or(default))
     }
 
     /// The finished run's summary, if the cell finished every epoch its config asks for.

@@ -379,9 +379,13 @@ fn cell_config(
             None => config = with_setting(&config, k, v)?,
         }
     }
-    config
-        .to_run_config()
-        .map_err(|e| format!("the cell's settings: {e}"))?;
+    // Checked as the cell's run will see them: with its checkpoint folder.
+    ExperimentConfig {
+        checkpoint: Some(dir.join(super::cell::CHECKPOINT_DIR)),
+        ..config.clone()
+    }
+    .to_run_config()
+    .map_err(|e| format!("the cell's settings: {e}"))?;
     let profile = if noise.is_empty() {
         None
     } else {
