@@ -226,7 +226,7 @@ pub fn load(config: &RunConfig) -> Result<(Dataset, ModelSpec), RunError> {
 }
 
 /// A path as one shell word.
-fn shell_word(path: &Path) -> String {
+pub(crate) fn shell_word(path: &Path) -> String {
     let s = path.display().to_string();
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c))
