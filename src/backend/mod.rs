@@ -1,6 +1,7 @@
 //! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
 //! is the one enum at the command-line boundary (the trainer itself is generic).
 
+pub mod gpu;
 pub mod serial;
 pub mod sim;
 
@@ -13,6 +14,7 @@ use crate::oracle::{
     Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess,
     LayerShape, OracleError, PerturbedPair, UpdateTerm,
 };
+use gpu::{GpuOracle, GpuSpec};
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
 
@@ -25,6 +27,8 @@ pub enum BackendSpec {
     SimProfile(PathBuf),
     /// A device (or the emulator) on a serial port: `serial:PATH?baud=N&timeout_ms=N&retries=N`.
     Serial(SerialSpec),
+    /// The simulated PNN on a GPU: `gpu`, `gpu:<adapter name>` or `gpu:<profile.ron>`.
+    Gpu(GpuSpec),
 }
 
 impl FromStr for BackendSpec {
@@ -32,13 +36,15 @@ impl FromStr for BackendSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "sim" => Ok(Self::Sim),
+            "gpu" => Ok(Self::Gpu(GpuSpec::default())),
+            _ if s.starts_with("gpu:") => GpuSpec::parse(&s[4..]).map(Self::Gpu),
             _ if s.starts_with("sim:") && s.len() > 4 => {
                 Ok(Self::SimProfile(PathBuf::from(&s[4..])))
             }
             other => match other.strip_prefix("serial:") {
                 Some(rest) => SerialSpec::parse(rest).map(Self::Serial),
                 None => Err(format!(
-                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, or serial:PATH)"
+                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, serial:PATH, gpu, gpu:<adapter name> or gpu:<profile.ron>)"
                 )),
             },
         }
@@ -51,6 +57,7 @@ impl fmt::Display for BackendSpec {
             Self::Sim => f.write_str("sim"),
             Self::SimProfile(path) => write!(f, "sim:{}", path.display()),
             Self::Serial(s) => write!(f, "serial:{}", s.path),
+            Self::Gpu(g) => write!(f, "{g}"),
         }
     }
 }
@@ -74,6 +81,10 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
             .into_iter()
             .map(AnyOracle::Serial)
             .collect()),
+        BackendSpec::Gpu(g) => Ok(gpu::open(g, layers)?
+            .into_iter()
+            .map(AnyOracle::Gpu)
+            .collect()),
     }
 }
 
@@ -83,6 +94,7 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
 pub enum AnyOracle {
     Sim(SimOracle),
     Serial(SerialOracle),
+    Gpu(GpuOracle),
 }
 
 macro_rules! dispatch {
@@ -90,6 +102,7 @@ macro_rules! dispatch {
         match $self {
             AnyOracle::Sim($o) => $e,
             AnyOracle::Serial($o) => $e,
+            AnyOracle::Gpu($o) => $e,
         }
     };
 }
