@@ -240,6 +240,7 @@ fn the_trainer_replays_the_recorded_batch() {
         chunk_max,
         batch_size: 256,
         seed: 0,
+        ..Hyper::default()
     };
     let rule = ReplayRule::new(recording.clone(), eps);
     let log = rule.log.clone();
