@@ -319,3 +319,50 @@ impl InProcess for GpuOracle {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendSpec;
+
+    #[test]
+    fn the_gpu_spellings_parse_and_display_back() {
+        for (text, adapter, profile) in [
+            ("gpu", None, None),
+            ("gpu:h100", Some("h100"), None),
+            ("gpu:NVIDIA H200", Some("NVIDIA H200"), None),
+            ("gpu:devices/ideal.ron", None, Some("devices/ideal.ron")),
+        ] {
+            let spec: BackendSpec = text.parse().unwrap();
+            let expected = GpuSpec {
+                adapter: adapter.map(String::from),
+                profile: profile.map(PathBuf::from),
+            };
+            assert_eq!(spec, BackendSpec::Gpu(expected), "{text}");
+            assert_eq!(spec.to_string(), text);
+        }
+        let err = "gpu:".parse::<BackendSpec>().unwrap_err();
+        assert!(err.contains("adapter name or a device profile"), "{err}");
+    }
+
+    #[test]
+    fn every_effect_of_a_profile_is_named_and_the_ideal_device_has_none() {
+        assert!(effects_switched_on(&NoiseModel::default()).is_empty());
+        let noisy = NoiseModel {
+            read_noise: 0.02,
+            programming_error: 0.06,
+            nonlinearity: 0.1,
+            ..NoiseModel::default()
+        };
+        assert_eq!(
+            effects_switched_on(&noisy),
+            ["read_noise", "programming_error", "nonlinearity"]
+        );
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("devices");
+        check_profile(&dir.join("ideal.ron")).unwrap();
+        let refused = check_profile(&dir.join("pcm.ron")).unwrap_err().to_string();
+        for named in ["programming_error", "drift", "read_noise", "--backend sim:"] {
+            assert!(refused.contains(named), "{refused}");
+        }
+    }
+}
