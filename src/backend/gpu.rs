@@ -140,7 +140,7 @@ impl GpuOracle {
     ) -> Result<Self, OracleError> {
         let LayerShape::Dense { inputs, outputs } = spec else {
             return Err(OracleError::Unsupported(
-                "convolutional blocks on the GPU backend",
+                "a convolutional block on the GPU backend",
             ));
         };
         let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
