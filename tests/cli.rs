@@ -132,7 +132,11 @@ fn invalid_arguments_are_rejected_with_a_clear_message() {
         (&["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (&["--hidden", "50,x"], "'x' is not a width"),
         (&["--hidden", "50,0"], "at least 1"),
-        (&["--backend", "gpu"], "unknown backend 'gpu'"),
+        (&["--backend", "tpu"], "unknown backend 'tpu'"),
+        (
+            &["--backend", "gpu:"],
+            "an adapter name or a device profile",
+        ),
         (&["--batch-size", "0"], "at least 1"),
     ];
     for (args, expect) in cases {

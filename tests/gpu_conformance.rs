@@ -55,6 +55,38 @@ fn shapes() -> [LayerShape; 2] {
     [LayerShape::dense(784, 16), LayerShape::dense(37, 11)]
 }
 
+#[test]
+fn device_profiles_on_the_gpu_agree_with_the_cpu_simulator() {
+    let Some(gpu) = gpu("device_profiles_on_the_gpu_agree_with_the_cpu_simulator") else {
+        return;
+    };
+    // Gains and stuck weights (faulty), int8 converters and weights (mcu-int8), output noise and
+    // programming error (aihwkit-io): the CPU simulator's device state and streams, so the same
+    // numbers up to the products' rounding.
+    for name in ["faulty", "mcu-int8", "aihwkit-io"] {
+        let path = format!("{}/devices/{name}.ron", env!("CARGO_MANIFEST_DIR"));
+        let profile = pnn_sim::profile::DeviceProfile::load(std::path::Path::new(&path)).unwrap();
+        let spec = LayerShape::dense(784, 16);
+        let deterministic = name != "aihwkit-io";
+        for probe in probes() {
+            let probe = Probe {
+                deterministic,
+                ..probe
+            };
+            let on_gpu =
+                || GpuOracle::with_noise(Arc::clone(&gpu), spec, &profile.noise, 0).unwrap();
+            let mut cpu = SimOracle::for_profile(&[spec], &profile).unwrap().remove(0);
+            eprintln!("profile {name}, probe {probe:?}");
+            // The contract's in-process checks repeat evaluations: noise-free devices only (as
+            // tests/oracle_conformance.rs runs it on the CPU simulator's).
+            if deterministic {
+                check_contract(&mut on_gpu(), &probe).assert_passed();
+            }
+            check_agreement(&mut on_gpu(), &mut cpu, &probe, FEATURES).assert_passed();
+        }
+    }
+}
+
 fn probes() -> [Probe; 3] {
     [
         Probe::default(),
@@ -281,7 +313,10 @@ fn what_the_gpu_does_not_simulate_is_refused_by_name() {
         "64",
     ]);
     assert_eq!(code, 4, "{stderr}");
-    assert!(stderr.contains("simulates ideal devices only"), "{stderr}");
+    assert!(
+        stderr.contains("does not simulate read_noise (drawn afresh"),
+        "{stderr}"
+    );
     assert!(stderr.contains("--backend sim:"), "{stderr}");
     let (code, _, stderr) = common::pnn_train(&[
         "--backend",

@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use firmware_protocol::direction::{apply_update, fill_direction};
 use firmware_protocol::{DirectionSeed, UpdateTerm};
-use pnn_sim::{Choreography, SimError};
+use pnn_sim::noise::Device;
+use pnn_sim::{Choreography, NoiseModel, SimError};
 
 use crate::kernels::{Params, dispatch, dispatch_groups};
 use crate::{Gpu, GpuError};
@@ -94,6 +95,13 @@ pub struct GpuDense {
     readback: Vec<f32>,
     v: Vec<f32>,
     g: Vec<f32>,
+    /// The hardware effects (`None`: the ideal device), as the CPU simulator keeps them
+    /// (`pnn_sim::noise`): the host programs the device's weights at each write and sends the
+    /// weights it computes with; the GPU multiplies them.
+    device: Option<Box<Device>>,
+    /// The weights the device computes with (n_out x n_in) where they differ from the targets;
+    /// empty when they are the same. The GPU holds these, not the targets.
+    effective: Vec<f32>,
 }
 
 impl std::fmt::Debug for GpuDense {
@@ -148,6 +156,8 @@ impl GpuDense {
             readback: Vec::new(),
             v: Vec::new(),
             g: Vec::new(),
+            device: None,
+            effective: Vec::new(),
         };
         layer.w.reserve(&layer.gpu, layer.params.len())?;
         layer.upload_params(0..layer.params.len());
@@ -185,9 +195,108 @@ impl GpuDense {
         self.last_fast = None;
     }
 
+    /// Writes `range` of the parameters to the GPU: of the weights, those the device computes
+    /// with.
     fn upload_params(&mut self, range: Range<usize>) {
-        let bytes: &[u8] = bytemuck::cast_slice(&self.params[range.clone()]);
-        (self.gpu.queue).write_buffer(&self.w.buffer, (range.start * 4) as u64, bytes);
+        let nw = self.n_out * self.n_in;
+        let source = if self.effective.is_empty() {
+            &self.params[..nw]
+        } else {
+            &self.effective[..]
+        };
+        let weights = range.start.min(nw)..range.end.min(nw);
+        let at = |i: usize| (i * 4) as u64;
+        let queue = &self.gpu.queue;
+        if !weights.is_empty() {
+            let bytes: &[u8] = bytemuck::cast_slice(&source[weights.clone()]);
+            queue.write_buffer(&self.w.buffer, at(weights.start), bytes);
+        }
+        let bias = range.start.max(nw)..range.end.max(nw);
+        if !bias.is_empty() {
+            let bytes: &[u8] = bytemuck::cast_slice(&self.params[bias.clone()]);
+            queue.write_buffer(&self.w.buffer, at(bias.start), bytes);
+        }
+    }
+
+    /// A layer on a device with the hardware effects of `model`, its faults and streams keyed by
+    /// `seed`, as [`pnn_sim::DenseLayer::with_noise`] makes it. The effects drawn afresh over
+    /// the whole product at every evaluation (`input_noise`, `read_noise`) are refused by name.
+    /// Every perturbed evaluation of a device with effects runs the literal choreography.
+    pub fn with_noise(
+        gpu: Arc<Gpu>,
+        n_in: usize,
+        n_out: usize,
+        model: &NoiseModel,
+        seed: u64,
+    ) -> Result<Self, GpuError> {
+        let mut layer = Self::new(gpu, n_in, n_out)?;
+        if model.is_ideal() {
+            return Ok(layer);
+        }
+        let per_evaluation = Self::unsupported_effects(model);
+        if !per_evaluation.is_empty() {
+            return Err(GpuError::Unsupported(format!(
+                "the hardware effect {} (drawn afresh over the whole product at every evaluation)",
+                per_evaluation.join(" and ")
+            )));
+        }
+        let device = Device::new(model, n_in * n_out, seed);
+        if !device.weights_identity() {
+            layer.effective = vec![0.0; n_in * n_out];
+        }
+        layer.device = Some(Box::new(device));
+        layer.write(0..n_in * n_out);
+        layer.upload_params(0..layer.params.len());
+        Ok(layer)
+    }
+
+    /// The effects of `model` the GPU layer does not simulate, by their profile keys: those drawn
+    /// afresh over the whole product at every evaluation.
+    pub fn unsupported_effects(model: &NoiseModel) -> Vec<&'static str> {
+        [
+            ("input_noise", model.input_noise != 0.0),
+            ("read_noise", model.read_noise != 0.0),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
+    }
+
+    /// The device's state, where the layer has hardware effects.
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_deref()
+    }
+
+    /// A device write of the weights in `range` (as `pnn_sim::DenseLayer` writes): draws their
+    /// programming error, restarts their drift clock, refreshes the effective weights that
+    /// changed and sends them to the GPU.
+    fn write(&mut self, range: Range<usize>) {
+        let nw = self.n_out * self.n_in;
+        let range = range.start.min(nw)..range.end.min(nw);
+        let Some(device) = self.device.as_deref_mut() else {
+            return;
+        };
+        if range.is_empty() {
+            return;
+        }
+        let changed = device.program(&self.params[..nw], range);
+        if !self.effective.is_empty() {
+            device.effective_range(&self.params, changed.clone(), &mut self.effective);
+            self.upload_params(changed);
+            self.stale = true;
+        }
+    }
+
+    /// All effective weights recomputed (the drift clock moved) and sent to the GPU.
+    fn refresh_effective(&mut self) {
+        let nw = self.n_out * self.n_in;
+        if let Some(device) = self.device.as_deref()
+            && !self.effective.is_empty()
+        {
+            device.effective_range(&self.params, 0..nw, &mut self.effective);
+            self.upload_params(0..nw);
+            self.stale = true;
+        }
     }
 
     pub fn set_params(&mut self, params: &[f32]) -> Result<(), GpuError> {
@@ -199,6 +308,7 @@ impl GpuDense {
             .into());
         }
         self.params.copy_from_slice(params);
+        self.write(0..params.len());
         self.upload_params(0..params.len());
         self.stale = true;
         self.last_fast = None;
@@ -218,9 +328,18 @@ impl GpuDense {
         u32_of(batch * self.n_out.max(self.n_in), "batch values")?;
         self.reserve(|l| &mut l.x, x.len())?;
         self.reserve(|l| &mut l.z0, batch * self.n_out)?;
-        self.gpu
-            .queue
-            .write_buffer(&self.x.buffer, 0, bytemuck::cast_slice(x));
+        match self.device.as_deref_mut() {
+            Some(device) => {
+                let mut converted = x.to_vec();
+                device.convert_input(&mut converted);
+                let moved = device.tick();
+                (self.gpu.queue).write_buffer(&self.x.buffer, 0, bytemuck::cast_slice(&converted));
+                if moved {
+                    self.refresh_effective();
+                }
+            }
+            None => (self.gpu.queue).write_buffer(&self.x.buffer, 0, bytemuck::cast_slice(x)),
+        }
         self.batch = batch;
         self.stale = true;
         self.last_fast = None;
@@ -338,7 +457,6 @@ impl GpuDense {
             let result = self.gpu.read_back(
                 encoder,
                 &self.z0.buffer,
-                0,
                 len,
                 &self.staging,
                 &mut data,
@@ -353,9 +471,17 @@ impl GpuDense {
 
     /// `out = ReLU(x Wᵀ + b)` on the cached input (batch x n_out).
     pub fn forward(&mut self, out: &mut Vec<f32>) -> Result<(), GpuError> {
-        let z = self.clean_preactivation()?;
+        self.clean_preactivation()?;
         out.clear();
-        out.extend(z.iter().map(|z| z.max(0.0)));
+        match self.device.as_deref().filter(|d| d.has_output_stage()) {
+            // The output stage draws its noise afresh at every pass, as the device's does.
+            Some(device) => {
+                out.extend_from_slice(&self.host_z0);
+                device.output_stage(out);
+                out.iter_mut().for_each(|a| *a = a.max(0.0));
+            }
+            None => out.extend(self.host_z0.iter().map(|z| z.max(0.0))),
+        }
         Ok(())
     }
 
@@ -461,7 +587,6 @@ impl GpuDense {
         self.gpu.read_back(
             encoder,
             &self.dirs.buffer,
-            0,
             p_count * len,
             &self.staging,
             &mut out,
@@ -485,7 +610,7 @@ impl GpuDense {
             return Err(SimError::NoInput.into());
         }
         out.resize_with(seeds.len(), Default::default);
-        if self.choreography == Choreography::Reference {
+        if self.choreography == Choreography::Reference || self.device.is_some() {
             return self.perturbed_reference(chunk, seeds, eps, out);
         }
         let outputs = self.perturbed_fast(&chunk, seeds, eps)?;
@@ -519,7 +644,7 @@ impl GpuDense {
         if self.batch == 0 {
             return Err(SimError::NoInput.into());
         }
-        if self.choreography != Choreography::Fast {
+        if self.choreography != Choreography::Fast || self.device.is_some() {
             return Ok(false);
         }
         out.resize_with(seeds.len(), Default::default);
@@ -596,7 +721,6 @@ impl GpuDense {
         let result = self.gpu.read_back(
             encoder,
             &self.out.buffer,
-            0,
             total,
             &self.staging,
             &mut data,
@@ -629,6 +753,12 @@ impl GpuDense {
         out: &mut [(Vec<f32>, Vec<f32>)],
     ) -> Result<(), GpuError> {
         let saved = self.params[chunk.clone()].to_vec();
+        let nw = self.n_out * self.n_in;
+        let weight_part = chunk.start.min(nw)..chunk.end.min(nw);
+        let saved_effective = match self.effective.is_empty() {
+            true => Vec::new(),
+            false => self.effective[weight_part.clone()].to_vec(),
+        };
         let mut v = vec![0f32; chunk.len()];
         let mut result = Ok(());
         'seeds: for (seed, (plus, minus)) in seeds.iter().zip(out.iter_mut()) {
@@ -636,6 +766,13 @@ impl GpuDense {
             for (sign, target) in [(1.0f32, &mut *plus), (-1.0, &mut *minus)] {
                 for ((w, w0), vi) in self.params[chunk.clone()].iter_mut().zip(&saved).zip(&v) {
                     *w = w0 + sign * eps * vi;
+                }
+                // The perturbed targets' effective weights (not a write: the programming error
+                // and the drift clock stay).
+                if let Some(device) = self.device.as_deref()
+                    && !self.effective.is_empty()
+                {
+                    device.effective_range(&self.params, weight_part.clone(), &mut self.effective);
                 }
                 self.upload_params(chunk.clone());
                 self.stale = true;
@@ -646,6 +783,9 @@ impl GpuDense {
             }
         }
         self.params[chunk.clone()].copy_from_slice(&saved);
+        if !self.effective.is_empty() {
+            self.effective[weight_part].copy_from_slice(&saved_effective);
+        }
         self.upload_params(chunk);
         self.stale = true;
         self.last_fast = None;
@@ -673,6 +813,9 @@ impl GpuDense {
             &mut self.v,
             &mut self.g,
         );
+        // An update is a write of the chunk: stuck devices ignore it, the others are programmed
+        // anew (their effective weights sent by `write`).
+        self.write(chunk.clone());
         self.upload_params(chunk.clone());
         let follows_evaluation = self.last_fast.as_ref().is_some_and(|(c, seeds)| {
             *c == chunk

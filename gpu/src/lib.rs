@@ -198,13 +198,12 @@ impl Gpu {
         }
     }
 
-    /// Copies `len` f32 from `src` (from float `offset`) back to the host, waiting at most
+    /// Copies the first `len` f32 of `src` back to the host, waiting at most
     /// [`Gpu::timeout`]; `encoder` holds the work that produces them and is submitted here.
     fn read_back(
         &self,
         mut encoder: wgpu::CommandEncoder,
         src: &wgpu::Buffer,
-        offset: usize,
         len: usize,
         staging: &wgpu::Buffer,
         out: &mut Vec<f32>,
@@ -216,7 +215,7 @@ impl Gpu {
             return Ok(());
         }
         let bytes = (len * 4) as u64;
-        encoder.copy_buffer_to_buffer(src, (offset * 4) as u64, staging, 0, bytes);
+        encoder.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
         self.queue.submit([encoder.finish()]);
         let (tx, rx) = mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
@@ -253,8 +252,7 @@ impl Gpu {
 
     fn storage(&self, label: &'static str, floats: usize) -> Result<wgpu::Buffer, GpuError> {
         let size = (floats.max(1) * 4) as u64;
-        if size > self.limits.max_storage_buffer_binding_size as u64
-            || size > self.limits.max_buffer_size
+        if size > self.limits.max_storage_buffer_binding_size || size > self.limits.max_buffer_size
         {
             return Err(GpuError::Unsupported(format!(
                 "a buffer of {floats} floats ({label}) on '{}', whose largest is {} bytes",

@@ -5,11 +5,15 @@
 //! `gpu:h100`, `gpu:llvmpipe`), and `gpu:devices/x.ron` a device profile as `sim:` reads it. The
 //! layers compute as the CPU simulator's ideal layers do, within float rounding (see
 //! `tests/gpu_conformance.rs` for the tolerances); the parameters are the CPU simulator's bits.
-//! What the GPU backend does not simulate is refused by name: convolutional blocks, and every
-//! hardware effect of the noise model.
+//! A profile's hardware effects are those of the CPU simulator (`pnn_sim::noise::Device`, the same
+//! streams): the host programs the effective weights and converts the input, the GPU multiplies,
+//! the host applies the output stage; a layer with effects evaluates perturbations by the literal
+//! choreography. What the GPU backend does not simulate is refused by name: convolutional blocks,
+//! and the effects drawn afresh over the whole product at every evaluation (`input_noise`,
+//! `read_noise`).
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use pnn_gpu::{Gpu, GpuDense, GpuError};
@@ -72,66 +76,24 @@ fn gpu_err(e: GpuError) -> OracleError {
     }
 }
 
-/// The hardware effects `noise` switches on, by their profile keys; the GPU simulates none yet.
-/// The model is destructured without `..`: a new effect does not compile until it is listed here.
-fn effects_switched_on(noise: &NoiseModel) -> Vec<&'static str> {
-    let NoiseModel {
-        seed: _,
-        dac,
-        adc,
-        input_noise,
-        output_noise,
-        read_noise,
-        programming_error,
-        drift,
-        weight_clip,
-        weight_bits,
-        stuck,
-        gain_mismatch,
-        nonlinearity,
-    } = noise;
-    [
-        ("dac", dac.is_some()),
-        ("adc", adc.is_some()),
-        ("input_noise", *input_noise != 0.0),
-        ("output_noise", *output_noise != 0.0),
-        ("read_noise", *read_noise != 0.0),
-        ("programming_error", *programming_error != 0.0),
-        (
-            "drift",
-            drift.is_some_and(|d| d.nu != 0.0 || d.nu_std != 0.0),
-        ),
-        ("weight_clip", weight_clip.is_some()),
-        ("weight_bits", weight_bits.is_some()),
-        ("stuck", stuck.as_ref().is_some_and(|s| s.fraction != 0.0)),
-        ("gain_mismatch", *gain_mismatch != 0.0),
-        ("nonlinearity", *nonlinearity != 0.0),
-    ]
-    .into_iter()
-    .filter_map(|(name, on)| on.then_some(name))
-    .collect()
-}
-
-/// Refuses a profile with any hardware effect, naming them.
-fn check_profile(path: &Path) -> Result<(), OracleError> {
-    let profile = pnn_sim::profile::DeviceProfile::load(path)
-        .map_err(|e| OracleError::Backend(e.to_string()))?;
-    let on = effects_switched_on(&profile.noise);
-    if on.is_empty() {
-        return Ok(());
-    }
-    Err(OracleError::Backend(format!(
-        "the GPU backend simulates ideal devices only; the profile {} switches on {}: run it on the CPU simulator with --backend sim:{}",
-        path.display(),
-        on.join(", "),
-        path.display()
-    )))
-}
-
 /// Opens the GPU `spec` names and one oracle per layer on it.
 pub fn open(spec: &GpuSpec, layers: &[LayerShape]) -> Result<Vec<GpuOracle>, OracleError> {
-    if let Some(path) = &spec.profile {
-        check_profile(path)?;
+    let noise = match &spec.profile {
+        Some(path) => {
+            (pnn_sim::profile::DeviceProfile::load(path))
+                .map_err(|e| OracleError::Backend(e.to_string()))?
+                .noise
+        }
+        None => NoiseModel::default(),
+    };
+    let unsupported = GpuDense::unsupported_effects(&noise);
+    if let (false, Some(path)) = (unsupported.is_empty(), &spec.profile) {
+        return Err(OracleError::Backend(format!(
+            "the GPU backend does not simulate {} (drawn afresh over the whole product at every evaluation), which the profile {} switches on: run it on the CPU simulator with --backend sim:{}",
+            unsupported.join(" and "),
+            path.display(),
+            path.display()
+        )));
     }
     if let Some(conv) = layers.iter().find(|l| matches!(l, LayerShape::Conv(_))) {
         return Err(OracleError::Backend(format!(
@@ -141,9 +103,17 @@ pub fn open(spec: &GpuSpec, layers: &[LayerShape]) -> Result<Vec<GpuOracle>, Ora
     }
     let gpu = Gpu::open(spec.adapter.as_deref()).map_err(gpu_err)?;
     tracing::info!("GPU backend on '{}'", gpu.name());
-    layers
-        .iter()
-        .map(|l| GpuOracle::new(Arc::clone(&gpu), *l))
+    let refused = |e: OracleError| match &spec.profile {
+        Some(path) => OracleError::Backend(format!(
+            "{e}; run the profile on the CPU simulator with --backend sim:{}",
+            path.display()
+        )),
+        None => e,
+    };
+    (layers.iter().enumerate())
+        .map(|(l, shape)| {
+            GpuOracle::with_noise(Arc::clone(&gpu), *shape, &noise, l).map_err(refused)
+        })
         .collect()
 }
 
@@ -157,14 +127,26 @@ pub struct GpuOracle {
 impl GpuOracle {
     /// A layer of `spec` on `gpu`, all parameters zero. Dense layers only.
     pub fn new(gpu: Arc<Gpu>, spec: LayerShape) -> Result<Self, OracleError> {
+        Self::with_noise(gpu, spec, &NoiseModel::default(), 0)
+    }
+
+    /// A layer on a device with the hardware effects of `noise` (`layer`, the layer's index in
+    /// the model, keys its faults and streams with the profile's seed, as on the CPU simulator).
+    pub fn with_noise(
+        gpu: Arc<Gpu>,
+        spec: LayerShape,
+        noise: &NoiseModel,
+        layer: usize,
+    ) -> Result<Self, OracleError> {
         let LayerShape::Dense { inputs, outputs } = spec else {
             return Err(OracleError::Unsupported(
-                "convolutional blocks on the GPU backend",
+                "a convolutional block on the GPU backend",
             ));
         };
+        let seed = pnn_sim::noise::layer_seed(noise.seed, layer);
         Ok(Self {
             spec,
-            layer: GpuDense::new(gpu, inputs, outputs).map_err(gpu_err)?,
+            layer: GpuDense::with_noise(gpu, inputs, outputs, noise, seed).map_err(gpu_err)?,
             pairs: Vec::new(),
         })
     }
@@ -317,5 +299,31 @@ impl InProcess for GpuOracle {
         } else {
             Choreography::Fast
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendSpec;
+
+    #[test]
+    fn the_gpu_spellings_parse_and_display_back() {
+        for (text, adapter, profile) in [
+            ("gpu", None, None),
+            ("gpu:h100", Some("h100"), None),
+            ("gpu:NVIDIA H200", Some("NVIDIA H200"), None),
+            ("gpu:devices/ideal.ron", None, Some("devices/ideal.ron")),
+        ] {
+            let spec: BackendSpec = text.parse().unwrap();
+            let expected = GpuSpec {
+                adapter: adapter.map(String::from),
+                profile: profile.map(PathBuf::from),
+            };
+            assert_eq!(spec, BackendSpec::Gpu(expected), "{text}");
+            assert_eq!(spec.to_string(), text);
+        }
+        let err = "gpu:".parse::<BackendSpec>().unwrap_err();
+        assert!(err.contains("adapter name or a device profile"), "{err}");
     }
 }

@@ -654,7 +654,7 @@ mod tests {
             ("(\n\n  lr: -1.0,\n)", "lr", "positive"),
             ("(\n\n  hidden: [50, 0],\n)", "hidden", "at least 1"),
             ("(\n\n  batch_size: 0,\n)", "batch_size", "at least 1"),
-            ("(\n\n  backend: \"gpu\",\n)", "backend", "unknown backend"),
+            ("(\n\n  backend: \"tpu\",\n)", "backend", "unknown backend"),
             ("(\n\n  arch: \"rnn\",\n)", "arch", "unknown architecture"),
         ] {
             let msg = error(text);
