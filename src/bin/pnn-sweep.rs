@@ -421,11 +421,22 @@ fn status(dir: &Path) -> ExitCode {
     };
     let queue = slurm::queue_states(&dir);
     let jobs = slurm::jobs(&dir);
+    // Accounting says why a task ended that left no note (a time limit, memory, a cancel).
+    let ended = if jobs.is_empty() {
+        None
+    } else {
+        slurm::accounting_states(&dir)
+    };
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     println!("| cell | settings | state | detail |\n|---|---|---|---|");
     for c in &plan.cells {
         let state = CellDir(dir.cell_dir(c.index)).state();
         let queued = queue.as_ref().and_then(|q| q.get(&c.index));
+        let slurm_end = ended
+            .as_ref()
+            .and_then(|e| e.get(&c.index))
+            .map(|s| format!(" (Slurm: {s})"))
+            .unwrap_or_default();
         let (name, detail) = match (&state, queued) {
             (CellState::Done(s), _) => (
                 "done".to_string(),
@@ -449,9 +460,9 @@ fn status(dir: &Path) -> ExitCode {
             ),
             (CellState::Interrupted, None) => (
                 "interrupted".into(),
-                "checkpoint saved; the next run or submission resumes it".into(),
+                format!("checkpoint saved; the next run or submission resumes it{slurm_end}"),
             ),
-            (CellState::Pending, None) => ("pending".into(), String::new()),
+            (CellState::Pending, None) => ("pending".into(), slurm_end.trim().to_string()),
         };
         println!("| {} | {} | {name} | {detail} |", c.index, c.label());
         *counts.entry(name).or_default() += 1;
