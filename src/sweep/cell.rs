@@ -167,9 +167,9 @@ pub fn train_exe() -> PathBuf {
 }
 
 /// Runs the cell in `dir` to its end with `train` (`pnn-train`): nothing if it is done; else
-/// `pnn-train --config config.ron --checkpoint checkpoint --metrics metrics.jsonl`, with
-/// `--resume checkpoint` where a checkpoint is saved (a run that was preempted, requeued or
-/// killed goes on from it, bit-identical). `threads` sets `PNN_THREADS` for it. The summary is
+/// `pnn-train --config config.ron --checkpoint checkpoint --metrics metrics.jsonl`, or
+/// `pnn-train --resume checkpoint --metrics metrics.jsonl` where a checkpoint is saved (a run
+/// that was preempted, requeued or killed goes on from it, bit-identical). `threads` sets `PNN_THREADS` for it. The summary is
 /// written atomically when the run succeeds: a cell is done exactly when its summary is there.
 pub fn run_cell(
     dir: &CellDir,
@@ -224,16 +224,18 @@ pub fn run_cell(
             .unwrap_or_default()
     )?;
     let mut cmd = Command::new(train);
-    cmd.arg("--config")
-        .arg(dir.file(CONFIG_FILE))
-        .arg("--checkpoint")
-        .arg(&checkpoint)
-        .arg("--metrics")
+    if resumed {
+        // The checkpoint holds the cell's settings: nothing given now can differ from them.
+        cmd.arg("--resume").arg(&checkpoint);
+    } else {
+        cmd.arg("--config")
+            .arg(dir.file(CONFIG_FILE))
+            .arg("--checkpoint")
+            .arg(&checkpoint);
+    }
+    cmd.arg("--metrics")
         .arg(dir.file(METRICS_FILE))
         .args(["--progress", "lines"]);
-    if resumed {
-        cmd.arg("--resume").arg(&checkpoint);
-    }
     if let Some(n) = threads {
         cmd.env("PNN_THREADS", n.to_string());
     }
