@@ -331,6 +331,17 @@ fn a_sweep_runs_as_a_slurm_array_and_every_cell_equals_a_local_run() {
     let start = Instant::now();
     let job = submit(&cluster, &sweep, &out);
     let dir = SweepDir::new(&out);
+    let status = Command::new(SWEEP)
+        .arg("status")
+        .arg(&out)
+        .env("SLURM_CONF", &cluster.conf)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stderr).contains(&format!("(Slurm jobs {job})")),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     wait_done(&dir, 4, Duration::from_secs(60));
     eprintln!("4 array tasks of job {job} done in {:?}", start.elapsed());
     let gathered = Command::new(SWEEP)

@@ -16,7 +16,7 @@ use pnn::report::{sweep, sweep_gather};
 use pnn::run::noise_sweep::{self, NoiseParam, Setup};
 use pnn::sweep::cell::{self, CellDir, CellState, Outcome};
 use pnn::sweep::slurm::{self, SlurmOptions};
-use pnn::sweep::{EXIT_CELLS_FAILED, SweepDir, SweepError, gather, local};
+use pnn::sweep::{EXIT_CELLS_FAILED, SweepDir, SweepError, gather, local, spec};
 use pnn::train::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
@@ -44,6 +44,9 @@ enum Command {
         /// Cells run at once; each gets an equal share of the cores.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         jobs: u16,
+        /// Override a base setting: KEY=VALUE, value in RON (e.g. --set epochs=5); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = spec::parse_override)]
+        overrides: Vec<(String, serde_json::Value)>,
     },
     /// Write the sweep as one `sbatch --array` script (one task per cell not yet done), submit
     /// it with sbatch and print the job id.
@@ -74,6 +77,9 @@ enum Command {
         /// Write the script and print it, but do not submit it.
         #[arg(long)]
         dry_run: bool,
+        /// Override a base setting: KEY=VALUE, value in RON (e.g. --set epochs=5); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = spec::parse_override)]
+        overrides: Vec<(String, serde_json::Value)>,
     },
     /// Run one cell of a prepared sweep folder (what each Slurm array task runs).
     Task {
@@ -162,7 +168,12 @@ struct NoiseArgs {
 
 fn main() -> ExitCode {
     match Args::parse().command {
-        Command::Run { sweep, out, jobs } => run(&sweep, &out, jobs as usize),
+        Command::Run {
+            sweep,
+            out,
+            jobs,
+            overrides,
+        } => run(&sweep, &out, &overrides, jobs as usize),
         Command::Slurm {
             sweep,
             out,
@@ -173,9 +184,11 @@ fn main() -> ExitCode {
             account,
             max_concurrent,
             dry_run,
+            overrides,
         } => submit(
             &sweep,
             &out,
+            &overrides,
             &SlurmOptions {
                 partition,
                 time,
@@ -202,15 +215,21 @@ fn sweep_fail(e: SweepError) -> ExitCode {
     fail(e.exit_code(), e)
 }
 
-fn prepared(sweep: &Path, out: &Path) -> Result<(SweepDir, pnn::sweep::Plan), SweepError> {
+type Overrides = [(String, serde_json::Value)];
+
+fn prepared(
+    sweep: &Path,
+    out: &Path,
+    overrides: &Overrides,
+) -> Result<(SweepDir, pnn::sweep::Plan), SweepError> {
     let dir = SweepDir::new(out);
-    let plan = dir.plan_file(sweep)?;
+    let plan = dir.plan_file(sweep, overrides)?;
     dir.prepare(&plan)?;
     Ok((dir, plan))
 }
 
-fn run(sweep: &Path, out: &Path, jobs: usize) -> ExitCode {
-    let (dir, plan) = match prepared(sweep, out) {
+fn run(sweep: &Path, out: &Path, overrides: &Overrides, jobs: usize) -> ExitCode {
+    let (dir, plan) = match prepared(sweep, out, overrides) {
         Ok(p) => p,
         Err(e) => return sweep_fail(e),
     };
@@ -260,8 +279,14 @@ fn run(sweep: &Path, out: &Path, jobs: usize) -> ExitCode {
     code
 }
 
-fn submit(sweep: &Path, out: &Path, opts: &SlurmOptions, dry_run: bool) -> ExitCode {
-    let (dir, plan) = match prepared(sweep, out) {
+fn submit(
+    sweep: &Path,
+    out: &Path,
+    overrides: &Overrides,
+    opts: &SlurmOptions,
+    dry_run: bool,
+) -> ExitCode {
+    let (dir, plan) = match prepared(sweep, out, overrides) {
         Ok(p) => p,
         Err(e) => return sweep_fail(e),
     };
@@ -396,11 +421,22 @@ fn status(dir: &Path) -> ExitCode {
     };
     let queue = slurm::queue_states(&dir);
     let jobs = slurm::jobs(&dir);
+    // Accounting says why a task ended that left no note (a time limit, memory, a cancel).
+    let ended = if jobs.is_empty() {
+        None
+    } else {
+        slurm::accounting_states(&dir)
+    };
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
     println!("| cell | settings | state | detail |\n|---|---|---|---|");
     for c in &plan.cells {
         let state = CellDir(dir.cell_dir(c.index)).state();
         let queued = queue.as_ref().and_then(|q| q.get(&c.index));
+        let slurm_end = ended
+            .as_ref()
+            .and_then(|e| e.get(&c.index))
+            .map(|s| format!(" (Slurm: {s})"))
+            .unwrap_or_default();
         let (name, detail) = match (&state, queued) {
             (CellState::Done(s), _) => (
                 "done".to_string(),
@@ -424,9 +460,9 @@ fn status(dir: &Path) -> ExitCode {
             ),
             (CellState::Interrupted, None) => (
                 "interrupted".into(),
-                "checkpoint saved; the next run or submission resumes it".into(),
+                format!("checkpoint saved; the next run or submission resumes it{slurm_end}"),
             ),
-            (CellState::Pending, None) => ("pending".into(), String::new()),
+            (CellState::Pending, None) => ("pending".into(), slurm_end.trim().to_string()),
         };
         println!("| {} | {} | {name} | {detail} |", c.index, c.label());
         *counts.entry(name).or_default() += 1;

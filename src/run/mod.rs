@@ -753,7 +753,10 @@ pub fn run_with<O: ForwardOracle>(
         directions: hyper.directions,
         chunk_max: hyper.chunk_max,
         seed: hyper.seed,
-        train_samples: data.train.len(),
+        // The samples each epoch trains on (--max-batches stops an epoch early).
+        train_samples: config.max_batches.map_or(data.train.len(), |m| {
+            data.train.len().min(m.saturating_mul(hyper.batch_size))
+        }),
         test_samples: data.test.len(),
         mf_parameters: model.mf_parameter_count(),
         test_accuracy_cumulative: eval.accuracy_cumulative,

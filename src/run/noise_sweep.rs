@@ -351,14 +351,14 @@ pub fn set_noise_keys(
         .map(|(p, v)| format!("{p} = {v}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let new: NoiseModel = serde_json::from_value(root).map_err(|e| {
-        let hint = if e.to_string().contains("bound") {
-            " (the base profile has no such converter: give it one, e.g. `adc: (bound: 1.0)`, or sweep its `.bound` too)"
-        } else {
-            ""
-        };
-        format!("{what}: {e}{hint}")
-    })?;
+    for conv in ["dac", "adc"] {
+        if root[conv].is_object() && root[conv]["bound"].is_null() {
+            return Err(format!(
+                "{what}: the base profile has no `{conv}` and a converter needs its bound: give the profile one (e.g. `{conv}: (bound: 1.0)`) or set noise.{conv}.bound too"
+            ));
+        }
+    }
+    let new: NoiseModel = serde_json::from_value(root).map_err(|e| format!("{what}: {e}"))?;
     new.validate("noise").map_err(|e| format!("{what}: {e}"))?;
     *model = new;
     Ok(())

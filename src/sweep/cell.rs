@@ -41,6 +41,14 @@ pub struct Running {
     pub slurm_task: Option<String>,
 }
 
+impl Running {
+    /// Whether the process is alive on this host and is a `pnn-sweep` (not a reused pid).
+    pub fn alive_here(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("pnn-sweep"))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum CellState {
     /// Finished: its summary, complete (all the epochs its config asks for).
@@ -98,7 +106,7 @@ impl CellDir {
             return CellState::Done(Box::new(s));
         }
         if let Some(r) = read_json::<Running>(&self.file(RUNNING_FILE))
-            && (r.host != hostname() || Path::new(&format!("/proc/{}", r.pid)).exists())
+            && (r.host != hostname() || r.alive_here())
         {
             return CellState::Running(r);
         }
@@ -159,9 +167,9 @@ pub fn train_exe() -> PathBuf {
 }
 
 /// Runs the cell in `dir` to its end with `train` (`pnn-train`): nothing if it is done; else
-/// `pnn-train --config config.ron --checkpoint checkpoint --metrics metrics.jsonl`, with
-/// `--resume checkpoint` where a checkpoint is saved (a run that was preempted, requeued or
-/// killed goes on from it, bit-identical). `threads` sets `PNN_THREADS` for it. The summary is
+/// `pnn-train --config config.ron --checkpoint checkpoint --metrics metrics.jsonl`, or
+/// `pnn-train --resume checkpoint --metrics metrics.jsonl` where a checkpoint is saved (a run
+/// that was preempted, requeued or killed goes on from it, bit-identical). `threads` sets `PNN_THREADS` for it. The summary is
 /// written atomically when the run succeeds: a cell is done exactly when its summary is there.
 pub fn run_cell(
     dir: &CellDir,
@@ -171,6 +179,20 @@ pub fn run_cell(
 ) -> std::io::Result<Outcome> {
     if let Some(s) = dir.summary() {
         return Ok(Outcome::AlreadyDone(Box::new(s)));
+    }
+    // Two runs of one cell would write one checkpoint; one still alive on this host wins. (One
+    // on another host cannot be checked from here: a requeued task finds its killed
+    // predecessor's note, so a note alone must not stop it.)
+    if let Some(r) = read_json::<Running>(&dir.file(RUNNING_FILE))
+        && r.host == hostname()
+        && r.pid != std::process::id()
+        && r.alive_here()
+    {
+        return Err(std::io::Error::other(format!(
+            "{} is being run by pnn-sweep (pid {}) on this host",
+            dir.0.display(),
+            r.pid
+        )));
     }
     let running = Running {
         host: hostname(),
@@ -202,16 +224,18 @@ pub fn run_cell(
             .unwrap_or_default()
     )?;
     let mut cmd = Command::new(train);
-    cmd.arg("--config")
-        .arg(dir.file(CONFIG_FILE))
-        .arg("--checkpoint")
-        .arg(&checkpoint)
-        .arg("--metrics")
+    if resumed {
+        // The checkpoint holds the cell's settings: nothing given now can differ from them.
+        cmd.arg("--resume").arg(&checkpoint);
+    } else {
+        cmd.arg("--config")
+            .arg(dir.file(CONFIG_FILE))
+            .arg("--checkpoint")
+            .arg(&checkpoint);
+    }
+    cmd.arg("--metrics")
         .arg(dir.file(METRICS_FILE))
         .args(["--progress", "lines"]);
-    if resumed {
-        cmd.arg("--resume").arg(&checkpoint);
-    }
     if let Some(n) = threads {
         cmd.env("PNN_THREADS", n.to_string());
     }

@@ -79,8 +79,12 @@ impl SweepDir {
     }
 
     /// Reads the sweep file and works out its cells in this folder.
-    pub fn plan_file(&self, sweep: &Path) -> Result<Plan, SweepError> {
-        Ok(spec::load(sweep, |i| self.cell_dir(i))?)
+    pub fn plan_file(
+        &self,
+        sweep: &Path,
+        overrides: &[(String, serde_json::Value)],
+    ) -> Result<Plan, SweepError> {
+        Ok(spec::load(sweep, overrides, |i| self.cell_dir(i))?)
     }
 
     /// The plan stored in the folder.

@@ -195,8 +195,34 @@ pub fn queue_states(dir: &SweepDir) -> Option<BTreeMap<usize, String>> {
         let err = String::from_utf8_lossy(&out.stderr);
         return err.contains("Invalid job id").then(BTreeMap::new);
     }
+    Some(parse_states(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// What Slurm's accounting (`sacct`) says of this folder's array tasks that ended: cell index →
+/// the last attempt's state (`COMPLETED`, `FAILED`, `TIMEOUT`, `OUT_OF_MEMORY`, `CANCELLED`, …),
+/// which tells why a task killed from outside left no note in its cell. `None` where `sacct` is
+/// missing or accounting is off.
+pub fn accounting_states(dir: &SweepDir) -> Option<BTreeMap<usize, String>> {
+    let jobs = jobs(dir);
+    if jobs.is_empty() {
+        return Some(BTreeMap::new());
+    }
+    let out = Command::new("sacct")
+        .args(["--noheader", "--parsable2", "--allocations"])
+        .args(["--format=JobID,State", "--jobs"])
+        .arg(jobs.join(","))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| parse_states(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// `JOBID_INDEX|STATE[|REASON]` lines (squeue's and sacct's output) as cell index → state; a
+/// later line (a later job of the folder) wins.
+pub fn parse_states(text: &str) -> BTreeMap<usize, String> {
     let mut states = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in text.lines() {
         let mut parts = line.split('|');
         let (Some(id), Some(state), reason) = (parts.next(), parts.next(), parts.next()) else {
             continue;
@@ -207,18 +233,34 @@ pub fn queue_states(dir: &SweepDir) -> Option<BTreeMap<usize, String>> {
         else {
             continue;
         };
+        let state = state.trim();
         let state = match reason.map(str::trim) {
-            Some(r) if state == "PENDING" && r != "None" => format!("{state} ({r})"),
+            Some(r) if state == "PENDING" && r != "None" && !r.is_empty() => {
+                format!("{state} ({r})")
+            }
             _ => state.to_string(),
         };
         states.insert(index, state);
     }
-    Some(states)
+    states
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn squeue_and_sacct_lines_give_each_cell_its_state() {
+        let squeue = "12_0|RUNNING|None\n12_3|PENDING|JobArrayTaskLimit\n12_[4-7%2]|PENDING|x\n";
+        let s = parse_states(squeue);
+        assert_eq!(s[&0], "RUNNING");
+        assert_eq!(s[&3], "PENDING (JobArrayTaskLimit)");
+        assert_eq!(s.len(), 2, "an unexpanded range names no one cell");
+        let sacct = "12_1|TIMEOUT\n12_2|CANCELLED by 0\n13_1|COMPLETED\n";
+        let s = parse_states(sacct);
+        assert_eq!(s[&1], "COMPLETED", "the later job wins");
+        assert_eq!(s[&2], "CANCELLED by 0");
+    }
 
     #[test]
     fn array_ranges_compress_runs() {

@@ -197,15 +197,36 @@ impl SweepFile {
     }
 }
 
-/// Reads a sweep file and works out its cells. `cell_dir(i)` is where cell `i`'s folder will
-/// be (a cell that sets `noise.` keys names its profile there).
-pub fn load(path: &Path, cell_dir: impl Fn(usize) -> PathBuf) -> Result<Plan, SpecError> {
+/// `KEY=VALUE` as `--set` takes it: the value is RON (`epochs=5`, `hidden=[10,10]`); a bare
+/// word that is not RON is a string (`dataset=fashion-mnist`).
+pub fn parse_override(s: &str) -> Result<(String, Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE (e.g. epochs=5)"))?;
+    let value = ron::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()));
+    Ok((k.trim().to_string(), value))
+}
+
+/// Reads a sweep file and works out its cells, with `overrides` (`--set`) over its base.
+/// `cell_dir(i)` is where cell `i`'s folder will be (a cell that sets `noise.` keys names its
+/// profile there).
+pub fn load(
+    path: &Path,
+    overrides: &[(String, Value)],
+    cell_dir: impl Fn(usize) -> PathBuf,
+) -> Result<Plan, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let origin = path.display().to_string();
-    let file = SweepFile::parse(&text, &origin)?;
+    let mut file = SweepFile::parse(&text, &origin)?;
+    for (k, v) in overrides {
+        file.base = with_setting(&file.base, k, v).map_err(|message| SpecError::Invalid {
+            origin: format!("{origin} with --set"),
+            message,
+        })?;
+    }
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
