@@ -376,14 +376,20 @@ fn python_recomputes_the_predictions_with_numpy() {
         .output();
     match probe {
         Err(e) => {
-            eprintln!("SKIPPED the Python check: python3 is not available ({e})");
+            firmware_protocol::skipped::skipped(
+                "python_recomputes_the_predictions_with_numpy",
+                &format!("python3 is not available ({e})"),
+            );
             return;
         }
         Ok(o) if !o.status.success() => {
-            eprintln!(
-                "SKIPPED the Python check: python3 lacks safetensors or numpy \
-                 (`python3 -m pip install safetensors numpy`): {}",
-                text(&o.stderr).lines().last().unwrap_or("")
+            firmware_protocol::skipped::skipped(
+                "python_recomputes_the_predictions_with_numpy",
+                &format!(
+                    "python3 lacks safetensors or numpy (`python3 -m pip install safetensors \
+                     numpy`): {}",
+                    text(&o.stderr).lines().last().unwrap_or("")
+                ),
             );
             return;
         }
