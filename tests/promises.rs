@@ -1,0 +1,300 @@
+//! What the README promises and no other test held: extending a finished run with
+//! `--resume DIR --epochs N`, exit code 5, `pnn-eval --backend sim:<profile>`, the data-directory
+//! search order, the warning when a noisy run resumes, noisy CNN runs refused, and the examples
+//! running (not only compiling).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{data_dir, pnn_train, summary};
+use serde_json::Value;
+
+const EVAL: &str = env!("CARGO_BIN_EXE_pnn-eval");
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn untimed(mut v: Value) -> Value {
+    let obj = v.as_object_mut().unwrap();
+    obj.retain(|k, _| !k.contains("seconds"));
+    v
+}
+
+/// A short MNIST run's arguments.
+const SHORT: [&str; 6] = [
+    "--limit-train",
+    "1500",
+    "--limit-test",
+    "500",
+    "--seed",
+    "2",
+];
+
+/// README, *Checkpoints*: "`--resume DIR --epochs 300` extends a finished run" — and the extended
+/// run is the longer run, bit for bit.
+#[test]
+fn resume_with_more_epochs_extends_a_finished_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("run");
+    let ckpt = ckpt.to_str().unwrap();
+    let (code, _, err) =
+        pnn_train(&[&SHORT[..], &["--epochs", "1", "--checkpoint", ckpt]].concat());
+    assert_eq!(code, 0, "{err}");
+    let (code, extended, err) = pnn_train(&["--resume", ckpt, "--epochs", "2"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, straight, err) = pnn_train(&[&SHORT[..], &["--epochs", "2"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let (extended, straight) = (untimed(summary(&extended)), untimed(summary(&straight)));
+    assert_eq!(extended["epochs"], 2);
+    assert_eq!(extended, straight);
+}
+
+/// README, *Exit codes*: 5, the model could not be saved (and the message names the file).
+#[test]
+fn a_model_that_cannot_be_saved_exits_with_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("model.safetensors");
+    std::fs::create_dir(&target).unwrap(); // a directory where the file should go
+    let (code, out, err) = pnn_train(&[
+        "--epochs",
+        "1",
+        "--max-batches",
+        "1",
+        "--limit-test",
+        "100",
+        "--save",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(
+        out.is_empty(),
+        "no summary for a run whose model was lost: {out}"
+    );
+}
+
+fn eval(model: &Path, backend: &str) -> Value {
+    let out = Command::new(EVAL)
+        .arg("--model")
+        .arg(model)
+        .args(["--backend", backend, "--limit-test", "500", "-q"])
+        .env("PNN_DATA_DIR", data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{backend}: {}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
+
+/// README: a saved model evaluates on a device profile (`pnn-eval --backend sim:<profile>`): the
+/// ideal profile gives the plain simulator's figures, a noisy one other figures of the same
+/// weights.
+#[test]
+fn pnn_eval_runs_a_saved_model_on_a_device_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    let (code, _, err) = pnn_train(
+        &[
+            &SHORT[..],
+            &["--epochs", "1", "--save", model.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let devices = repo().join("devices");
+    let plain = eval(&model, "sim");
+    let ideal = eval(
+        &model,
+        &format!("sim:{}", devices.join("ideal.ron").display()),
+    );
+    let pcm = eval(
+        &model,
+        &format!("sim:{}", devices.join("pcm.ron").display()),
+    );
+    for key in [
+        "test_loss_cumulative",
+        "test_accuracy_cumulative",
+        "weights_sha256",
+    ] {
+        assert_eq!(plain[key], ideal[key], "{key}");
+    }
+    assert_eq!(plain["weights_sha256"], pcm["weights_sha256"]);
+    assert_ne!(plain["test_loss_cumulative"], pcm["test_loss_cumulative"]);
+    assert!(pcm["backend"].as_str().unwrap().ends_with("pcm.ron"));
+}
+
+/// An MNIST directory of `n` training and 2 test images (IDX, uncompressed).
+fn write_mnist(root: &Path, n: u32) {
+    let dir = root.join("mnist");
+    std::fs::create_dir_all(&dir).unwrap();
+    let images = |n: u32| {
+        let mut b = [0x0803u32, n, 28, 28]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect::<Vec<u8>>();
+        b.extend((0..n * 784).map(|i| (i % 251) as u8));
+        b
+    };
+    let labels = |n: u32| {
+        let mut b = [0x0801u32, n]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect::<Vec<u8>>();
+        b.extend((0..n).map(|i| (i % 10) as u8));
+        b
+    };
+    std::fs::write(dir.join("train-images-idx3-ubyte"), images(n)).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), labels(n)).unwrap();
+    std::fs::write(dir.join("t10k-images-idx3-ubyte"), images(2)).unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), labels(2)).unwrap();
+}
+
+/// README, *Data*: `--data-dir`, then `$PNN_DATA_DIR`, then `./data`, then `../shared/data`;
+/// each place holds a data set of another size, so the run's `train_samples` says which was read.
+#[test]
+fn the_data_directory_is_searched_in_the_documented_order() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    let cwd = root.join("work");
+    let (explicit, env) = (root.join("explicit"), root.join("env"));
+    write_mnist(&explicit, 6);
+    write_mnist(&env, 5);
+    write_mnist(&cwd.join("data"), 3);
+    write_mnist(&root.join("shared/data"), 4);
+    let run = |args: &[&str], env_dir: Option<&Path>| -> u64 {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pnn-train"));
+        c.args(["--epochs", "1", "-q"])
+            .args(args)
+            .current_dir(&cwd)
+            .env_remove("PNN_DATA_DIR")
+            .stdin(Stdio::null());
+        if let Some(d) = env_dir {
+            c.env("PNN_DATA_DIR", d);
+        }
+        let out: Output = c.output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let s = summary(&text(&out.stdout));
+        s["train_samples"].as_u64().unwrap()
+    };
+    let explicit_arg = ["--data-dir", explicit.to_str().unwrap()];
+    assert_eq!(run(&explicit_arg, Some(&env)), 6, "--data-dir first");
+    assert_eq!(run(&[], Some(&env)), 5, "then $PNN_DATA_DIR");
+    assert_eq!(run(&[], None), 3, "then ./data");
+    std::fs::remove_dir_all(cwd.join("data")).unwrap();
+    assert_eq!(run(&[], None), 4, "then ../shared/data");
+}
+
+/// README, *Checkpoints*: noisy `sim:<profile>` runs resume, and the run says it will not be
+/// bit-identical; an ideal run resumes without the warning.
+#[test]
+fn a_resumed_noisy_run_warns_that_it_is_not_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    for (profile, warns) in [("pcm", true), ("ideal", false)] {
+        let ckpt = dir.path().join(profile);
+        let ckpt = ckpt.to_str().unwrap();
+        let backend = format!(
+            "sim:{}",
+            repo().join(format!("devices/{profile}.ron")).display()
+        );
+        let args = [
+            "--backend",
+            &backend,
+            "--epochs",
+            "1",
+            "--max-batches",
+            "2",
+            "--limit-test",
+            "100",
+            "--checkpoint",
+            ckpt,
+        ];
+        let (code, _, err) = pnn_train(&args);
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = pnn_train(&["--resume", ckpt, "--epochs", "2"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            err.contains("not end bit-identical"),
+            warns,
+            "{profile}: {err}"
+        );
+    }
+}
+
+/// README: hardware effects cover dense layers; a noisy profile with `--arch cnn` is refused
+/// with exit code 4 and a message that says so (not trained as if ideal).
+#[test]
+fn a_noisy_profile_is_refused_for_a_cnn() {
+    let backend = format!("sim:{}", repo().join("devices/pcm.ron").display());
+    let (code, out, err) = pnn_train(&[
+        "--backend",
+        &backend,
+        "--arch",
+        "cnn",
+        "--epochs",
+        "1",
+        "--max-batches",
+        "1",
+    ]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("convolutional"), "{err}");
+    assert!(out.is_empty());
+    // The ideal profile is no hardware effect: a CNN runs on it.
+    let ideal = format!("sim:{}", repo().join("devices/ideal.ron").display());
+    let (code, _, err) = pnn_train(&[
+        "--backend",
+        &ideal,
+        "--arch",
+        "cnn",
+        "--epochs",
+        "1",
+        "--max-batches",
+        "1",
+        "--limit-test",
+        "50",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// The examples run to their end (cargo test builds them into `target/<profile>/examples`).
+#[test]
+fn the_examples_run() {
+    // This test binary is target/<profile>/deps/promises-<hash>.
+    let exe = std::env::current_exe().unwrap();
+    let examples: PathBuf = exe.parent().unwrap().parent().unwrap().join("examples");
+    for (name, expect) in [
+        ("library_training", "reloaded from"),
+        ("custom_oracle", "trained a quirky device"),
+    ] {
+        let bin = examples.join(name);
+        let source = repo().join(format!("examples/{name}.rs"));
+        let fresh = (bin.metadata().and_then(|m| m.modified()).ok())
+            .zip(source.metadata().and_then(|m| m.modified()).ok())
+            .is_some_and(|(built, written)| built >= written);
+        if !fresh {
+            firmware_protocol::skipped::skipped(
+                "the_examples_run",
+                &format!(
+                    "{} is missing or older than its source (build it with `cargo test` or \
+                     `cargo build --release --examples`)",
+                    bin.display()
+                ),
+            );
+            continue;
+        }
+        let out = Command::new(&bin)
+            .env("PNN_DATA_DIR", data_dir())
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        assert!(stdout.contains(expect), "{name}: {stdout}");
+    }
+}
