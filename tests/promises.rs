@@ -56,27 +56,43 @@ fn resume_with_more_epochs_extends_a_finished_run() {
     assert_eq!(extended, straight);
 }
 
-/// README, *Exit codes*: 5, the model could not be saved (and the message names the file).
+/// README, *Exit codes*: 5, the model could not be saved (and the message names the file). The
+/// destination is fine when the run starts (it is checked up front) and becomes a directory
+/// during the run: the save at the end fails.
 #[test]
 fn a_model_that_cannot_be_saved_exits_with_5() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("model.safetensors");
-    std::fs::create_dir(&target).unwrap(); // a directory where the file should go
-    let (code, out, err) = pnn_train(&[
+    let ckpt = dir.path().join("ckpt");
+    let child = common::train_command(&[
         "--epochs",
-        "1",
-        "--max-batches",
-        "1",
-        "--limit-test",
-        "100",
+        "3",
+        "--limit-train",
+        "20000",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
         "--save",
         target.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 5, "{err}");
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // The first checkpoint is written once the run has started, after any check of --save.
+    let started = std::time::Instant::now();
+    while !ckpt.join("checkpoint.pnn").exists() {
+        assert!(started.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("occupied"), b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (out_text, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(
-        out.is_empty(),
-        "no summary for a run whose model was lost: {out}"
+        out_text.is_empty(),
+        "no summary for a run whose model was lost: {out_text}"
     );
 }
 
