@@ -314,3 +314,88 @@ fn the_examples_run() {
         assert!(stdout.contains(expect), "{name}: {stdout}");
     }
 }
+
+/// README, *Checkpoints*: "temporary file, fsync, rename: a crash mid-write leaves the previous
+/// one". A 7 MB checkpoint saved after every batch, the run SIGKILLed as soon as a save's
+/// temporary file appears, until three kills landed inside a write (the temporary file left
+/// behind): every time the checkpoint in place loads and verifies, and the run resumes from it
+/// to its end.
+#[test]
+fn a_run_killed_mid_checkpoint_write_keeps_a_whole_checkpoint() {
+    use pnn::run::checkpoint::Checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("run");
+    let ckpt_arg = ckpt.to_str().unwrap().to_string();
+    let fresh = [
+        "--hidden",
+        "1000,1000",
+        "--epochs",
+        "1",
+        "--max-batches",
+        "6",
+        "--limit-test",
+        "100",
+        "--checkpoint-every",
+        "1",
+        "--checkpoint",
+        &ckpt_arg,
+    ];
+    let resume = ["--resume", &ckpt_arg];
+    let writing = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .is_ok_and(|entries| entries.flatten().any(|e| e.file_name() != "checkpoint.pnn"))
+    };
+    let (mut kills, mut mid_write) = (0, 0);
+    while mid_write < 3 && kills < 10 {
+        let args: &[&str] = if ckpt.join("checkpoint.pnn").exists() {
+            &resume
+        } else {
+            &fresh
+        };
+        let mut child = common::train_command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill the moment a save's temporary file shows: inside the write (or, rarely, just
+        // after its rename, which leaves nothing behind and is not counted).
+        let started = std::time::Instant::now();
+        while !(ckpt.join("checkpoint.pnn").exists() && writing(&ckpt)) {
+            assert!(started.elapsed().as_secs() < 60, "no checkpoint write seen");
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        if status.success() {
+            break; // the run ended first
+        }
+        kills += 1;
+        let leftovers: Vec<PathBuf> = (std::fs::read_dir(&ckpt).unwrap())
+            .map(|e| e.unwrap().path())
+            .filter(|p| !p.ends_with("checkpoint.pnn"))
+            .collect();
+        mid_write += !leftovers.is_empty() as usize;
+        let saved = Checkpoint::load(&ckpt);
+        assert!(
+            saved.is_ok(),
+            "kill {kills} (mid-write: {}): {}",
+            !leftovers.is_empty(),
+            saved.unwrap_err()
+        );
+        // The next run's saves would remove them; removed here so that the next kill is
+        // triggered by a temporary file of its own.
+        leftovers
+            .iter()
+            .for_each(|p| std::fs::remove_file(p).unwrap());
+    }
+    eprintln!("{kills} kills, {mid_write} inside a checkpoint write");
+    assert!(
+        mid_write >= 2,
+        "only {mid_write} of {kills} kills landed inside a write"
+    );
+    let (code, out, err) = pnn_train(&resume);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(summary(&out)["epochs"], 1);
+}
