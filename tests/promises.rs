@@ -399,3 +399,33 @@ fn a_run_killed_mid_checkpoint_write_keeps_a_whole_checkpoint() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(summary(&out)["epochs"], 1);
 }
+
+/// The README's headline figure, read from the README itself ("cumulative test accuracy 0.836
+/// after 5 epochs"), reproduced by its first command. Within 0.01: the README allows another
+/// CPU to round differently (the matrix kernels are chosen per CPU), which moves a few test
+/// predictions; the same machine gives the same bits.
+#[test]
+fn the_readme_headline_accuracy_is_what_its_command_gives() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let command = "cargo run --release --bin pnn-train -- ";
+    let args: Vec<&str> = (readme.lines())
+        .find_map(|l| l.strip_prefix(command))
+        .expect("the README's first command")
+        .split_whitespace()
+        .collect();
+    let claim = "cumulative test accuracy ";
+    let stated: f64 = readme
+        .split_once(claim)
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the README states the headline accuracy");
+    let (code, out, err) = pnn_train(&args);
+    assert_eq!(code, 0, "{err}");
+    let got = summary(&out)["test_accuracy_cumulative"].as_f64().unwrap();
+    eprintln!("README states {stated}, the command gives {got}");
+    assert!(
+        (got - stated).abs() <= 0.01,
+        "README says {stated}, `{}` gives {got}",
+        args.join(" ")
+    );
+}
