@@ -316,7 +316,7 @@ fn the_examples_run() {
 }
 
 /// README, *Checkpoints*: "temporary file, fsync, rename: a crash mid-write leaves the previous
-/// one". A 7 MB checkpoint saved after every batch, the run SIGKILLed as soon as a save's
+/// one". A 3 MB checkpoint saved after every batch, the run SIGKILLed as soon as a save's
 /// temporary file appears, until three kills landed inside a write (the temporary file left
 /// behind): every time the checkpoint in place loads and verifies, and the run resumes from it
 /// to its end.
@@ -328,11 +328,11 @@ fn a_run_killed_mid_checkpoint_write_keeps_a_whole_checkpoint() {
     let ckpt_arg = ckpt.to_str().unwrap().to_string();
     let fresh = [
         "--hidden",
-        "1000,1000",
+        "600,600",
         "--epochs",
         "1",
         "--max-batches",
-        "6",
+        "5",
         "--limit-test",
         "100",
         "--checkpoint-every",
