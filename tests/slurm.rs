@@ -2,7 +2,7 @@
 //! each test starts in a temporary folder with its own ports, sockets and state, and stops.
 //!
 //! Where the daemons cannot start (no packages, not root, no munge key) the tests print
-//! `SKIPPED (slurm): <reason>` and pass; set `PNN_REQUIRE_SLURM=1` to make that a failure.
+//! `SKIPPED slurm: <reason>` (counted by `.ci/run`, see `firmware_protocol::skipped`) and pass; set `PNN_REQUIRE_SLURM=1` to make that a failure.
 //! `.ci/run` installs the packages. Run: `cargo test --release --test slurm -- --nocapture`.
 
 use std::net::TcpListener;
@@ -231,8 +231,7 @@ fn cluster() -> Option<Cluster> {
             if std::env::var_os("PNN_REQUIRE_SLURM").is_some() {
                 panic!("Slurm is required (PNN_REQUIRE_SLURM) but cannot start: {reason}");
             }
-            eprintln!("SKIPPED (slurm): {reason}");
-            println!("SKIPPED (slurm): {reason}");
+            firmware_protocol::skipped::skipped("slurm", &reason);
             None
         }
     }

@@ -300,7 +300,10 @@ pub fn available(what: &str) -> Option<Arc<Gpu>> {
             panic!("{what}: PNN_REQUIRE_GPU=1 but no GPU could be opened: {why}")
         }
         Err(why) => {
-            eprintln!("skipping {what}: {why} (set PNN_REQUIRE_GPU=1 to make this a failure)");
+            firmware_protocol::skipped::skipped(
+                what,
+                &format!("{why} (set PNN_REQUIRE_GPU=1 to make this a failure)"),
+            );
             None
         }
     }

@@ -604,7 +604,17 @@ mod tests {
     #[test]
     fn an_empty_config_is_the_paper_defaults() {
         let run = parse("()").unwrap().to_run_config().unwrap();
-        assert_eq!(run.hyper, Hyper::default());
+        // Section 4.5's numbers, written out (not `Hyper::default()`, which would compare the
+        // defaults with themselves).
+        let paper = Hyper {
+            lr: 1e-3,
+            eps: 1e-3,
+            directions: 4,
+            chunk_max: 50_000,
+            batch_size: 256,
+            seed: 0,
+        };
+        assert_eq!(run.hyper, paper);
         assert_eq!(run.epochs, 200);
         assert_eq!(run.dataset, DatasetKind::Mnist);
     }
