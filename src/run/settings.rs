@@ -426,24 +426,22 @@ impl ExperimentConfig {
             saved.proj_dim.to_string(),
             merged.proj_dim.to_string(),
         );
-        cmp(
-            "batch_size",
-            a.batch_size.to_string(),
-            b.batch_size.to_string(),
-        );
-        cmp("lr", a.lr.to_string(), b.lr.to_string());
-        cmp("eps", a.eps.to_string(), b.eps.to_string());
-        cmp(
-            "directions",
-            a.directions.to_string(),
-            b.directions.to_string(),
-        );
-        cmp(
-            "chunk_max",
-            a.chunk_max.to_string(),
-            b.chunk_max.to_string(),
-        );
-        cmp("seed", a.seed.to_string(), b.seed.to_string());
+        // Every hyperparameter, by its serialised name, so one added to `Hyper` is covered
+        // without a line here (a field left out of the JSON holds its default).
+        let fields = |h: &crate::train::Hyper| match serde_json::to_value(h) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => unreachable!("Hyper serialises to an object"),
+        };
+        let (fa, fb) = (fields(a), fields(b));
+        let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let show = |v: Option<&serde_json::Value>| {
+                v.map_or("the default".to_string(), |v| v.to_string())
+            };
+            cmp(key, show(fa.get(key)), show(fb.get(key)));
+        }
         let all = |n: Option<usize>| n.map_or("all".to_string(), |n| n.to_string());
         cmp(
             "limit_train",
