@@ -611,6 +611,8 @@ mod tests {
             chunk_max: 50_000,
             batch_size: 256,
             seed: 0,
+            difference: crate::train::estimator::Difference::Central,
+            optimizer: crate::train::update::Optimizer::Sgd,
         };
         assert_eq!(run.hyper, paper);
         assert_eq!(run.epochs, 200);
