@@ -1,8 +1,8 @@
 //! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
 //! is the one enum at the command-line boundary (the trainer itself is generic).
 
-pub mod rig;
 pub mod gpu;
+pub mod rig;
 pub mod serial;
 pub mod sim;
 
@@ -15,8 +15,8 @@ use crate::oracle::{
     Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess,
     LayerShape, OracleError, PerturbedPair, UpdateTerm,
 };
-pub use rig::Rig;
 use gpu::{GpuOracle, GpuSpec};
+pub use rig::Rig;
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
 

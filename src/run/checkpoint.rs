@@ -119,7 +119,6 @@ pub struct OptionsState {
     pub rule_state: Vec<f32>,
 }
 
-
 /// A run's link counters ([`crate::oracle::LinkCounters`]: traffic and health), summed over the
 /// processes that carried it, with the re-programmings after device resets. Its own type because
 /// it is part of the checkpoint file (postcard: the fields and their order are the format).
@@ -228,7 +227,12 @@ impl Checkpoint {
         let mut payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
         let extras = Extras {
             data: self.identity.data.clone(),
-            rule_state_bits: self.options.rule_state.iter().map(|v| v.to_bits()).collect(),
+            rule_state_bits: self
+                .options
+                .rule_state
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
         };
         serde_json::to_writer(&mut payload, &extras).expect("extras serialise");
         // Temporary files of writes that a crash cut short are of no use to anyone.
@@ -288,8 +292,11 @@ impl Checkpoint {
             let extras: Extras = serde_json::from_slice(rest)
                 .map_err(|e| format!("the payload's extras do not decode: {e}"))?;
             checkpoint.identity.data = extras.data;
-            checkpoint.options.rule_state =
-                extras.rule_state_bits.into_iter().map(f32::from_bits).collect();
+            checkpoint.options.rule_state = extras
+                .rule_state_bits
+                .into_iter()
+                .map(f32::from_bits)
+                .collect();
         }
         Ok(checkpoint)
     }
