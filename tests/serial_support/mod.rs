@@ -47,7 +47,10 @@ impl Emulator {
     /// An emulator of `devices/<profile>.ron`.
     pub fn spawn_profile(profile: &str, layers: &str, extra: &[&str]) -> Self {
         let profile = profile_path(profile);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
+        // `$PNN_EMULATE_BIN` runs a test against another build's emulator.
+        let binary = std::env::var_os("PNN_EMULATE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_pnn-emulate").into());
+        let mut child = Command::new(binary)
             .args(["--profile", &profile, "--layers", layers])
             .args(extra)
             .stdin(Stdio::null())
