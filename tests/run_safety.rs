@@ -428,3 +428,54 @@ fn empty_training_files_are_a_data_error() {
     assert!(msg.contains("training files hold no samples"), "{msg}");
     assert!(!save.exists());
 }
+
+/// Items 6 and 10: a CNN saves with its BatchNorm running statistics, and `pnn-eval` evaluates
+/// it as the run did, from a data directory that holds the test files only (the model carries
+/// its normaliser).
+#[test]
+fn a_saved_cnn_evaluates_as_trained_without_the_training_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("cnn.safetensors");
+    let m = model.to_str().unwrap();
+    let trained = summary_of(&train(&[
+        "--arch",
+        "cnn",
+        "--channels",
+        "4,4",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "300",
+        "--seed",
+        "3",
+        "--save",
+        m,
+        "-q",
+    ]));
+    let tests_only = tmp.path().join("data/mnist");
+    std::fs::create_dir_all(&tests_only).unwrap();
+    for name in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+        std::os::unix::fs::symlink(
+            common::data_dir().join("mnist").join(name),
+            tests_only.join(name),
+        )
+        .unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-eval"))
+        .args(["--model", m, "--limit-test", "300", "-q", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    let evaluated = summary_of(&out);
+    for key in [
+        "weights_sha256",
+        "test_accuracy_cumulative",
+        "test_accuracy_final_layer",
+        "test_loss_cumulative",
+        "test_accuracy_per_layer",
+    ] {
+        assert_eq!(evaluated[key], trained[key], "{key}");
+    }
+}

@@ -730,9 +730,11 @@ pub fn run_with<O: ForwardOracle>(
     }
     let link = link_totals(&trainer, &recovery, state.carried);
     if observer.wants_model() {
+        let snapshot = Snapshot::take(&mut trainer)?;
         observer.model_trained(&SavedModel::from_trainer(
             &trainer,
             &model.layer_specs(),
+            &snapshot.layer_state,
             data,
             config.epochs,
         ));
