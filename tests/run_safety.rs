@@ -479,3 +479,54 @@ fn a_saved_cnn_evaluates_as_trained_without_the_training_files() {
         assert_eq!(evaluated[key], trained[key], "{key}");
     }
 }
+
+/// Item 12: a malformed device profile is a configuration error (exit 2) in every tool, as in
+/// the emulator, naming the file.
+#[test]
+fn a_malformed_profile_is_a_configuration_error_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = tmp.path().join("bad.ron");
+    std::fs::write(&profile, "(name: \"x\", noise: (output_noise: \"loud\"))").unwrap();
+    let backend = format!("sim:{}", profile.display());
+    let model = tmp.path().join("m.safetensors");
+    let m = model.to_str().unwrap();
+    summary_of(&train(&with(&[
+        "--epochs",
+        "1",
+        "--max-batches",
+        "1",
+        "--save",
+        m,
+    ])));
+    let emulate = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (tool, out) in [
+        (
+            "pnn-train",
+            train(&with(&["--epochs", "1", "--backend", &backend])),
+        ),
+        (
+            "pnn-eval",
+            std::process::Command::new(env!("CARGO_BIN_EXE_pnn-eval"))
+                .args(["--model", m, "--backend", &backend, "-q"])
+                .env("PNN_DATA_DIR", common::data_dir())
+                .output()
+                .unwrap(),
+        ),
+        (
+            "pnn-emulate",
+            emulate(&["--profile", profile.to_str().unwrap(), "--layers", "784x20"]),
+        ),
+    ] {
+        let msg = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{tool}: {msg}");
+        assert!(
+            msg.contains("bad.ron") && msg.contains("output_noise"),
+            "{tool}: {msg}"
+        );
+    }
+}

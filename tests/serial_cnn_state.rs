@@ -147,3 +147,42 @@ fn a_killed_serial_cnn_resumes_on_a_fresh_device_as_the_simulator_ends() {
     let resumed = summary_of(&train(&["--resume", d, "--backend", &backend, "-q"]));
     assert_eq!(core(resumed), core(sim_reference()));
 }
+
+/// Item 14: limits that no run can live with are permanent mismatches: a device announcing
+/// `max_batch 0` is refused at the handshake, one whose batches are too small for the run at its
+/// first batch; neither says "once the device is back" nor leaves a rescue checkpoint.
+#[test]
+fn a_device_that_cannot_take_the_run_is_refused_without_a_rescue_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (max_batch, expect) in [("0", "announces max_batch 0"), ("16", "takes at most 16")] {
+        let emulator = Emulator::spawn("784x20,20x20", &["--max-batch", max_batch]);
+        let backend = format!("serial:{}", emulator.path);
+        let out = train_command(&[
+            "--backend",
+            &backend,
+            "--hidden",
+            "20,20",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "256",
+            "--batch-size",
+            "32",
+            "-q",
+        ])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{msg}");
+        assert!(
+            msg.contains(expect) && !msg.contains("device is back"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "a rescue directory"
+        );
+    }
+}

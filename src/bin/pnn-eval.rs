@@ -1,7 +1,7 @@
 //! `pnn-eval`: evaluate a saved model (`pnn-train --save`) on a backend; prints both prediction
 //! modes, as JSON on the last stdout line.
 //!
-//! Exit codes: 0 success, 2 invalid arguments or model file, 3 data error, 4 backend or device
+//! Exit codes: 0 success, 2 invalid arguments, model file or device profile, 3 data error, 4 backend or device
 //! error.
 
 use std::path::PathBuf;
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
     }
     let mut oracles = match backend::open(&args.backend, &model.layer_specs()) {
         Ok(o) => o,
-        Err(e) => return fail(4, e),
+        Err(e) => return fail(e.exit_code(), e),
     };
     if let Err(e) = model.program(&mut oracles) {
         return fail(4, e);

@@ -150,7 +150,8 @@ impl RunError {
         match self {
             RunError::Config(_) => 2,
             RunError::Data(_) => 3,
-            RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
+            RunError::Oracle(e) => e.exit_code(),
+            RunError::Interrupted { .. } => 4,
             RunError::Checkpoint(_) => 6,
             RunError::Diverged { .. } => 7,
             RunError::Stopped { signal, .. } => signal.exit_code(),
@@ -521,6 +522,11 @@ pub fn run_with<O: ForwardOracle>(
                        trainer: &Trainer<O>,
                        recovery: &Recovery|
      -> RunError {
+        if !source.is_transient() {
+            // A permanent mismatch: resuming would fail the same way, so no rescue checkpoint and
+            // no "once the device is back" (the last checkpoint in --checkpoint DIR stands).
+            return RunError::Oracle(source);
+        }
         let Some(snapshot) = snapshot else {
             return match (saver, state.saved) {
                 (Some(dir), Some(position)) => RunError::Interrupted {

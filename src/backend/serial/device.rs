@@ -126,6 +126,14 @@ impl SerialDevice {
                 summary.name, summary.capabilities
             )));
         }
+        // Limits no run can live with are refused here, as the permanent mismatches they are
+        // (not mid-run, where they would read as a device gone missing).
+        if summary.max_batch == 0 || summary.max_directions == 0 {
+            return Err(OracleError::Backend(format!(
+                "device '{}' announces max_batch {} and max_directions {}: it can take no input batch or no direction; its firmware is misconfigured",
+                summary.name, summary.max_batch, summary.max_directions
+            )));
+        }
         if (summary.max_request as usize) < REQUEST_OVERHEAD + 64 {
             return Err(OracleError::Link(format!(
                 "device '{}' accepts requests of at most {} bytes, too few for any data",
