@@ -530,3 +530,27 @@ fn a_malformed_profile_is_a_configuration_error_everywhere() {
         );
     }
 }
+
+/// Item 11: sizes no run can have are refused before anything is allocated (exit 2), not an
+/// allocation abort or a run that crawls through gigabytes.
+#[test]
+fn impossible_sizes_are_refused_before_allocating() {
+    for (args, expect) in [
+        (&["--hidden", "100000000"][..], "GiB of memory"),
+        (
+            &["--arch", "cnn", "--proj-dim", "100000"][..],
+            "proj_dim 100000 is more than the 784",
+        ),
+    ] {
+        let started = Instant::now();
+        let out = train(&[args, &["--epochs", "1", "-q"]].concat());
+        let msg = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {msg}");
+        assert!(msg.contains(expect), "{args:?}: {msg}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}
