@@ -138,6 +138,10 @@ impl ModelSpec {
             }
             .check()
             .map_err(|e| format!("CNN block {}: {e}", l + 1))?;
+            (h, w) = (h / 2, w / 2);
+        }
+        let (_, mut h, mut w) = image;
+        for l in 0..model.hidden.len() {
             // Section 4.4: A projects each channel's H*W map down to d features.
             if proj_dim > h * w {
                 return Err(format!(

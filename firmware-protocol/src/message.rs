@@ -686,8 +686,13 @@ mod tests {
     #[test]
     fn the_last_request_tag_is_below_request_kinds() {
         let mut buf = [0u8; 8];
-        let body = postcard::to_slice(&Request::Reset, &mut buf).unwrap();
-        assert_eq!(body, [(REQUEST_KINDS - 1) as u8]);
+        let last = Request::WriteLayerState {
+            layer: 0,
+            offset: 0,
+            values: Packed::Items(&[]),
+        };
+        let body = postcard::to_slice(&last, &mut buf).unwrap();
+        assert_eq!(body[0], (REQUEST_KINDS - 1) as u8);
     }
 
     #[test]

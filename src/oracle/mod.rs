@@ -85,7 +85,7 @@ pub enum OracleError {
     Backend(String),
     /// A `sim:<profile.ron>` backend's profile that does not read or is invalid: a configuration
     /// error (the file is the user's), not a device failure.
-    #[error("device profile {0}")]
+    #[error("{0}")]
     Profile(String),
 }
 
