@@ -140,6 +140,19 @@ impl ModelSpec {
             .map_err(|e| format!("CNN block {}: {e}", l + 1))?;
             (h, w) = (h / 2, w / 2);
         }
+        let (_, mut h, mut w) = image;
+        for l in 0..model.hidden.len() {
+            // Section 4.4: A projects each channel's H*W map down to d features.
+            if proj_dim > h * w {
+                return Err(format!(
+                    "proj_dim {proj_dim} is more than the {} positions of CNN block {}'s {h}x{w} maps: the projection reduces each map to d features (Table 4: d = 16), so d can be at most {}",
+                    h * w,
+                    l + 1,
+                    h * w
+                ));
+            }
+            (h, w) = (h / 2, w / 2);
+        }
         Ok(model)
     }
 
@@ -207,6 +220,29 @@ impl ModelSpec {
     }
 
     /// Trainable parameters of MF: every `W_l` and every `M_l` (Table 3's "MF params").
+    /// A lower bound of the memory, in bytes, a run of this model with batches of `batch` rows
+    /// needs: the host's shadow and the layer's copy of every `W_l`, every `M_l` (and its
+    /// shadow), a CNN block's fixed projection `A`, and a batch's input, features and next-layer
+    /// input per layer (clean and perturbed). Saturates rather than overflows.
+    pub fn memory_estimate(&self, batch: usize) -> u128 {
+        let specs = self.layer_specs();
+        let mut values: u128 = 0;
+        for s in &specs {
+            let (p, f, o, i) = (
+                s.param_count() as u128,
+                s.feature_width() as u128,
+                s.output_width() as u128,
+                s.input_width() as u128,
+            );
+            values += 2 * p + 2 * f * self.classes as u128;
+            if let Some(g) = s.conv_geometry() {
+                values += (g.proj_dim as u128) * (g.spatial() as u128);
+            }
+            values += batch as u128 * (i + 3 * f + o);
+        }
+        4 * values
+    }
+
     pub fn mf_parameter_count(&self) -> usize {
         self.layer_specs()
             .iter()

@@ -926,9 +926,10 @@ fn a_bad_profile_on_the_command_line_names_file_line_and_key() {
             .output()
             .unwrap()
     };
+    // A bad profile file is a configuration error (issue 17, item 12).
     let out = run(format!("sim:{}", bad.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("bad.ron")
             && stderr.contains("line 5")
@@ -937,7 +938,7 @@ fn a_bad_profile_on_the_command_line_names_file_line_and_key() {
     );
     let out = run(format!("sim:{}", dir.join("missing.ron").display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("missing.ron"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -428,3 +428,129 @@ fn empty_training_files_are_a_data_error() {
     assert!(msg.contains("training files hold no samples"), "{msg}");
     assert!(!save.exists());
 }
+
+/// Items 6 and 10: a CNN saves with its BatchNorm running statistics, and `pnn-eval` evaluates
+/// it as the run did, from a data directory that holds the test files only (the model carries
+/// its normaliser).
+#[test]
+fn a_saved_cnn_evaluates_as_trained_without_the_training_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("cnn.safetensors");
+    let m = model.to_str().unwrap();
+    let trained = summary_of(&train(&[
+        "--arch",
+        "cnn",
+        "--channels",
+        "4,4",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "300",
+        "--seed",
+        "3",
+        "--save",
+        m,
+        "-q",
+    ]));
+    let tests_only = tmp.path().join("data/mnist");
+    std::fs::create_dir_all(&tests_only).unwrap();
+    for name in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+        std::os::unix::fs::symlink(
+            common::data_dir().join("mnist").join(name),
+            tests_only.join(name),
+        )
+        .unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-eval"))
+        .args(["--model", m, "--limit-test", "300", "-q", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    let evaluated = summary_of(&out);
+    for key in [
+        "weights_sha256",
+        "test_accuracy_cumulative",
+        "test_accuracy_final_layer",
+        "test_loss_cumulative",
+        "test_accuracy_per_layer",
+    ] {
+        assert_eq!(evaluated[key], trained[key], "{key}");
+    }
+}
+
+/// Item 12: a malformed device profile is a configuration error (exit 2) in every tool, as in
+/// the emulator, naming the file.
+#[test]
+fn a_malformed_profile_is_a_configuration_error_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = tmp.path().join("bad.ron");
+    std::fs::write(&profile, "(name: \"x\", noise: (output_noise: \"loud\"))").unwrap();
+    let backend = format!("sim:{}", profile.display());
+    let model = tmp.path().join("m.safetensors");
+    let m = model.to_str().unwrap();
+    summary_of(&train(&with(&[
+        "--epochs",
+        "1",
+        "--max-batches",
+        "1",
+        "--save",
+        m,
+    ])));
+    let emulate = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (tool, out) in [
+        (
+            "pnn-train",
+            train(&with(&["--epochs", "1", "--backend", &backend])),
+        ),
+        (
+            "pnn-eval",
+            std::process::Command::new(env!("CARGO_BIN_EXE_pnn-eval"))
+                .args(["--model", m, "--backend", &backend, "-q"])
+                .env("PNN_DATA_DIR", common::data_dir())
+                .output()
+                .unwrap(),
+        ),
+        (
+            "pnn-emulate",
+            emulate(&["--profile", profile.to_str().unwrap(), "--layers", "784x20"]),
+        ),
+    ] {
+        let msg = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{tool}: {msg}");
+        assert!(
+            msg.contains("bad.ron") && msg.contains("output_noise"),
+            "{tool}: {msg}"
+        );
+    }
+}
+
+/// Item 11: sizes no run can have are refused before anything is allocated (exit 2), not an
+/// allocation abort or a run that crawls through gigabytes.
+#[test]
+fn impossible_sizes_are_refused_before_allocating() {
+    for (args, expect) in [
+        (&["--hidden", "100000000"][..], "GiB of memory"),
+        (
+            &["--arch", "cnn", "--proj-dim", "100000"][..],
+            "proj_dim 100000 is more than the 784",
+        ),
+    ] {
+        let started = Instant::now();
+        let out = train(&[args, &["--epochs", "1", "-q"]].concat());
+        let msg = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {msg}");
+        assert!(msg.contains(expect), "{args:?}: {msg}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}

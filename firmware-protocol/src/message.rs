@@ -93,14 +93,28 @@ pub enum Request<'a> {
     ReadResult { offset: u32 },
     /// Back to the power-on state: a new boot id, no input, no result, parameters unspecified.
     Reset,
+    /// The layer's state outside its parameters ([`LayerShape::state_len`] values, f32: a CNN
+    /// block's BatchNorm running means, then variances) into the result buffer, answered with
+    /// its first block. Added after the first ten requests: a device that predates it answers
+    /// [`DeviceError::UnknownRequest`], and the host then keeps no copy of that state.
+    ReadLayerState { layer: u8 },
+    /// Writes values `offset..offset + values.len()` of that state (resume, reset recovery).
+    WriteLayerState {
+        layer: u8,
+        offset: u32,
+        #[serde(borrow)]
+        values: Packed<'a, f32>,
+    },
 }
 
 /// Number of [`Request`] variants: a body whose tag is at least this comes from a newer host.
-pub const REQUEST_KINDS: u32 = 10;
+pub const REQUEST_KINDS: u32 = 12;
 
 impl Request<'_> {
     /// Whether executing the request changes device state, so that a retransmission (same
     /// sequence number, same bytes) must be answered from the cached reply, not executed again.
+    /// A training-mode forward pass commits the batch's statistics to a CNN block's running
+    /// statistics, so executing it twice would commit them twice.
     pub fn mutates(&self) -> bool {
         matches!(
             self,
@@ -108,6 +122,11 @@ impl Request<'_> {
                 | Request::SetParameters { .. }
                 | Request::ApplyUpdate { .. }
                 | Request::Reset
+                | Request::WriteLayerState { .. }
+                | Request::Forward {
+                    mode: ForwardMode::Train,
+                    ..
+                }
         )
     }
 }
@@ -667,8 +686,13 @@ mod tests {
     #[test]
     fn the_last_request_tag_is_below_request_kinds() {
         let mut buf = [0u8; 8];
-        let body = postcard::to_slice(&Request::Reset, &mut buf).unwrap();
-        assert_eq!(body, [(REQUEST_KINDS - 1) as u8]);
+        let last = Request::WriteLayerState {
+            layer: 0,
+            offset: 0,
+            values: Packed::Items(&[]),
+        };
+        let body = postcard::to_slice(&last, &mut buf).unwrap();
+        assert_eq!(body[0], (REQUEST_KINDS - 1) as u8);
     }
 
     #[test]

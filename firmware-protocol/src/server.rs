@@ -137,6 +137,21 @@ pub trait PhysicalLayer {
         chunk_len
     }
 
+    /// Reads the layer's state outside its parameters (`descriptor().kind.state_len()` values:
+    /// a CNN block's BatchNorm running means, then variances) into `out`. The default, for a
+    /// layer that keeps none, refuses any non-empty read.
+    fn read_layer_state(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        match out.is_empty() {
+            true => Ok(()),
+            false => Err(DeviceError::Unsupported),
+        }
+    }
+
+    /// Writes values `offset..offset + values.len()` of that state.
+    fn write_layer_state(&mut self, _offset: usize, _values: &[f32]) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported)
+    }
+
     /// Back to the power-on state (drop the cached input).
     fn reset(&mut self) {}
 }
@@ -202,7 +217,9 @@ struct InputState {
 struct Cached {
     seq: u16,
     crc: u32,
-    reply: Result<(), DeviceError>,
+    reply: Result<Outcome, DeviceError>,
+    /// The result buffer's generation the reply refers to.
+    result_generation: u32,
 }
 
 /// Counters a device may log.
@@ -227,6 +244,9 @@ pub struct Server<'n, L, Ls, B> {
     /// Values in the result buffer, and their encoding.
     result_len: usize,
     result_encoding: crate::message::ActivationEncoding,
+    /// Counts the results computed into the result buffer, so that a cached result can tell
+    /// whether the buffer still holds it.
+    result_generation: u32,
     last: Option<Cached>,
     stats: ServerStats,
     _layer: core::marker::PhantomData<L>,
@@ -261,6 +281,7 @@ where
             inputs: [InputState::default(); MAX_LAYERS],
             result_len: 0,
             result_encoding: crate::message::ActivationEncoding::F32,
+            result_generation: 0,
             last: None,
             stats: ServerStats::default(),
             _layer: core::marker::PhantomData,
@@ -357,26 +378,42 @@ where
         };
         let crc = CRC.checksum(body);
         let cached = self.last.filter(|c| c.seq == seq && c.crc == crc);
-        if let Some(c) = cached.filter(|_| request.mutates()) {
-            self.stats.retransmissions += 1;
-            let reply = match c.reply {
-                Ok(()) => Response::Ack,
-                Err(e) => Response::Error(e),
-            };
-            return frame::encode(seq, &reply, payload, out);
-        }
         let max_values = |size: usize| {
             (payload.len().min(MAX_PAYLOAD) - HEADER_LEN - CRC_LEN).saturating_sub(16) / size
         };
         let block_cap = max_values(1);
-        let outcome = self.execute(&request);
-        if request.mutates() {
-            self.last = Some(Cached {
-                seq,
-                crc,
-                reply: outcome.as_ref().map(|_| ()).map_err(|e| *e),
-            });
-        }
+        let outcome = match cached.filter(|_| request.mutates()) {
+            // A retransmission: the cached outcome, not a second execution. A result (of a
+            // training-mode forward pass) is answered from the result buffer, which only a
+            // later request can have changed, and that request would have replaced the cache.
+            Some(c) => {
+                self.stats.retransmissions += 1;
+                match c.reply {
+                    // A host retransmits before anything else, so this is a stale duplicate
+                    // from before a request that overwrote the buffer: say so, do not recompute.
+                    Ok(Outcome::Result { .. }) if c.result_generation != self.result_generation => {
+                        Err(DeviceError::NoResult)
+                    }
+                    reply => reply,
+                }
+            }
+            None => {
+                let outcome = self.execute(&request);
+                let computed = !matches!(request, Request::ReadResult { .. });
+                if computed && matches!(outcome, Ok(Outcome::Result { .. })) {
+                    self.result_generation = self.result_generation.wrapping_add(1);
+                }
+                if request.mutates() {
+                    self.last = Some(Cached {
+                        seq,
+                        crc,
+                        reply: outcome,
+                        result_generation: self.result_generation,
+                    });
+                }
+                outcome
+            }
+        };
         let reply = match outcome {
             Err(e) => Response::Error(e),
             Ok(Outcome::Ack) => Response::Ack,
@@ -589,6 +626,35 @@ where
                 self.result_encoding = crate::message::ActivationEncoding::F32;
                 Ok(Outcome::Result { offset_values: 0 })
             }
+            Request::ReadLayerState { layer } => {
+                let (l, d) = layer_of(&mut self.layers, *layer)?;
+                let len = d.kind.state_len();
+                if len == 0 {
+                    return Err(DeviceError::Unsupported);
+                }
+                self.result_len = 0;
+                let out = self.result.claim(len)?;
+                l.read_layer_state(out)?;
+                self.result_len = len;
+                self.result_encoding = crate::message::ActivationEncoding::F32;
+                Ok(Outcome::Result { offset_values: 0 })
+            }
+            Request::WriteLayerState {
+                layer,
+                offset,
+                values,
+            } => {
+                let (l, d) = layer_of(&mut self.layers, *layer)?;
+                let (offset, count) = (*offset as usize, d.kind.state_len());
+                if offset.saturating_add(values.len()) > count {
+                    return Err(DeviceError::ShapeMismatch {
+                        expected: count as u32,
+                        got: offset.saturating_add(values.len()) as u32,
+                    });
+                }
+                in_pieces(values, |at, piece| l.write_layer_state(offset + at, piece))?;
+                Ok(Outcome::Ack)
+            }
             Request::ReadResult { offset } => {
                 let size = self.result_encoding.size();
                 let offset = *offset as usize;
@@ -615,7 +681,7 @@ fn layer_of<L: PhysicalLayer>(
     Ok((l, d))
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Outcome {
     Ack,
     Hello,

@@ -147,6 +147,16 @@ impl LayerShape {
         })
     }
 
+    /// Values of state a layer keeps besides its parameters: a CNN block's BatchNorm running
+    /// statistics (the means, then the variances, one per output channel); none for a dense
+    /// layer. [`crate::message::Request::ReadLayerState`] returns them.
+    pub const fn state_len(&self) -> usize {
+        match self {
+            Self::Dense { .. } => 0,
+            Self::Conv(g) => 2 * g.out_channels,
+        }
+    }
+
     /// Refuses shapes no layer can have.
     pub const fn check(&self) -> Result<(), ShapeError> {
         match self {

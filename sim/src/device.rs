@@ -268,6 +268,35 @@ impl<L: SimulatedLayer + ?Sized> PhysicalLayer for Device<L> {
         0
     }
 
+    /// A conv block's BatchNorm running statistics (means, then variances).
+    fn read_layer_state(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.flush();
+        let state = self.layer.layer_state();
+        if state.len() != out.len() {
+            return Err(DeviceError::ShapeMismatch {
+                expected: state.len() as u32,
+                got: out.len() as u32,
+            });
+        }
+        out.copy_from_slice(&state);
+        Ok(())
+    }
+
+    fn write_layer_state(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+        self.flush();
+        let mut state = self.layer.layer_state();
+        let end = offset.saturating_add(values.len());
+        let count = state.len();
+        let target = state
+            .get_mut(offset..end)
+            .ok_or(DeviceError::ShapeMismatch {
+                expected: count as u32,
+                got: end as u32,
+            })?;
+        target.copy_from_slice(values);
+        self.layer.set_layer_state(&state).map_err(device_err)
+    }
+
     /// Power-on: the layer's (zero parameters, fresh device and layer state), no input; the
     /// choreography stays.
     fn reset(&mut self) {
@@ -342,6 +371,12 @@ impl<L: PhysicalLayer> PhysicalLayer for Minimal<L> {
     }
     fn forward_features(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
         self.0.forward_features(out)
+    }
+    fn read_layer_state(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.0.read_layer_state(out)
+    }
+    fn write_layer_state(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+        self.0.write_layer_state(offset, values)
     }
 }
 
@@ -813,6 +848,77 @@ mod conv_tests {
 
     fn forward(mode: ForwardMode) -> Request<'static> {
         Request::Forward { layer: 0, mode }
+    }
+
+    /// Issue 17, item 5: a training-mode pass commits the batch's statistics, so its
+    /// retransmission is answered from the cache (the same reply, committed once); the
+    /// statistics read back over the wire and, written to a fresh device, make it evaluate as
+    /// the trained one does.
+    #[test]
+    fn a_retransmitted_training_pass_commits_once_and_the_statistics_travel() {
+        let rows = 4;
+        let mut c = Client::new(vec![
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        ]);
+        program(&mut c, rows);
+        let read = Request::ReadLayerState { layer: 0 };
+        let fresh = c.result(&read);
+        assert_eq!(fresh.len(), shape().out_channels * 2);
+        let first = c.send_seq(900, &forward(ForwardMode::Train));
+        let again = c.send_seq(900, &forward(ForwardMode::Train));
+        assert_eq!(first, again);
+        assert_eq!(c.server().stats().retransmissions, 1);
+        let once = c.result(&read);
+        assert_ne!(
+            bits(&once),
+            bits(&fresh),
+            "a training pass moves the statistics"
+        );
+        let mut single = Client::new(vec![
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        ]);
+        program(&mut single, rows);
+        single.send(&forward(ForwardMode::Train));
+        assert_eq!(bits(&single.result(&read)), bits(&once), "committed twice");
+        // A stale duplicate, after another result replaced the buffer: refused, not recomputed.
+        let stale = c.send_seq(900, &forward(ForwardMode::Train));
+        assert!(matches!(
+            postcard::from_bytes::<Response>(&stale),
+            Ok(Response::Error(DeviceError::NoResult))
+        ));
+        assert_eq!(bits(&c.result(&read)), bits(&once));
+
+        // Onto a fresh device: its evaluation is the trained one's, bit for bit.
+        let eval = c.result(&forward(ForwardMode::Eval));
+        let mut other = Client::new(vec![
+            DeviceConv::new(shape(), ActivationEncoding::F32).unwrap(),
+        ]);
+        program(&mut other, rows);
+        assert_ne!(
+            bits(&other.result(&forward(ForwardMode::Eval))),
+            bits(&eval)
+        );
+        other.ack(&Request::WriteLayerState {
+            layer: 0,
+            offset: 0,
+            values: Packed::Items(&once),
+        });
+        assert_eq!(bits(&other.result(&read)), bits(&once));
+        assert_eq!(
+            bits(&other.result(&forward(ForwardMode::Eval))),
+            bits(&eval)
+        );
+        // A write past the state is refused, and changes nothing.
+        let past = other.send(&Request::WriteLayerState {
+            layer: 0,
+            offset: 5,
+            values: Packed::Items(&once),
+        });
+        assert!(matches!(
+            postcard::from_bytes::<Response>(&past),
+            Ok(Response::Error(DeviceError::ShapeMismatch { .. }))
+        ));
+        assert_eq!(bits(&other.result(&read)), bits(&once));
     }
 
     #[test]

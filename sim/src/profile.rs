@@ -113,6 +113,15 @@ mod tests {
         );
     }
 
+    /// Issue 17, item 13: a missing field is named itself, not the last key written.
+    #[test]
+    fn a_missing_name_is_named() {
+        let err = DeviceProfile::parse("(\n  noise: (\n    seed: 3,\n  ),\n)", "t.ron")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("name:") && !err.contains("seed"), "{err}");
+    }
+
     #[test]
     fn unknown_keys_are_errors_that_name_the_line() {
         let err = DeviceProfile::parse("(\n  name: \"x\",\n  bogus: 3,\n)", "t.ron").unwrap_err();

@@ -15,9 +15,10 @@ pub struct Located {
 }
 
 /// Places `error`, raised while reading `text`, at its line, column and key. A key that RON
-/// names itself (an unknown or duplicate field) is that key; otherwise it is the last key written
-/// at or before the error on the error's line, else the first key on that line, else the last
-/// key before the error.
+/// names itself (an unknown, duplicate or missing field) is that key; otherwise it is the last
+/// key written before the error (a value may span lines: its key is on an earlier line, and a
+/// key later on the error's line is not it), unless the error sits in the line's indentation,
+/// before the line's first key: then it is that key.
 pub fn locate(text: &str, error: &ron::error::SpannedError) -> Located {
     let (line, column) = (error.span.start.line, error.span.start.col);
     let keys = keys(text);
@@ -31,15 +32,21 @@ pub fn locate(text: &str, error: &ron::error::SpannedError) -> Located {
     let key = match &error.code {
         ron::Error::NoSuchStructField { found, .. } => Some(at(found)),
         ron::Error::DuplicateStructField { field, .. } => Some(at(field)),
+        ron::Error::MissingStructField { field, .. } => Some(field.to_string()),
         _ => {
             let before = keys
                 .iter()
                 .take_while(|(_, l, c)| (*l, *c) <= (line, column))
                 .last();
             let on_line = keys.iter().find(|(_, l, _)| *l == line);
-            match before {
-                Some(k) if k.1 == line => Some(k),
-                _ => on_line.or(before),
+            let indentation = text
+                .lines()
+                .nth(line.saturating_sub(1))
+                .map_or(0, |l| l.chars().take_while(|c| c.is_whitespace()).count());
+            match (before, on_line) {
+                (_, Some(first)) if column <= indentation + 1 && first.2 > column => Some(first),
+                (Some(k), _) => Some(k),
+                (None, first) => first,
             }
             .map(|(k, _, _)| k.clone())
         }

@@ -141,7 +141,7 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
             .collect()),
         BackendSpec::SimProfile(path) => {
             let profile = pnn_sim::profile::DeviceProfile::load(path)
-                .map_err(|e| OracleError::Backend(e.to_string()))?;
+                .map_err(|e| OracleError::Profile(e.to_string()))?;
             Ok(SimOracle::for_profile(layers, &profile)?
                 .into_iter()
                 .map(AnyOracle::Sim)

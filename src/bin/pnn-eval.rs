@@ -1,7 +1,7 @@
 //! `pnn-eval`: evaluate a saved model (`pnn-train --save`) on a backend; prints both prediction
 //! modes, as JSON on the last stdout line.
 //!
-//! Exit codes: 0 success, 2 invalid arguments or model file, 3 data error, 4 backend or device
+//! Exit codes: 0 success, 2 invalid arguments, model file or device profile, 3 data error, 4 backend or device
 //! error.
 
 use std::path::PathBuf;
@@ -90,18 +90,18 @@ fn main() -> ExitCode {
             ),
         );
     }
-    let mut data = match resolve_data_dir(args.data_dir.as_deref())
-        .and_then(|dir| Dataset::load(kind, &dir))
+    let mut test = match resolve_data_dir(args.data_dir.as_deref())
+        .and_then(|dir| Dataset::load_test(kind, &dir))
     {
         Ok(d) => d,
         Err(e) => return fail(3, e),
     };
     if let Some(n) = args.limit_test {
-        data.test.truncate(n as usize);
+        test.truncate(n as usize);
     }
     let mut oracles = match backend::open(&args.backend, &model.layer_specs()) {
         Ok(o) => o,
-        Err(e) => return fail(4, e),
+        Err(e) => return fail(e.exit_code(), e),
     };
     if let Err(e) = model.program(&mut oracles) {
         return fail(4, e);
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
     let result = evaluate_with_predictions(
         &mut oracles,
         &model.projections(),
-        &data.test,
+        &test,
         &model.normalizer,
         batch,
     );
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
     tracing::info!(
         "{} on {kind} ({} test samples, backend {}): accuracy cumulative {:.4}, final-layer {:.4}",
         args.model.display(),
-        data.test.len(),
+        test.len(),
         args.backend,
         eval.accuracy_cumulative,
         eval.accuracy_final_layer
@@ -139,7 +139,7 @@ fn main() -> ExitCode {
         model: args.model.display().to_string(),
         dataset: kind.name().into(),
         backend: args.backend.to_string(),
-        test_samples: data.test.len(),
+        test_samples: test.len(),
         test_accuracy_cumulative: eval.accuracy_cumulative,
         test_accuracy_final_layer: eval.accuracy_final_layer,
         test_loss_cumulative: eval.loss_cumulative,

@@ -122,12 +122,6 @@ fn main() -> ExitCode {
     {
         return fail(2, e);
     }
-    if let (Some(_), Err(e)) = (
-        &settings.save,
-        pnn::report::export::SavedModel::check_exportable(config.arch),
-    ) {
-        return fail(2, e);
-    }
     let mut saver = settings.save.clone().map(SaveModel::new);
     let progress = Progress::new(mode, multi, config.epochs);
     let result = match saver.as_mut() {

@@ -170,6 +170,21 @@ pub(super) fn load_idx_dataset(
     kind: DatasetKind,
     data_dir: &Path,
 ) -> Result<(Split, Split), DataError> {
+    let dir = dataset_dir(kind, data_dir)?;
+    let classes = kind.classes();
+    Ok((
+        load_split(&dir, kind, "train", classes)?,
+        load_split(&dir, kind, "t10k", classes)?,
+    ))
+}
+
+/// The test split alone.
+pub(super) fn load_idx_test(kind: DatasetKind, data_dir: &Path) -> Result<Split, DataError> {
+    let dir = dataset_dir(kind, data_dir)?;
+    load_split(&dir, kind, "t10k", kind.classes())
+}
+
+fn dataset_dir(kind: DatasetKind, data_dir: &Path) -> Result<std::path::PathBuf, DataError> {
     let dir = data_dir.join(kind.name());
     if !dir.is_dir() {
         return Err(DataError::Missing {
@@ -178,9 +193,5 @@ pub(super) fn load_idx_dataset(
             looked_for: format!("directory {}/", kind.name()),
         });
     }
-    let classes = kind.classes();
-    Ok((
-        load_split(&dir, kind, "train", classes)?,
-        load_split(&dir, kind, "t10k", classes)?,
-    ))
+    Ok(dir)
 }

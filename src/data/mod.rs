@@ -184,6 +184,25 @@ impl Dataset {
         })
     }
 
+    /// The test split alone: evaluating a saved model needs no training files (the model
+    /// carries the normaliser of the set it was trained on).
+    pub fn load_test(kind: DatasetKind, data_dir: &std::path::Path) -> Result<Split, DataError> {
+        let test = match kind {
+            DatasetKind::Mnist | DatasetKind::FashionMnist => idx::load_idx_test(kind, data_dir)?,
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+                cifar::load_cifar_dataset(kind, data_dir)?.1
+            }
+        };
+        if test.is_empty() {
+            return Err(DataError::Empty {
+                dataset: kind,
+                dir: data_dir.to_path_buf(),
+                split: "test",
+            });
+        }
+        Ok(test)
+    }
+
     pub fn input_width(&self) -> usize {
         self.train.sample_len
     }

@@ -83,6 +83,28 @@ pub enum OracleError {
     Unsupported(&'static str),
     #[error("cannot open the backend: {0}")]
     Backend(String),
+    /// A `sim:<profile.ron>` backend's profile that does not read or is invalid: a configuration
+    /// error (the file is the user's), not a device failure.
+    #[error("{0}")]
+    Profile(String),
+}
+
+impl OracleError {
+    /// The exit status the command-line tools give it: 2 for a bad profile file (a
+    /// configuration error, as everywhere), else 4 (backend or device error).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            OracleError::Profile(_) => 2,
+            _ => 4,
+        }
+    }
+
+    /// Whether the failure may pass (the link broke, the device did not answer or refused for
+    /// now), so that a run cut short by it is worth saving for a later `--resume`; a shape
+    /// mismatch, a missing ability or a backend that cannot open stays as it is.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OracleError::Link(_) | OracleError::Refused(_))
+    }
 }
 
 /// One layer's forward evaluation, wherever it executes (see the module docs).

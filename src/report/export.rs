@@ -6,7 +6,10 @@
 //! - `layers.{l}.{role}` for each parameter tensor of layer `l`, in the order of the layer's flat
 //!   parameter vector `W_l` (a dense layer: `weight` `[outputs, inputs]` then `bias` `[outputs]`);
 //!   concatenating them flattened, in the listed order, gives back `W_l` exactly;
-//! - `layers.{l}.projection`: `M_l`, `[features, classes]` (thesis eq. 1, `G_l = a_l M_l`).
+//! - `layers.{l}.projection`: `M_l`, `[features, classes]` (thesis eq. 1, `G_l = a_l M_l`);
+//! - `layers.{l}.running_stats`, conv blocks only: BatchNorm's running means then variances,
+//!   `[2, out_channels]` (evaluation normalises with them). The block's fixed feature projection
+//!   `A` is not stored: it is drawn from the `projection_seed` in the layer's metadata.
 //!
 //! Metadata (the safetensors `__metadata__` string map):
 //! - `format`: `"pnn-model"`, `format_version`: `"1"`;
@@ -14,7 +17,10 @@
 //!   normaliser (per-channel mean and std of the training set: `x = (pixel/255 - mean_c)/std_c`),
 //!   hyperparameters, epochs trained, and per layer its kind and shape (`{"kind": "dense",
 //!   "inputs": .., "outputs": ..}`), the names, roles and shapes of its parameter tensors in flat
-//!   order, and its projection tensor.
+//!   order, its projection tensor and (conv) its running-statistics tensor; and `tensors_sha256`,
+//!   the SHA-256 of every tensor's bytes in the order the metadata lists them, so that a damaged
+//!   or altered value is refused rather than evaluated. A file holding tensors its metadata does
+//!   not describe is refused too.
 //!
 //! Prediction (thesis section 4.1): a layer's goodness is `G_l = a_l M_l` on its features `a_l`;
 //! *final-layer* predicts `argmax G_L`, *cumulative* predicts `argmax sum_l G_l`.
@@ -56,6 +62,9 @@ pub struct SavedLayer {
     /// `W_l`, flat, in the layout of `spec.kind`.
     pub params: Vec<f32>,
     pub projection: Projection,
+    /// State outside the parameters (a conv block's BatchNorm running statistics, means then
+    /// variances), where the layer keeps some.
+    pub state: Option<Vec<f32>>,
 }
 
 /// The `pnn_model` metadata document.
@@ -72,6 +81,11 @@ pub struct ModelMeta {
     pub prediction: String,
     /// The `pnn` version that wrote the file.
     pub writer: String,
+    /// SHA-256 (hex) of every tensor's little-endian bytes, in the order the metadata lists them
+    /// (per layer: parameters, projection, running statistics). Files written before it was
+    /// recorded have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -87,6 +101,9 @@ pub struct LayerMeta {
     /// The parameter tensors, in the order they make up the flat `W_l`.
     pub params: Vec<TensorMeta>,
     pub projection: TensorMeta,
+    /// Conv blocks: the BatchNorm running statistics, `[2, out_channels]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<TensorMeta>,
 }
 
 /// A layer's kind and shape. Serialised with a `kind` tag: `{"kind": "dense", ...}`.
@@ -97,7 +114,7 @@ pub enum KindMeta {
     Dense { inputs: usize, outputs: usize },
     /// Conv 3x3 + BatchNorm + ReLU (+ MaxPool 2x2 for the next block), goodness features from a
     /// per-channel random projection `A` drawn from `projection_seed` (thesis section 4.4).
-    /// Not yet written by `--save` (see [`SavedModel::check_exportable`]).
+    /// Its BatchNorm running statistics are the `running_stats` tensor.
     Conv(ConvGeometry),
 }
 
@@ -154,10 +171,13 @@ type NamedTensor<'a> = (String, Vec<usize>, &'a [f32]);
 const WRITER: &str = concat!("pnn ", env!("CARGO_PKG_VERSION"));
 
 impl SavedModel {
-    /// The trainer's current model (its host shadow of every `W_l`, and every `M_l`).
+    /// The trainer's current model (its host shadow of every `W_l`, and every `M_l`), with each
+    /// layer's state outside its parameters (`ForwardOracle::read_layer_state`, as a
+    /// `crate::run::recovery::Snapshot` holds it).
     pub fn from_trainer<O: ForwardOracle>(
         trainer: &Trainer<O>,
         specs: &[LayerShape],
+        layer_state: &[Option<Vec<f32>>],
         data: &crate::data::Dataset,
         epochs: u32,
     ) -> Self {
@@ -173,26 +193,14 @@ impl SavedModel {
                 .layers()
                 .iter()
                 .zip(specs)
-                .map(|(state, spec)| SavedLayer {
+                .enumerate()
+                .map(|(l, (state, spec))| SavedLayer {
                     spec: *spec,
                     params: state.shadow.clone(),
                     projection: state.projection.clone(),
+                    state: layer_state.get(l).cloned().flatten(),
                 })
                 .collect(),
-        }
-    }
-
-    /// Refuses what the format cannot hold yet: a CNN's BatchNorm running statistics live on the
-    /// device, outside the host's shadow of the parameters, so a saved CNN would not evaluate as
-    /// trained.
-    pub fn check_exportable(arch: crate::model::ArchKind) -> Result<(), String> {
-        match arch == crate::model::ArchKind::Cnn {
-            true => Err(
-                "--save does not support CNN models yet: their BatchNorm running statistics \
-                         are device state that the model file does not carry"
-                    .into(),
-            ),
-            false => Ok(()),
         }
     }
 
@@ -252,10 +260,20 @@ impl SavedModel {
                 projection.shape.clone(),
                 &p.data[..],
             ));
+            let state = layer.state.as_ref().map(|values| {
+                let t = TensorMeta {
+                    name: format!("layers.{l}.running_stats"),
+                    role: "running_stats".into(),
+                    shape: vec![2, values.len() / 2],
+                };
+                tensors.push((t.name.clone(), t.shape.clone(), &values[..]));
+                t
+            });
             layers.push(LayerMeta {
                 kind: KindMeta::of(&layer.spec),
                 params,
                 projection,
+                state,
             });
         }
         let meta = ModelMeta {
@@ -274,6 +292,7 @@ impl SavedModel {
                          final_layer = argmax G_L"
                 .into(),
             writer: WRITER.into(),
+            tensors_sha256: Some(tensors_sha256(tensors.iter().map(|t| t.2))),
         };
         (meta, tensors)
     }
@@ -459,6 +478,8 @@ impl SavedModel {
         };
         let mut layers = Vec::new();
         let mut width = c * h * w;
+        let mut described = Vec::new();
+        let mut read_in_order = Vec::new();
         for (l, lm) in meta.layers.iter().enumerate() {
             let spec = lm.kind.layer_spec();
             if spec.input_width() != width {
@@ -483,7 +504,10 @@ impl SavedModel {
             }
             let mut params = Vec::with_capacity(spec.param_count());
             for t in &lm.params {
-                params.extend(read(t)?);
+                let values = read(t)?;
+                params.extend(&values);
+                read_in_order.push(values);
+                described.push(t.name.clone());
             }
             if lm.projection.shape != [spec.feature_width(), meta.classes] {
                 return Err(bad(format!(
@@ -494,7 +518,34 @@ impl SavedModel {
                 )));
             }
             let m = read(&lm.projection)?;
-            if params.iter().chain(&m).any(|v| !v.is_finite()) {
+            read_in_order.push(m.clone());
+            described.push(lm.projection.name.clone());
+            let state_len = spec.state_len();
+            let state = match (&lm.state, state_len) {
+                (None, 0) => None,
+                (Some(t), n) if n > 0 && t.shape == [2, n / 2] => {
+                    let values = read(t)?;
+                    read_in_order.push(values.clone());
+                    described.push(t.name.clone());
+                    Some(values)
+                }
+                (None, n) => {
+                    return Err(bad(format!(
+                        "layer {l}: a {:?} layer needs its running statistics ([2, {}]), and the file has none",
+                        lm.kind,
+                        n / 2
+                    )));
+                }
+                (Some(t), n) => {
+                    return Err(bad(format!(
+                        "layer {l}: running statistics of shape {:?}, the layer keeps {n} values ([2, {}])",
+                        t.shape,
+                        n / 2
+                    )));
+                }
+            };
+            let all = params.iter().chain(&m).chain(state.iter().flatten());
+            if all.into_iter().any(|v| !v.is_finite()) {
                 return Err(bad(format!("layer {l} holds a non-finite value")));
             }
             width = spec.output_width();
@@ -502,7 +553,27 @@ impl SavedModel {
                 projection: Projection::new(spec.feature_width(), meta.classes, m),
                 params,
                 spec,
+                state,
             });
+        }
+        let mut extra: Vec<String> = (st.names().into_iter())
+            .filter(|n| !described.iter().any(|d| d == *n))
+            .map(str::to_string)
+            .collect();
+        if !extra.is_empty() {
+            extra.sort();
+            return Err(bad(format!(
+                "the file holds tensors its metadata does not describe ({}): it is damaged, or its metadata was edited",
+                extra.join(", ")
+            )));
+        }
+        if let Some(expected) = &meta.tensors_sha256 {
+            let actual = tensors_sha256(read_in_order.iter().map(Vec::as_slice));
+            if &actual != expected {
+                return Err(bad(format!(
+                    "the tensors' checksum is {actual}, the metadata says {expected}: a value was altered or damaged"
+                )));
+            }
         }
         Ok(Self {
             dataset,
@@ -538,9 +609,22 @@ impl SavedModel {
                 )));
             }
             oracle.write_parameters(&layer.params)?;
+            if let Some(state) = &layer.state {
+                oracle.write_layer_state(state)?;
+            }
         }
         Ok(())
     }
+}
+
+/// The SHA-256 (hex) of the tensors' little-endian bytes, in order ([`ModelMeta::tensors_sha256`]).
+fn tensors_sha256<'a>(tensors: impl Iterator<Item = &'a [f32]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for t in tensors {
+        t.iter().for_each(|v| h.update(v.to_le_bytes()));
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Each sample's label and predicted class in both modes.
@@ -619,6 +703,7 @@ mod tests {
                     spec,
                     params,
                     projection,
+                    state: None,
                 })
                 .collect(),
         }
@@ -629,6 +714,98 @@ mod tests {
         let m = model();
         let back = SavedModel::from_bytes(&m.to_bytes(), Path::new("m.safetensors")).unwrap();
         assert_eq!(back, m);
+    }
+
+    /// Bytes of a model file from metadata and tensors, as `to_bytes` writes them.
+    fn file(meta: &ModelMeta, tensors: &[NamedTensor<'_>]) -> Vec<u8> {
+        let raw: Vec<(String, Vec<usize>, Vec<u8>)> = (tensors.iter())
+            .map(|(n, s, v)| {
+                (
+                    n.clone(),
+                    s.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            })
+            .collect();
+        let views = raw.iter().map(|(n, s, r)| {
+            (
+                n.as_str(),
+                TensorView::new(Dtype::F32, s.clone(), r).unwrap(),
+            )
+        });
+        let metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            (
+                "pnn_model".to_string(),
+                serde_json::to_string(meta).unwrap(),
+            ),
+        ]);
+        safetensors::serialize(views, Some(metadata)).unwrap()
+    }
+
+    /// Issue 17, item 10: a flipped byte in any tensor, and metadata that describes fewer
+    /// layers than the file holds, are refused, not evaluated.
+    #[test]
+    fn an_altered_value_or_an_undescribed_tensor_is_refused() {
+        let p = Path::new("m.safetensors");
+        let m = model();
+        let good = m.to_bytes();
+        let w = m.layers[1].params[3].to_le_bytes();
+        let at = (good.windows(4))
+            .position(|b| b == w)
+            .expect("the value is in the file");
+        let mut flipped = good.clone();
+        flipped[at] ^= 0x01;
+        let err = SavedModel::from_bytes(&flipped, p).unwrap_err().to_string();
+        assert!(err.contains("checksum") && err.contains("altered"), "{err}");
+
+        let (mut meta, tensors) = m.to_parts();
+        meta.layers.pop();
+        meta.tensors_sha256 = None;
+        let err = SavedModel::from_bytes(&file(&meta, &tensors), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tensors its metadata does not describe (layers.1.bias, layers.1.projection, layers.1.weight)"),
+            "{err}"
+        );
+    }
+
+    /// Issue 17, item 6: a CNN's file carries its BatchNorm running statistics (and its blocks'
+    /// projection seeds, in the metadata); one without them is refused.
+    #[test]
+    fn a_cnn_round_trips_with_its_running_statistics() {
+        let spec = ModelSpec::cnn(DatasetKind::Mnist, Some(vec![2, 3]), 4, 9).unwrap();
+        let specs = spec.layer_specs();
+        let init = initialise(&specs, 10, 9);
+        let m = SavedModel {
+            layers: (specs.into_iter().zip(init.layers).zip(init.projections))
+                .map(|((spec, params), projection)| SavedLayer {
+                    state: Some(
+                        (0..spec.state_len())
+                            .map(|i| i as f32 * 0.25 + 0.5)
+                            .collect(),
+                    ),
+                    spec,
+                    params,
+                    projection,
+                })
+                .collect(),
+            ..model()
+        };
+        let p = Path::new("cnn.safetensors");
+        let back = SavedModel::from_bytes(&m.to_bytes(), p).unwrap();
+        assert_eq!(back, m);
+        let (mut meta, mut tensors) = m.to_parts();
+        assert!(matches!(meta.layers[1].kind, KindMeta::Conv(g) if g.projection_seed != 0));
+        meta.layers[1].state = None;
+        meta.tensors_sha256 = None;
+        tensors.retain(|t| t.0 != "layers.1.running_stats");
+        let err = SavedModel::from_bytes(&file(&meta, &tensors), p)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs its running statistics"), "{err}");
     }
 
     #[test]

@@ -268,10 +268,11 @@ impl Checkpoint {
             path: path.clone(),
             source,
         })?;
-        Self::decode(&bytes).map_err(|what| CheckpointError::Corrupt { path, what })
+        Self::from_bytes(&bytes).map_err(|what| CheckpointError::Corrupt { path, what })
     }
 
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
+    /// Verifies and decodes the bytes of a checkpoint file; the error says what is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() < HEADER || &bytes[..8] != MAGIC {
             return Err(format!("no checkpoint header ({} bytes)", bytes.len()));
         }

@@ -150,7 +150,8 @@ impl RunError {
         match self {
             RunError::Config(_) => 2,
             RunError::Data(_) => 3,
-            RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
+            RunError::Oracle(e) => e.exit_code(),
+            RunError::Interrupted { .. } => 4,
             RunError::Checkpoint(_) => 6,
             RunError::Diverged { .. } => 7,
             RunError::Stopped { signal, .. } => signal.exit_code(),
@@ -204,6 +205,7 @@ pub fn load(config: &RunConfig) -> Result<(Dataset, ModelSpec), RunError> {
         config.hyper.seed,
     )
     .map_err(RunError::Config)?;
+    check_memory(&model, config.hyper.batch_size)?;
     let dir = resolve_data_dir(config.data_dir.as_deref())?;
     let mut data = Dataset::load(config.dataset, &dir)?;
     if let Some(n) = config.limit_train {
@@ -223,6 +225,34 @@ pub fn load(config: &RunConfig) -> Result<(Dataset, ModelSpec), RunError> {
         dir.display()
     );
     Ok((data, model))
+}
+
+/// Refuses, before anything is allocated, a model whose run could not fit in this machine's
+/// memory (an allocation failure would abort the process without a word).
+fn check_memory(model: &ModelSpec, batch: usize) -> Result<(), RunError> {
+    let needed = model.memory_estimate(batch);
+    let Some(total) = machine_memory() else {
+        return Ok(());
+    };
+    if needed <= total as u128 {
+        return Ok(());
+    }
+    let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+    Err(RunError::Config(format!(
+        "the model (hidden {:?}, {} parameters) with batches of {batch} needs at least {:.1} GiB of memory, and this machine has {:.1} GiB: choose smaller --hidden/--channels, --proj-dim or --batch-size",
+        model.hidden,
+        model.mf_parameter_count(),
+        gib(needed),
+        gib(total as u128)
+    )))
+}
+
+/// The machine's memory in bytes (Linux: `MemTotal` of /proc/meminfo), where it can be read.
+fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A path as one shell word.
@@ -524,6 +554,11 @@ pub fn run_with<O: ForwardOracle>(
                        trainer: &Trainer<O>,
                        recovery: &Recovery|
      -> RunError {
+        if !source.is_transient() {
+            // A permanent mismatch: resuming would fail the same way, so no rescue checkpoint and
+            // no "once the device is back" (the last checkpoint in --checkpoint DIR stands).
+            return RunError::Oracle(source);
+        }
         let Some(snapshot) = snapshot else {
             return match (saver, state.saved) {
                 (Some(dir), Some(position)) => RunError::Interrupted {
@@ -733,9 +768,11 @@ pub fn run_with<O: ForwardOracle>(
     }
     let link = link_totals(&trainer, &recovery, state.carried);
     if observer.wants_model() {
+        let snapshot = Snapshot::take(&mut trainer)?;
         observer.model_trained(&SavedModel::from_trainer(
             &trainer,
             &model.layer_specs(),
+            &snapshot.layer_state,
             data,
             config.epochs,
         ));

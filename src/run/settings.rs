@@ -677,6 +677,27 @@ mod tests {
         }
     }
 
+    /// Issue 17, item 13: the key named is the one whose value is wrong, for a value that spans
+    /// lines (followed by another key on its last line) and in a config on a single line.
+    #[test]
+    fn the_wrong_key_is_named_across_lines_and_on_one_line() {
+        let msg = error("(\n  hidden: [50,\n    0], epochs: 3,\n)");
+        assert!(
+            msg.contains("key `hidden`") && msg.contains("at least 1"),
+            "{msg}"
+        );
+        for (text, key) in [
+            ("(epochs: 3, directions: 65, lr: 0.1)", "directions"),
+            ("(epochs: \"ten\", lr: 0.1)", "epochs"),
+            ("(lr: 0.1, epochs: \"ten\")", "epochs"),
+            ("(seed: 1, hidden: [50, 0])", "hidden"),
+            ("(dataset: \"mnist\", batch_size: 0, seed: 2)", "batch_size"),
+        ] {
+            let msg = error(text);
+            assert!(msg.contains(&format!("key `{key}`")), "{text}: {msg}");
+        }
+    }
+
     #[test]
     fn settings_written_as_ron_read_back_the_same() {
         let full = ExperimentConfig {

@@ -61,7 +61,10 @@ impl Emulator {
     /// One emulator process serving one device per entry of `devices` (each a `--layers`
     /// list), with `extra` arguments (`--listen ADDR` per device for TCP).
     pub fn spawn_devices(profile: &str, devices: &[&str], extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
+        // `$PNN_EMULATE_BIN` runs a test against another build's emulator.
+        let binary = std::env::var_os("PNN_EMULATE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_pnn-emulate").into());
+        let mut child = Command::new(binary)
             .args(["--profile", profile])
             .args(devices.iter().flat_map(|d| ["--layers", d]))
             .args(extra)

@@ -231,6 +231,32 @@ impl<T: Transport> Client<T> {
         self.fetch(&request, count, ActivationEncoding::F32, out)
     }
 
+    /// The `count` values of `layer`'s state outside its parameters
+    /// ([`crate::shape::LayerShape::state_len`]) as the device holds them, into `out`.
+    pub fn read_layer_state(
+        &mut self,
+        layer: u8,
+        count: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ClientError> {
+        let request = Request::ReadLayerState { layer };
+        self.fetch(&request, count, ActivationEncoding::F32, out)
+    }
+
+    /// Values `offset..offset + values.len()` of `layer`'s state, in one request.
+    pub fn write_layer_state(
+        &mut self,
+        layer: u8,
+        offset: u32,
+        values: &[f32],
+    ) -> Result<(), ClientError> {
+        self.ack(&Request::WriteLayerState {
+            layer,
+            offset,
+            values: Packed::Items(values),
+        })
+    }
+
     /// Issues `request`, then reads its whole result (`expected` values in `encoding`) into
     /// `out`, asking for the rest with `ReadResult` while the device's replies fall short.
     pub fn fetch(

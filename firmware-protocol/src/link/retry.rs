@@ -238,5 +238,7 @@ pub fn request_name(request: &Request<'_>) -> &'static str {
         Request::Forward { .. } => "Forward",
         Request::ReadResult { .. } => "ReadResult",
         Request::Reset => "Reset",
+        Request::ReadLayerState { .. } => "ReadLayerState",
+        Request::WriteLayerState { .. } => "WriteLayerState",
     }
 }

@@ -126,6 +126,14 @@ impl SerialDevice {
                 summary.name, summary.capabilities
             )));
         }
+        // Limits no run can live with are refused here, as the permanent mismatches they are
+        // (not mid-run, where they would read as a device gone missing).
+        if summary.max_batch == 0 || summary.max_directions == 0 {
+            return Err(OracleError::Backend(format!(
+                "device '{}' announces max_batch {} and max_directions {}: it can take no input batch or no direction; its firmware is misconfigured",
+                summary.name, summary.max_batch, summary.max_directions
+            )));
+        }
         if (summary.max_request as usize) < REQUEST_OVERHEAD + 64 {
             return Err(OracleError::Link(format!(
                 "device '{}' accepts requests of at most {} bytes, too few for any data",
@@ -407,19 +415,45 @@ impl ForwardOracle for SerialOracle {
         self.with_link(|client, _| client.apply_update(layer, range, scale, terms))
     }
 
-    /// The protocol carries no layer state: a device's BatchNorm running statistics stay on the
-    /// device (a reset loses them; `crate::run::recovery` says so for conv blocks).
+    /// A conv block's BatchNorm running statistics, read over the wire (`ReadLayerState`), so
+    /// that checkpoints and reset recovery carry them. A device that predates the request keeps
+    /// them to itself: `None` (`crate::run::recovery` then warns that resume and reset recovery
+    /// restart them).
     fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
-        Ok(None)
+        let (layer, count) = (self.layer, self.descriptor.kind.state_len());
+        if count == 0 {
+            return Ok(None);
+        }
+        self.with_link(
+            |client, values| match client.read_layer_state(layer, count, values) {
+                Ok(()) => Ok(Some(values.clone())),
+                Err(ClientError::Refused {
+                    error: DeviceError::UnknownRequest | DeviceError::Unsupported,
+                    ..
+                }) => Ok(None),
+                Err(e) => Err(e),
+            },
+        )
     }
 
     fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
         if state.is_empty() {
             return Ok(());
         }
-        Err(OracleError::Unsupported(
-            "writing layer state over the serial protocol",
-        ))
+        let count = self.descriptor.kind.state_len();
+        if state.len() != count {
+            return Err(OracleError::Shape(format!(
+                "{} values of layer state for a layer that keeps {count}",
+                state.len()
+            )));
+        }
+        let (layer, part) = (self.layer, self.part_len());
+        self.with_link(|client, _| {
+            for (k, values) in state.chunks(part).enumerate() {
+                client.write_layer_state(layer, (k * part) as u32, values)?;
+            }
+            Ok(())
+        })
     }
 
     fn link(&self) -> Option<&dyn DeviceLink> {
