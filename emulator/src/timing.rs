@@ -228,6 +228,14 @@ impl<L: PhysicalLayer> PhysicalLayer for PacedLayer<L> {
         self.inner.update_scratch(chunk_len)
     }
 
+    fn read_layer_state(&mut self, out: &mut [f32]) -> Result<(), DeviceError> {
+        self.inner.read_layer_state(out)
+    }
+
+    fn write_layer_state(&mut self, offset: usize, values: &[f32]) -> Result<(), DeviceError> {
+        self.inner.write_layer_state(offset, values)
+    }
+
     fn reset(&mut self) {
         self.rows = 0;
         self.inner.reset()
