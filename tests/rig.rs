@@ -211,3 +211,46 @@ fn a_rig_that_does_not_match_its_devices_is_refused_before_training() {
     assert_eq!(bad.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("layer 0"), "{stderr}");
 }
+
+#[test]
+fn the_pipelined_schedule_is_bit_identical_to_the_sequential_one() {
+    let expected = sim();
+    // Windows that do not divide the epoch's 8 batches, in process.
+    assert_eq!(core(train("sim", &["--pipeline", "3"])), expected);
+    // Two paced devices, so that the layers overlap in time; windows cut at checkpoints.
+    let two = Emulator::spawn_devices(
+        &profile_path("ideal"),
+        &["784x50", "50x50"],
+        &["--baud", "20000000", "--latency-us", "200"],
+    );
+    let backend = format!(
+        "serial:{}?timeout_ms=10000,serial:{}?timeout_ms=10000",
+        two.paths[0], two.paths[1]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.jsonl");
+    let ckpt = dir.path().join("ckpt");
+    let pipelined = train(
+        &backend,
+        &[
+            "--pipeline",
+            "5",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--checkpoint-every",
+            "3",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(core(pipelined), expected);
+    // Each device's share of the wall time is in the metrics.
+    let epoch: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&metrics).unwrap().trim()).unwrap();
+    let utilisation = epoch["layer_utilisation"].as_array().expect("reported");
+    assert_eq!(utilisation.len(), 2);
+    for u in utilisation {
+        let u = u.as_f64().unwrap();
+        assert!(u > 0.0 && u <= 1.0, "{epoch}");
+    }
+}

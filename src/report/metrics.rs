@@ -19,6 +19,11 @@ pub struct EpochMetrics {
     pub test_loss_per_layer: Vec<f64>,
     /// Oracle forward evaluations for training, cumulative since the start of the run.
     pub oracle_evaluations: u64,
+    /// Each layer's busy time (its device's requests and the host's arithmetic for it) over the
+    /// epoch's training wall time: on the sequential schedule they add up to about 1, on the
+    /// pipelined one each layer's device can approach 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_utilisation: Option<Vec<f64>>,
 }
 
 impl EpochMetrics {
@@ -42,6 +47,7 @@ impl EpochMetrics {
             test_accuracy_per_layer: eval.accuracy_per_layer.clone(),
             test_loss_per_layer: eval.loss_per_layer.clone(),
             oracle_evaluations,
+            layer_utilisation: None,
         }
     }
 }

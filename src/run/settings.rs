@@ -221,6 +221,13 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exact_reference: bool,
+    /// Train on the pipelined schedule, in windows of N batches: layer l trains batch t while
+    /// layer l-1 trains batch t+1, every layer on its own thread (and device), bit-identical to
+    /// the sequential schedule. Each window is one step for reset recovery and ends at a
+    /// checkpoint; 8 to 32 keeps the pipeline full
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<usize>,
     /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
     /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
     /// unless --checkpoint says otherwise
@@ -431,6 +438,7 @@ impl ExperimentConfig {
             });
         }
         run.exact_reference = self.exact_reference;
+        run.pipeline = self.pipeline;
         Ok(run)
     }
 }
@@ -570,6 +578,7 @@ mod tests {
             checkpoint_every: Some(10),
             resume: None,
             exact_reference: true,
+            pipeline: Some(16),
         };
         let rig = ExperimentConfig {
             backend: Some(
