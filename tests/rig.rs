@@ -254,3 +254,57 @@ fn the_pipelined_schedule_is_bit_identical_to_the_sequential_one() {
         assert!(u > 0.0 && u <= 1.0, "{epoch}");
     }
 }
+
+#[test]
+fn one_faulty_device_in_a_two_device_rig_leaves_the_weights_undisturbed() {
+    let run = [
+        "--dataset",
+        "mnist",
+        "--hidden",
+        "20,20",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--limit-train",
+        "192",
+        "--limit-test",
+        "100",
+        "--seed",
+        "3",
+    ];
+    let undisturbed = core(summary(&pnn_train(&run)));
+    // The first layer's device corrupts bytes, loses frames and power-cycles; the second's line
+    // is clean. Two emulator processes, one device each.
+    let faulty = Emulator::spawn(
+        "784x20",
+        &[
+            "--corrupt-rate",
+            "1e-3",
+            "--drop-rate",
+            "0.01",
+            "--reset-every",
+            "1500",
+            "--max-frame",
+            "512",
+            "--fault-seed",
+            "2",
+        ],
+    );
+    let clean = Emulator::spawn("20x20", &[]);
+    let backend = format!(
+        "serial:{}?timeout_ms=20&retries=100,serial:{}?timeout_ms=2000",
+        faulty.path, clean.path
+    );
+    // A pipelined window is one step for recovery: it must fit between two resets (a window
+    // of 2 batches is about 500 requests to the first device here).
+    for schedule in [&[][..], &["--pipeline", "2"]] {
+        let got = summary(&pnn_train(
+            &[&run[..], &["--backend", &backend], schedule].concat(),
+        ));
+        for key in ["retries", "resyncs", "reprograms"] {
+            assert!(got[key].as_u64().unwrap() > 0, "{key} counted: {got}");
+        }
+        assert_eq!(core(got), undisturbed, "{schedule:?}");
+    }
+}
