@@ -308,3 +308,25 @@ fn one_faulty_device_in_a_two_device_rig_leaves_the_weights_undisturbed() {
         assert_eq!(core(got), undisturbed, "{schedule:?}");
     }
 }
+
+#[test]
+fn first_layer_inputs_go_up_as_pixels_with_the_same_bits() {
+    let expected = sim();
+    let one = Emulator::spawn("784x50,50x50", &[]);
+    let pixels = train(&format!("serial:{}", one.path), &[]);
+    let floats = train(&format!("serial:{}?pixels=0", one.path), &[]);
+    assert_eq!(core(pixels.clone()), expected);
+    assert_eq!(core(floats.clone()), expected);
+    // Each first-layer input row, training (2048) and test (2000), is 784 bytes, not 784 f32s.
+    let saved =
+        floats["wire_bytes_up"].as_u64().unwrap() - pixels["wire_bytes_up"].as_u64().unwrap();
+    let rows = 2048 + 2000;
+    assert!(
+        saved >= rows * 784 * 3 && saved < rows * 784 * 3 + rows * 784 / 50,
+        "{saved} bytes fewer"
+    );
+    // Down, the same activations; fewer acknowledgements (fewer input requests).
+    let down = |v: &serde_json::Value| v["wire_bytes_down"].as_u64().unwrap();
+    assert!(down(&pixels) <= down(&floats) && down(&floats) - down(&pixels) < down(&floats) / 1000);
+    assert!(pixels["round_trips"].as_u64() < floats["round_trips"].as_u64());
+}

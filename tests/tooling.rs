@@ -406,6 +406,7 @@ fn metrics_file(name: &str, epochs: u32, layers: usize, offset: f64) -> PathBuf 
             test_loss_per_layer: vec![1.0; layers],
             oracle_evaluations: 100 * e as u64,
             layer_utilisation: None,
+            layer_wire_bytes: None,
         };
         s.push_str(&serde_json::to_string(&m).unwrap());
         s.push('\n');

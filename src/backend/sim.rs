@@ -233,11 +233,7 @@ impl InProcess for SimOracle {
             .evaluate_perturbed_columns(chunk, seeds, eps, &mut self.pairs, &mut clean)
             .map_err(sim_err)?;
         let (rows, width) = (self.batch(), self.spec.feature_width());
-        out.clean = Activations {
-            rows,
-            width,
-            data: clean,
-        };
+        out.clean = Activations::new(rows, width, clean);
         if !done {
             return Ok(false);
         }

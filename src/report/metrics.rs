@@ -24,6 +24,10 @@ pub struct EpochMetrics {
     /// pipelined one each layer's device can approach 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_utilisation: Option<Vec<f64>>,
+    /// Each layer's link traffic this epoch (training and evaluation), `[up, down]` bytes, where
+    /// every layer is behind a link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_wire_bytes: Option<Vec<[u64; 2]>>,
 }
 
 impl EpochMetrics {
@@ -48,6 +52,7 @@ impl EpochMetrics {
             test_loss_per_layer: eval.loss_per_layer.clone(),
             oracle_evaluations,
             layer_utilisation: None,
+            layer_wire_bytes: None,
         }
     }
 }

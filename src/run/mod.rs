@@ -343,6 +343,17 @@ fn utilisation(before: &[f64], after: &[f64], wall: f64) -> Vec<f64> {
         .collect()
 }
 
+/// Each layer's link traffic so far, [up, down] bytes, where every layer has a link.
+fn layer_wire_bytes<O: ForwardOracle>(trainer: &Trainer<O>) -> Option<Vec<[u64; 2]>> {
+    (trainer.oracles().iter())
+        .map(|o| {
+            o.link()
+                .map(|l| l.counters())
+                .map(|c| [c.bytes_up, c.bytes_down])
+        })
+        .collect()
+}
+
 /// Where a run that has no checkpoint directory is saved when its device fails.
 fn rescue_dir() -> PathBuf {
     let t = std::time::SystemTime::now()
@@ -520,6 +531,7 @@ fn run_loop<O: ForwardOracle>(
         observer.epoch_started(epoch + 1, planned);
         let batches: Vec<&[usize]> = order.chunks(hyper.batch_size).take(planned).collect();
         let busy_before = trainer.layer_busy_seconds();
+        let wire_before = layer_wire_bytes(&trainer);
         let mut b0 = first;
         while b0 < planned {
             // A window of batches trained as one step: one batch on the sequential schedule;
@@ -617,6 +629,14 @@ fn run_loop<O: ForwardOracle>(
                     &trainer.layer_busy_seconds(),
                     state.epoch_train_seconds - epoch_base,
                 ));
+            }
+            if let (Some(before), Some(after)) = (&wire_before, layer_wire_bytes(&trainer)) {
+                // The epoch's training and evaluation traffic of each layer, [up, down].
+                metrics.layer_wire_bytes = Some(
+                    (before.iter().zip(after))
+                        .map(|(b, a)| [a[0] - b[0], a[1] - b[1]])
+                        .collect(),
+                );
             }
             observer.epoch_done(&metrics);
             state.metrics.push(metrics);
