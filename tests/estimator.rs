@@ -6,6 +6,7 @@ use firmware_protocol::direction::apply_update;
 use pnn::backend::sim::SimOracle;
 use pnn::model::InitialParams;
 use pnn::oracle::{Activations, ForwardOracle, LayerShape, OracleError};
+use pnn::train::estimator::{Difference, Scratch as EstimatorScratch, directional_derivatives};
 use pnn::train::loss::cross_entropy;
 use pnn::train::projection::Projection;
 use pnn::train::update::{ProjectionStep, Sgd, UpdateRule, WeightStep};
@@ -288,4 +289,98 @@ fn an_update_rule_that_programs_the_layer_from_the_host_plugs_into_the_seam() {
         .fold(0f32, f32::max);
     eprintln!("fast path: seeded and written steps {gap:e} apart");
     assert!(gap < 1e-5, "{gap}");
+}
+
+/// The trainer's own estimator (`directional_derivatives`) over `seeds` on [`problem`]'s whole
+/// layer: `dd_p` per direction.
+fn derivatives(p: &Problem, seeds: &[DirectionSeed], eps: f32, difference: Difference) -> Vec<f32> {
+    let mut oracle = SimOracle::new(LayerShape::dense(N_IN, N_OUT));
+    oracle.write_parameters(&p.params).unwrap();
+    oracle
+        .load_input(&Activations::new(BATCH, N_IN, p.x.clone()))
+        .unwrap();
+    let projection = Projection::new(N_OUT, CLASSES, p.m.clone());
+    let mut out = Vec::new();
+    directional_derivatives(
+        &mut oracle,
+        &projection,
+        &(0..p.params.len()),
+        seeds,
+        eps,
+        difference,
+        &p.labels,
+        &mut EstimatorScratch::default(),
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+/// `n / P * sum_p dd_p v_p` (eq. 10) from the trainer's `dd_p`.
+fn accumulate(n: usize, seeds: &[DirectionSeed], dd: &[f32]) -> Vec<f64> {
+    let mut estimate = vec![0f64; n];
+    let mut v = vec![0f32; n];
+    for (seed, d) in seeds.iter().zip(dd) {
+        firmware_protocol::direction::fill_direction(*seed, &mut v);
+        for (e, vi) in estimate.iter_mut().zip(&v) {
+            *e += n as f64 / seeds.len() as f64 * *d as f64 * *vi as f64;
+        }
+    }
+    estimate
+}
+
+#[test]
+fn forward_differences_estimate_as_well_as_central_and_their_bias_shrinks_with_eps() {
+    let seeds: Vec<DirectionSeed> = (0..400u64).map(|i| DirectionSeed(i * 7919 + 5)).collect();
+    let n = N_OUT * N_IN + N_OUT;
+    for seed in 0..3 {
+        let p = problem(seed);
+        let exact = analytic_gradient(&p);
+        // Equal P: the two accumulated estimates point as closely at the analytic gradient.
+        let central = cosine(
+            &accumulate(
+                n,
+                &seeds,
+                &derivatives(&p, &seeds, 1e-3, Difference::Central),
+            ),
+            &exact,
+        );
+        let forward = cosine(
+            &accumulate(
+                n,
+                &seeds,
+                &derivatives(&p, &seeds, 1e-3, Difference::Forward),
+            ),
+            &exact,
+        );
+        eprintln!(
+            "seed {seed}: cosine with 400 directions, central {central:.4}, forward {forward:.4}"
+        );
+        assert!(central > 0.85 && forward > 0.85, "{central} {forward}");
+        assert!((central - forward).abs() < 0.02, "{central} vs {forward}");
+        // Per direction, forward differences carry eps/2 vᵀHv over the exact g·v (central's
+        // error is O(eps²)): their mean distance from the exact directional derivative falls
+        // with eps, about in proportion.
+        let exact_dd: Vec<f64> = seeds
+            .iter()
+            .map(|s| {
+                let mut v = vec![0f32; n];
+                firmware_protocol::direction::fill_direction(*s, &mut v);
+                v.iter().zip(&exact).map(|(a, b)| *a as f64 * b).sum()
+            })
+            .collect();
+        let bias = |eps: f32| {
+            let dd = derivatives(&p, &seeds, eps, Difference::Forward);
+            dd.iter()
+                .zip(&exact_dd)
+                .map(|(d, e)| (*d as f64 - e).abs())
+                .sum::<f64>()
+                / seeds.len() as f64
+        };
+        let (wide, narrow) = (bias(0.1), bias(0.01));
+        eprintln!(
+            "seed {seed}: forward |dd - g.v| mean {wide:.3e} at eps 0.1, {narrow:.3e} at 0.01"
+        );
+        assert!(narrow < wide / 4.0, "{wide} -> {narrow}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
 //! is the one enum at the command-line boundary (the trainer itself is generic).
 
+pub mod gpu;
 pub mod rig;
 pub mod serial;
 pub mod sim;
@@ -14,6 +15,7 @@ use crate::oracle::{
     Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess,
     LayerShape, OracleError, PerturbedPair, UpdateTerm,
 };
+use gpu::{GpuOracle, GpuSpec};
 pub use rig::Rig;
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
@@ -33,6 +35,8 @@ pub enum BackendSpec {
     /// Several devices, each holding some of the layers (`--backend a,b` with one backend per
     /// layer, or `--rig FILE`); see [`rig`].
     Rig(Rig),
+    /// The simulated PNN on a GPU: `gpu`, `gpu:<adapter name>` or `gpu:<profile.ron>`.
+    Gpu(GpuSpec),
 }
 
 impl FromStr for BackendSpec {
@@ -57,6 +61,8 @@ impl BackendSpec {
     fn one(s: &str) -> Result<Self, String> {
         match s {
             "sim" => Ok(Self::Sim),
+            "gpu" => Ok(Self::Gpu(GpuSpec::default())),
+            _ if s.starts_with("gpu:") => GpuSpec::parse(&s[4..]).map(Self::Gpu),
             _ if s.starts_with("sim:") && s.len() > 4 => {
                 Ok(Self::SimProfile(PathBuf::from(&s[4..])))
             }
@@ -68,7 +74,7 @@ impl BackendSpec {
                     return SerialSpec::parse_tcp(rest).map(Self::Tcp);
                 }
                 Err(format!(
-                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, serial:PATH, tcp:HOST:PORT, or one of these per layer, comma-separated)"
+                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, serial:PATH, tcp:HOST:PORT, gpu, gpu:<adapter name> or gpu:<profile.ron>, or one of these per layer, comma-separated)"
                 ))
             }
         }
@@ -98,7 +104,7 @@ impl BackendSpec {
     /// Whether every layer runs on the simulator, in process.
     pub fn is_simulated(&self) -> bool {
         match self {
-            Self::Sim | Self::SimProfile(_) => true,
+            Self::Sim | Self::SimProfile(_) | Self::Gpu(_) => true,
             Self::Serial(_) | Self::Tcp(_) => false,
             Self::Rig(r) => r.is_simulated(),
         }
@@ -122,6 +128,7 @@ impl fmt::Display for BackendSpec {
             Self::Serial(s) => write!(f, "serial:{}", s.path),
             Self::Tcp(s) => write!(f, "tcp:{}", s.path),
             Self::Rig(r) => r.fmt(f),
+            Self::Gpu(g) => write!(f, "{g}"),
         }
     }
 }
@@ -150,6 +157,10 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
             .map(AnyOracle::Serial)
             .collect()),
         BackendSpec::Rig(rig) => rig.open(layers),
+        BackendSpec::Gpu(g) => Ok(gpu::open(g, layers)?
+            .into_iter()
+            .map(AnyOracle::Gpu)
+            .collect()),
     }
 }
 
@@ -159,6 +170,7 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
 pub enum AnyOracle {
     Sim(SimOracle),
     Serial(SerialOracle),
+    Gpu(GpuOracle),
 }
 
 macro_rules! dispatch {
@@ -166,6 +178,7 @@ macro_rules! dispatch {
         match $self {
             AnyOracle::Sim($o) => $e,
             AnyOracle::Serial($o) => $e,
+            AnyOracle::Gpu($o) => $e,
         }
     };
 }

@@ -229,6 +229,11 @@ impl Rig {
                     .into_iter()
                     .map(AnyOracle::Serial)
                     .collect(),
+                BackendSpec::Gpu(g) => super::gpu::open(g, &shapes)
+                    .map_err(context)?
+                    .into_iter()
+                    .map(AnyOracle::Gpu)
+                    .collect(),
                 BackendSpec::Rig(_) => unreachable!("Rig::new refuses nested rigs"),
             };
             for (&l, oracle) in device.layers.iter().zip(oracles) {

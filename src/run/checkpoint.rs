@@ -1,7 +1,10 @@
 //! Checkpoints: everything a run needs to continue bit-identically, written atomically.
 //!
 //! File layout (`DIR/checkpoint.pnn`): the magic `PNNCKPT1`, the payload length (u64 LE), the
-//! payload's SHA-256, then the payload, a postcard encoding of [`Checkpoint`]. A file cut at any
+//! payload's SHA-256, then the payload, a postcard encoding of [`Checkpoint`], followed by the
+//! [`Extras`] as JSON: fields added after the first format (postcard is not self-describing, so a
+//! new field inside the postcard part would make older checkpoints unreadable; a JSON object
+//! reads with missing fields defaulted, and readers that predate it ignore the trailing bytes). A file cut at any
 //! byte, or altered, fails the length or digest check and is refused; a checkpoint of another
 //! model, dataset or backend shape is refused by [`Checkpoint::check_compatible`]. Writes go to
 //! a temporary file in the same directory, are fsynced, then renamed over the old checkpoint, so
@@ -37,6 +40,34 @@ pub struct RunIdentity {
     pub hyper_json: String,
     /// Batches per epoch at most (`--max-batches`), which changes the order of the updates.
     pub max_batches: Option<usize>,
+    /// The training data's fingerprint ([`data_fingerprint`]), so that other data under the same
+    /// name is refused; `None` in checkpoints written before it was recorded (stored in [`Extras`]).
+    #[serde(skip)]
+    pub data: Option<String>,
+}
+
+/// The fields added to the checkpoint after its first format, stored after the postcard part as
+/// JSON (see the module docs). Add new fields here, each `#[serde(default)]`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Extras {
+    #[serde(default)]
+    data: Option<String>,
+    /// [`OptionsState::rule_state`] as bit patterns, so JSON carries every value exactly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rule_state_bits: Vec<u32>,
+}
+
+/// A training split's fingerprint: its size and the SHA-256 of its labels and of its images.
+/// Hashing the 47 MB of MNIST's training images takes about 0.1 s.
+pub fn data_fingerprint(split: &crate::data::Split) -> String {
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!(
+        "{} samples of {} bytes, labels sha256 {}, images sha256 {}",
+        split.len(),
+        split.sample_len,
+        &hex(&Sha256::digest(&split.labels))[..16],
+        &hex(&Sha256::digest(&split.images))[..16],
+    )
 }
 
 /// Where in the run the next step starts: epoch (0-based) and batch within it. A batch equal to
@@ -74,6 +105,18 @@ pub struct Checkpoint {
     /// The settings the run was started with, as a config file (RON): `pnn-train --resume DIR`
     /// needs nothing else.
     pub settings: Option<String>,
+    /// State of the estimator's options (optimizer moments). Stored in the [`Extras`] after the
+    /// postcard part, so every older checkpoint loads (with empty options state).
+    #[serde(skip)]
+    pub options: OptionsState,
+}
+
+/// What a run with non-default estimator options must carry across a resume (see
+/// [`Checkpoint::options`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptionsState {
+    /// [`crate::train::update::UpdateRule::state`]: momentum's or Adam's moments.
+    pub rule_state: Vec<f32>,
 }
 
 /// A run's link counters ([`crate::oracle::LinkCounters`]: traffic and health), summed over the
@@ -114,6 +157,25 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, what: String },
     #[error("the checkpoint in {path} is of another run: {what}")]
     Mismatch { path: PathBuf, what: String },
+    #[error(
+        "the run in {path} was started for {saved} epochs and --epochs {given} is fewer: resume continues a run or extends it (--epochs {saved} or more), it does not cut it short"
+    )]
+    FewerEpochs {
+        path: PathBuf,
+        saved: u32,
+        given: u32,
+    },
+    /// A fresh run was pointed at a checkpoint directory that holds a run (the
+    /// checkpoint-safety rule: nothing overwrites a saved run unless told to).
+    #[error(
+        "{path} holds {what}; a new run would overwrite it. Continue that run with `pnn-train --resume {dir}`, or start over with --fresh (the saved run is then lost), or choose another --checkpoint directory"
+    )]
+    HoldsRun {
+        path: PathBuf,
+        what: String,
+        /// The directory, as one shell word.
+        dir: String,
+    },
 }
 
 impl RunIdentity {
@@ -135,6 +197,7 @@ impl RunIdentity {
             train_samples: data.train.len(),
             hyper_json: serde_json::to_string(hyper).expect("hyperparameters serialise"),
             max_batches,
+            data: Some(data_fingerprint(&data.train)),
         }
     }
 }
@@ -146,6 +209,7 @@ impl Checkpoint {
             shadows: self.layers.clone(),
             projections: self.projections.clone(),
             oracle_evaluations: self.oracle_evaluations,
+            rule_state: self.options.rule_state.clone(),
         }
     }
 
@@ -160,7 +224,17 @@ impl Checkpoint {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
+        let mut payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
+        let extras = Extras {
+            data: self.identity.data.clone(),
+            rule_state_bits: self
+                .options
+                .rule_state
+                .iter()
+                .map(|v| v.to_bits())
+                .collect(),
+        };
+        serde_json::to_writer(&mut payload, &extras).expect("extras serialise");
         // Temporary files of writes that a crash cut short are of no use to anyone.
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
@@ -212,7 +286,19 @@ impl Checkpoint {
         if Sha256::digest(payload).as_slice() != &bytes[16..HEADER] {
             return Err("payload digest mismatch (the file was altered or damaged)".into());
         }
-        postcard::from_bytes(payload).map_err(|e| format!("payload does not decode: {e}"))
+        let (mut checkpoint, rest): (Self, _) = postcard::take_from_bytes(payload)
+            .map_err(|e| format!("payload does not decode: {e}"))?;
+        if !rest.is_empty() {
+            let extras: Extras = serde_json::from_slice(rest)
+                .map_err(|e| format!("the payload's extras do not decode: {e}"))?;
+            checkpoint.identity.data = extras.data;
+            checkpoint.options.rule_state = extras
+                .rule_state_bits
+                .into_iter()
+                .map(f32::from_bits)
+                .collect();
+        }
+        Ok(checkpoint)
     }
 
     /// Refuses a checkpoint whose run differs from `identity` (another model, dataset, data
@@ -256,6 +342,9 @@ impl Checkpoint {
             mine.hyper_json.clone(),
             identity.hyper_json.clone(),
         );
+        if let (Some(saved), Some(now)) = (&mine.data, &identity.data) {
+            cmp("the training data", saved.clone(), now.clone());
+        }
         cmp(
             "max batches per epoch",
             format!("{:?}", mine.max_batches),
@@ -287,6 +376,7 @@ mod tests {
                 train_samples: 10,
                 hyper_json: "{}".into(),
                 max_batches: None,
+                data: Some("10 samples of 3 bytes".into()),
             },
             epochs: 3,
             position: Position { epoch: 1, batch: 4 },
@@ -310,6 +400,7 @@ mod tests {
                 ..Default::default()
             }),
             settings: Some("(epochs: 3)".into()),
+            options: OptionsState::default(),
         }
     }
 
@@ -324,6 +415,23 @@ mod tests {
         // Saving again replaces it and leaves no temporary files behind.
         c.save(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn optimizer_state_round_trips_bit_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = sample();
+        plain.save(dir.path()).unwrap();
+        assert_eq!(Checkpoint::load(dir.path()).unwrap(), plain);
+        let mut with = sample();
+        with.options.rule_state = vec![1.5, -0.0, f32::from_bits(7)];
+        with.save(dir.path()).unwrap();
+        let back = Checkpoint::load(dir.path()).unwrap();
+        assert_eq!(back, with);
+        assert_eq!(
+            back.host_state().rule_state[1].to_bits(),
+            (-0.0f32).to_bits()
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
 use crate::train::Hyper;
+use crate::train::estimator::Difference;
+use crate::train::update::Optimizer;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -170,6 +172,16 @@ pub struct ExperimentConfig {
     #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
     #[serde(default, deserialize_with = "de_positive_f32", skip_serializing_if = "Option::is_none")]
     pub eps: Option<f32>,
+    /// Finite difference of the estimate: central (the paper's, 2P evaluations per chunk) or
+    /// forward (one clean loss shared by the P directions: P+1) [default: central]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
+    pub difference: Option<Difference>,
+    /// Update rule on the estimate: sgd (the paper's), momentum (beta 0.9) or adam
+    /// (0.9, 0.999) [default: sgd]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<Optimizer>,
     /// Perturbation directions P per chunk, 1 to 64 [default: 4]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     #[serde(default, deserialize_with = "de_directions", skip_serializing_if = "Option::is_none")]
@@ -228,12 +240,18 @@ pub struct ExperimentConfig {
     #[arg(long, value_name = "N", value_parser = positive_usize)]
     #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<usize>,
-    /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
-    /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
-    /// unless --checkpoint says otherwise
+    /// Continue the run whose checkpoint is in DIR, with its saved settings; ends bit-identical
+    /// to an uninterrupted run. Only epochs (more), backend, data_dir, limit_test, metrics, save,
+    /// checkpoint and checkpoint_every may be given anew. Checkpoints go on into DIR unless
+    /// --checkpoint says otherwise
     #[arg(long, value_name = "DIR")]
     #[serde(default, skip_serializing)]
     pub resume: Option<PathBuf>,
+    /// Start a new run even though the --checkpoint directory holds a saved one, which is then
+    /// overwritten (without it, such a run is refused: continue it with --resume instead)
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(default, skip_serializing)]
+    pub fresh: bool,
 }
 }
 
@@ -364,6 +382,106 @@ impl ExperimentConfig {
         ron::ser::to_string_pretty(self, pretty).expect("settings serialise")
     }
 
+    /// The settings `--resume` may change: where the run executes and saves, how far it goes
+    /// (more epochs only, checked against the checkpoint), and what it reports. Every other
+    /// setting changes the training's numbers, so the continued run would be neither the saved
+    /// run nor a fresh one.
+    pub const RESUMABLE: &'static [&'static str] = &[
+        "epochs",
+        "backend",
+        "rig",
+        "pipeline",
+        "data_dir",
+        "limit_test",
+        "metrics",
+        "save",
+        "checkpoint",
+        "checkpoint_every",
+    ];
+
+    /// Refuses `given` (the command line over `--config`) as changes to `self`, the settings
+    /// saved in a checkpoint, where it changes a setting outside [`Self::RESUMABLE`], naming each
+    /// such setting with both values. Values equal to the saved ones (or to the defaults the
+    /// saved run used) are no change.
+    pub fn check_resume_changes(&self, given: &Self) -> Result<(), ConfigError> {
+        let saved = self.to_run_config()?;
+        let merged = self.clone().overlay(given.clone()).to_run_config()?;
+        let widths = |r: &RunConfig| {
+            r.hidden.clone().unwrap_or_else(|| match r.arch {
+                ArchKind::Mlp => crate::model::ModelSpec::default_hidden(r.dataset),
+                ArchKind::Cnn => crate::model::ModelSpec::default_channels(r.dataset),
+            })
+        };
+        let (a, b) = (&saved.hyper, &merged.hyper);
+        let mut changed = Vec::new();
+        let mut cmp = |key: &str, was: String, now: String| {
+            if was != now {
+                changed.push(format!("{key} is {was} in the checkpoint but {now} now"));
+            }
+        };
+        cmp(
+            "dataset",
+            saved.dataset.to_string(),
+            merged.dataset.to_string(),
+        );
+        cmp("arch", saved.arch.to_string(), merged.arch.to_string());
+        cmp(
+            "hidden",
+            format!("{:?}", widths(&saved)),
+            format!("{:?}", widths(&merged)),
+        );
+        cmp(
+            "proj_dim",
+            saved.proj_dim.to_string(),
+            merged.proj_dim.to_string(),
+        );
+        // Every hyperparameter, by its serialised name, so one added to `Hyper` is covered
+        // without a line here (a field left out of the JSON holds its default).
+        let fields = |h: &crate::train::Hyper| match serde_json::to_value(h) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => unreachable!("Hyper serialises to an object"),
+        };
+        let (fa, fb) = (fields(a), fields(b));
+        let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let show = |v: Option<&serde_json::Value>| {
+                v.map_or("the default".to_string(), |v| v.to_string())
+            };
+            cmp(key, show(fa.get(key)), show(fb.get(key)));
+        }
+        let all = |n: Option<usize>| n.map_or("all".to_string(), |n| n.to_string());
+        cmp(
+            "limit_train",
+            all(saved.limit_train),
+            all(merged.limit_train),
+        );
+        cmp(
+            "max_batches",
+            all(saved.max_batches),
+            all(merged.max_batches),
+        );
+        cmp(
+            "exact_reference",
+            saved.exact_reference.to_string(),
+            merged.exact_reference.to_string(),
+        );
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            key: "resume",
+            message: format!(
+                "a resumed run keeps the settings it was started with, and these would change: {}. \
+                 Resume may change only {} (epochs to more); to train with other settings, start a \
+                 new run (another --checkpoint directory, or --fresh)",
+                changed.join(", "),
+                Self::RESUMABLE.join(", ")
+            ),
+        })
+    }
+
     /// Reads the rig file, if one is named, into the backend setting: what is stored (in
     /// checkpoints) is then the rig itself, every device's port and options, not a path to a
     /// file that may change. Naming both a rig and a backend is an error.
@@ -414,6 +532,8 @@ impl ExperimentConfig {
             chunk_max: self.chunk_max.unwrap_or(defaults.chunk_max),
             batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             seed: self.seed.unwrap_or(defaults.seed),
+            difference: self.difference.unwrap_or(defaults.difference),
+            optimizer: self.optimizer.unwrap_or(defaults.optimizer),
         };
         run.limit_train = self.limit_train;
         run.limit_test = self.limit_test;
@@ -428,6 +548,13 @@ impl ExperimentConfig {
         run.checkpoint = self.checkpoint.clone().or_else(|| self.resume.clone());
         run.checkpoint_every = self.checkpoint_every;
         run.resume = self.resume.clone();
+        if self.fresh && self.resume.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "fresh",
+                message: "starts a new run, so it cannot go with resume".into(),
+            });
+        }
+        run.fresh = self.fresh;
         run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
         if self.exact_reference && !run.backend.is_simulated() {
             return Err(ConfigError::Invalid {
@@ -485,7 +612,19 @@ mod tests {
     #[test]
     fn an_empty_config_is_the_paper_defaults() {
         let run = parse("()").unwrap().to_run_config().unwrap();
-        assert_eq!(run.hyper, Hyper::default());
+        // Section 4.5's numbers, written out (not `Hyper::default()`, which would compare the
+        // defaults with themselves).
+        let paper = Hyper {
+            lr: 1e-3,
+            eps: 1e-3,
+            directions: 4,
+            chunk_max: 50_000,
+            batch_size: 256,
+            seed: 0,
+            difference: crate::train::estimator::Difference::Central,
+            optimizer: crate::train::update::Optimizer::Sgd,
+        };
+        assert_eq!(run.hyper, paper);
         assert_eq!(run.epochs, 200);
         assert_eq!(run.dataset, DatasetKind::Mnist);
     }
@@ -535,7 +674,7 @@ mod tests {
             ("(\n\n  lr: -1.0,\n)", "lr", "positive"),
             ("(\n\n  hidden: [50, 0],\n)", "hidden", "at least 1"),
             ("(\n\n  batch_size: 0,\n)", "batch_size", "at least 1"),
-            ("(\n\n  backend: \"gpu\",\n)", "backend", "unknown backend"),
+            ("(\n\n  backend: \"tpu\",\n)", "backend", "unknown backend"),
             ("(\n\n  arch: \"rnn\",\n)", "arch", "unknown architecture"),
         ] {
             let msg = error(text);
@@ -565,6 +704,8 @@ mod tests {
             batch_size: Some(32),
             lr: Some(1.7e-3),
             eps: Some(0.1),
+            difference: Some(Difference::Forward),
+            optimizer: Some(Optimizer::Adam),
             directions: Some(8),
             chunk_max: Some(1000),
             seed: Some(u64::MAX),
@@ -579,6 +720,7 @@ mod tests {
             resume: None,
             exact_reference: true,
             pipeline: Some(16),
+            fresh: false,
         };
         let rig = ExperimentConfig {
             backend: Some(

@@ -8,7 +8,7 @@ use firmware_protocol::DirectionSeed;
 use firmware_protocol::direction::fill_direction;
 use pnn_sim::matmul::{View, gemm_into, matmul};
 
-use super::estimator::central_difference;
+use super::estimator::{Difference, central_difference, forward_difference};
 use super::loss::cross_entropy;
 use super::update::{ProjectionStep, UpdateRule};
 use crate::oracle::Activations;
@@ -134,6 +134,8 @@ pub struct ProjectionTraining<'a, R: ?Sized> {
     /// Directions per chunk.
     pub directions: usize,
     pub eps: f32,
+    /// Central or forward differences (forward: `L0` is the chunk's clean loss, free here).
+    pub difference: Difference,
     pub lr: f32,
     /// The update rule that steps each chunk.
     pub rule: &'a mut R,
@@ -160,6 +162,11 @@ pub fn train_projection<R: UpdateRule + ?Sized>(
         if j > 0 {
             projection.goodness(features, &mut s.goodness);
         }
+        let l_zero = match t.difference {
+            Difference::Central => 0.0,
+            Difference::Forward if j == 0 => loss_before,
+            Difference::Forward => cross_entropy(&s.goodness, classes, labels),
+        };
         let n = rows.len() * classes;
         // The chunk's columns of a_l, contiguous (batch x rows).
         s.sub.clear();
@@ -182,9 +189,13 @@ pub fn train_projection<R: UpdateRule + ?Sized>(
                 );
                 cross_entropy(&s.perturbed, classes, labels)
             };
-            let (l_plus, l_minus) = (loss_at(1.0), loss_at(-1.0));
-            s.derivatives
-                .push(central_difference(l_plus, l_minus, t.eps));
+            s.derivatives.push(match t.difference {
+                Difference::Central => {
+                    let (l_plus, l_minus) = (loss_at(1.0), loss_at(-1.0));
+                    central_difference(l_plus, l_minus, t.eps)
+                }
+                Difference::Forward => forward_difference(loss_at(1.0), l_zero, t.eps),
+            });
         }
         let step = ProjectionStep {
             layer: t.layer,

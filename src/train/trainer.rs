@@ -20,15 +20,19 @@ use rand::seq::SliceRandom;
 use sha2::{Digest, Sha256};
 
 use super::chunking::projection_row_chunks;
-use super::estimator::{self, directional_derivatives};
+use super::estimator::{self, Difference, directional_derivatives};
 use super::evaluation::{EvalSums, Evaluation};
 use super::projection::{self, Projection, ProjectionTraining, train_projection};
-use super::update::{Sgd, UpdateRule, WeightStep};
+use super::update::{Optimizer, UpdateRule, WeightStep};
 use crate::data::{Normalizer, Split};
 use crate::model::InitialParams;
 use crate::oracle::{Activations, ForwardMode, ForwardOracle, OracleError, UpdateTerm};
 
 /// MF+DD hyperparameters; the defaults are the paper's (section 4.5).
+///
+/// The fields after `seed` are left out of the JSON (a checkpoint's run identity) while they
+/// hold the paper's choice, so a run with the defaults keeps the identity it had before they
+/// existed.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Hyper {
     pub lr: f32,
@@ -37,6 +41,12 @@ pub struct Hyper {
     pub chunk_max: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Central (the paper's) or forward differences ([`Difference`]).
+    #[serde(default, skip_serializing_if = "Difference::is_central")]
+    pub difference: Difference,
+    /// The update rule stepping the estimate ([`Optimizer`]; SGD, the paper's, by default).
+    #[serde(default, skip_serializing_if = "Optimizer::is_sgd")]
+    pub optimizer: Optimizer,
 }
 
 impl Default for Hyper {
@@ -48,6 +58,8 @@ impl Default for Hyper {
             chunk_max: 50_000,
             batch_size: 256,
             seed: 0,
+            difference: Difference::Central,
+            optimizer: Optimizer::Sgd,
         }
     }
 }
@@ -97,6 +109,9 @@ pub struct HostState {
     pub shadows: Vec<Vec<f32>>,
     pub projections: Vec<Projection>,
     pub oracle_evaluations: u64,
+    /// The update rule's state ([`UpdateRule::state`]: momentum's or Adam's moments; empty for
+    /// SGD).
+    pub rule_state: Vec<f32>,
 }
 
 const SHUFFLE_DOMAIN: u64 = 0x706E_6E2D_7368_7566; // "pnn-shuf"
@@ -176,13 +191,14 @@ impl LayerStep<'_> {
             let seeds: Vec<_> = (0..hyper.directions)
                 .map(|p| key(ParamGroup::Weights, k, p))
                 .collect();
-            evaluations += 2 * seeds.len() as u64;
+            evaluations += hyper.difference.evaluations(seeds.len());
             directional_derivatives(
                 oracle,
                 &state.projection,
                 chunk,
                 &seeds,
                 hyper.eps,
+                hyper.difference,
                 labels,
                 &mut s.estimator,
                 &mut s.derivatives,
@@ -213,6 +229,7 @@ impl LayerStep<'_> {
             row_chunks: &state.projection_rows,
             directions: hyper.directions,
             eps: hyper.eps,
+            difference: hyper.difference,
             lr: hyper.lr,
             rule: &mut **rule,
         };
@@ -302,15 +319,15 @@ impl<O: ForwardOracle> Trainer<O> {
         Ok(Self {
             oracles,
             layers,
-            hyper,
             evaluations: 0,
-            rule: Box::new(Sgd::default()),
+            rule: hyper.optimizer.rule(),
+            hyper,
             scratch: Scratch::default(),
             busy: vec![Duration::ZERO; depth],
         })
     }
 
-    /// This trainer with `rule` in place of the default [`Sgd`] (see [`UpdateRule`]).
+    /// This trainer with `rule` in place of the one `hyper.optimizer` names (see [`UpdateRule`]).
     pub fn with_update_rule(mut self, rule: impl UpdateRule + Send + Sync + 'static) -> Self {
         self.rule = Box::new(rule);
         self
@@ -334,6 +351,10 @@ impl<O: ForwardOracle> Trainer<O> {
         };
         let mut trainer = Self::new(oracles, init, hyper)?;
         trainer.evaluations = state.oracle_evaluations;
+        trainer
+            .rule
+            .restore_state(&state.rule_state)
+            .map_err(OracleError::Shape)?;
         Ok(trainer)
     }
 
@@ -342,6 +363,7 @@ impl<O: ForwardOracle> Trainer<O> {
             shadows: self.layers.iter().map(|l| l.shadow.clone()).collect(),
             projections: self.layers.iter().map(|l| l.projection.clone()).collect(),
             oracle_evaluations: self.evaluations,
+            rule_state: self.rule.state(),
         }
     }
 
@@ -371,7 +393,9 @@ impl<O: ForwardOracle> Trainer<O> {
             oracle.write_parameters(shadow)?;
         }
         self.evaluations = state.oracle_evaluations;
-        Ok(())
+        self.rule
+            .restore_state(&state.rule_state)
+            .map_err(OracleError::Shape)
     }
 
     pub fn hyper(&self) -> &Hyper {
