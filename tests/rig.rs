@@ -211,3 +211,122 @@ fn a_rig_that_does_not_match_its_devices_is_refused_before_training() {
     assert_eq!(bad.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("layer 0"), "{stderr}");
 }
+
+#[test]
+fn the_pipelined_schedule_is_bit_identical_to_the_sequential_one() {
+    let expected = sim();
+    // Windows that do not divide the epoch's 8 batches, in process.
+    assert_eq!(core(train("sim", &["--pipeline", "3"])), expected);
+    // Two paced devices, so that the layers overlap in time; windows cut at checkpoints.
+    let two = Emulator::spawn_devices(
+        &profile_path("ideal"),
+        &["784x50", "50x50"],
+        &["--baud", "20000000", "--latency-us", "200"],
+    );
+    let backend = format!(
+        "serial:{}?timeout_ms=10000,serial:{}?timeout_ms=10000",
+        two.paths[0], two.paths[1]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.jsonl");
+    let ckpt = dir.path().join("ckpt");
+    let pipelined = train(
+        &backend,
+        &[
+            "--pipeline",
+            "5",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--checkpoint-every",
+            "3",
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(core(pipelined), expected);
+    // Each device's share of the wall time is in the metrics.
+    let epoch: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&metrics).unwrap().trim()).unwrap();
+    let utilisation = epoch["layer_utilisation"].as_array().expect("reported");
+    assert_eq!(utilisation.len(), 2);
+    for u in utilisation {
+        let u = u.as_f64().unwrap();
+        assert!(u > 0.0 && u <= 1.0, "{epoch}");
+    }
+}
+
+#[test]
+fn one_faulty_device_in_a_two_device_rig_leaves_the_weights_undisturbed() {
+    let run = [
+        "--dataset",
+        "mnist",
+        "--hidden",
+        "20,20",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--limit-train",
+        "192",
+        "--limit-test",
+        "100",
+        "--seed",
+        "3",
+    ];
+    let undisturbed = core(summary(&pnn_train(&run)));
+    // The first layer's device corrupts bytes, loses frames and power-cycles; the second's line
+    // is clean. Two emulator processes, one device each.
+    let faulty = Emulator::spawn(
+        "784x20",
+        &[
+            "--corrupt-rate",
+            "1e-3",
+            "--drop-rate",
+            "0.01",
+            "--reset-every",
+            "1500",
+            "--max-frame",
+            "512",
+            "--fault-seed",
+            "2",
+        ],
+    );
+    let clean = Emulator::spawn("20x20", &[]);
+    let backend = format!(
+        "serial:{}?timeout_ms=20&retries=100,serial:{}?timeout_ms=2000",
+        faulty.path, clean.path
+    );
+    // A pipelined window is one step for recovery: it must fit between two resets (a window
+    // of 2 batches is about 500 requests to the first device here).
+    for schedule in [&[][..], &["--pipeline", "2"]] {
+        let got = summary(&pnn_train(
+            &[&run[..], &["--backend", &backend], schedule].concat(),
+        ));
+        for key in ["retries", "resyncs", "reprograms"] {
+            assert!(got[key].as_u64().unwrap() > 0, "{key} counted: {got}");
+        }
+        assert_eq!(core(got), undisturbed, "{schedule:?}");
+    }
+}
+
+#[test]
+fn first_layer_inputs_go_up_as_pixels_with_the_same_bits() {
+    let expected = sim();
+    let one = Emulator::spawn("784x50,50x50", &[]);
+    let pixels = train(&format!("serial:{}", one.path), &[]);
+    let floats = train(&format!("serial:{}?pixels=0", one.path), &[]);
+    assert_eq!(core(pixels.clone()), expected);
+    assert_eq!(core(floats.clone()), expected);
+    // Each first-layer input row, training (2048) and test (2000), is 784 bytes, not 784 f32s.
+    let saved =
+        floats["wire_bytes_up"].as_u64().unwrap() - pixels["wire_bytes_up"].as_u64().unwrap();
+    let rows = 2048 + 2000;
+    assert!(
+        saved >= rows * 784 * 3 && saved < rows * 784 * 3 + rows * 784 / 50,
+        "{saved} bytes fewer"
+    );
+    // Down, the same activations; fewer acknowledgements (fewer input requests).
+    let down = |v: &serde_json::Value| v["wire_bytes_down"].as_u64().unwrap();
+    assert!(down(&pixels) <= down(&floats) && down(&floats) - down(&pixels) < down(&floats) / 1000);
+    assert!(pixels["round_trips"].as_u64() < floats["round_trips"].as_u64());
+}

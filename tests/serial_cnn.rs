@@ -69,7 +69,7 @@ fn serial_cnn_training_matches_sim_bit_for_bit() {
     assert_eq!(serial["weights_sha256"].as_str().unwrap().len(), 64);
 
     // Wire economy of one epoch (512 training images in 2 batches, then the 10,000 test images).
-    // The least the protocol moves: each batch's input up once per block; down, per training
+    // The least the protocol moves: each batch's input up once per block (the first as pixels); down, per training
     // batch and block, 2P perturbed feature sets and one clean pass, per test batch and block one
     // clean pass. A clean pass returns the C*d features and the pooled next-layer input (the
     // last block's too, which the host does not need).
@@ -83,7 +83,12 @@ fn serial_cnn_training_matches_sim_bit_for_bit() {
     .layer_specs();
     let (train, test, p) = (512u64, 10_000u64, 4u64);
     let samples = train + test;
-    let inputs: u64 = specs.iter().map(|s| s.input_width() as u64).sum::<u64>() * 4 * samples;
+    // The first block's input goes up as the dataset's 8-bit pixels (LoadPixels), the rest as
+    // f32 values.
+    let inputs: u64 = (specs.iter().enumerate())
+        .map(|(l, s)| s.input_width() as u64 * if l == 0 { 1 } else { 4 })
+        .sum::<u64>()
+        * samples;
     let features: u64 = specs.iter().map(|s| s.feature_width() as u64).sum::<u64>() * 4;
     let pooled: Vec<u64> = specs.iter().map(|s| s.output_width() as u64 * 4).collect();
     let needed = features * (samples + 2 * p * train) + pooled[0] * samples;

@@ -60,9 +60,9 @@ fn serial_training_matches_sim_bit_for_bit() {
         "final weights are hashed"
     );
     // The inputs alone need this much uplink: each training batch once per layer, each test
-    // batch once per layer (f32).
+    // batch once per layer (the first layer's as the dataset's 8-bit pixels, the second's f32).
     let (train, test) = (4096u64, 10_000u64);
-    let inputs = 4 * (train + test) * (784 + 50);
+    let inputs = (train + test) * (784 + 4 * 50);
     let up = serial["wire_bytes_up"].as_u64().unwrap();
     assert!(
         up >= inputs && up < inputs + inputs / 50,

@@ -33,6 +33,10 @@ pub use crate::shape::{ChunkUnits, ForwardMode, LayerShape};
 /// - 2: CNN blocks ([`LayerShape::Conv`]); a clean forward pass of a layer whose next-layer input
 ///   differs from its features returns both ([`LayerDescriptor::forward_width`]). Every message
 ///   of a dense layer keeps its version-1 bytes.
+///
+/// [`Request::LoadPixels`] came later within version 2, as a request a device may not know:
+/// the host tries it and falls back to [`Request::LoadInput`] on
+/// [`DeviceError::UnknownRequest`], and every other message keeps its bytes.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Most layers one device may hold.
@@ -105,10 +109,55 @@ pub enum Request<'a> {
         #[serde(borrow)]
         values: Packed<'a, f32>,
     },
+    /// [`Request::LoadInput`] with the values as a dataset's 8-bit pixels, a quarter of the
+    /// bytes: the device normalises pixel `p` at index `i` of a row itself, in f32 and in this
+    /// order, `(p as f32 / 255.0 - mean[c]) / std[c]` with `c = i / plane` (channel-major
+    /// images), exactly the host's arithmetic (`pnn::data::Normalizer`), so the layer gets the
+    /// same bits. Same batch and parts rules as `LoadInput`, offsets counted in values. A device
+    /// of protocol version 2 that predates it answers [`DeviceError::UnknownRequest`], and the
+    /// host sends f32 values instead.
+    LoadPixels {
+        layer: u8,
+        rows: u32,
+        offset: u32,
+        normaliser: PixelNormaliser,
+        #[serde(borrow)]
+        pixels: &'a [u8],
+    },
+}
+
+/// How a device turns a dataset's 8-bit pixels into a layer's input ([`Request::LoadPixels`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PixelNormaliser {
+    /// Values per channel plane (H * W).
+    pub plane: u32,
+    /// Channels in use (1 to [`PixelNormaliser::MAX_CHANNELS`]); the rest of `mean` and `std`
+    /// is ignored.
+    pub channels: u8,
+    pub mean: [f32; PixelNormaliser::MAX_CHANNELS],
+    pub std: [f32; PixelNormaliser::MAX_CHANNELS],
+}
+
+impl PixelNormaliser {
+    /// Channels a normaliser can describe (RGB).
+    pub const MAX_CHANNELS: usize = 3;
+
+    /// What pixel `p` of `channel` becomes.
+    pub fn value(&self, p: u8, channel: usize) -> f32 {
+        normalise_pixel(p, self.mean[channel], self.std[channel])
+    }
+}
+
+/// The one formula by which a pixel becomes an input value, on the host
+/// (`pnn::data::Normalizer`) and on a device ([`Request::LoadPixels`]): f32 arithmetic in this
+/// order, so both give the same bits.
+#[inline]
+pub fn normalise_pixel(p: u8, mean: f32, std: f32) -> f32 {
+    (p as f32 / 255.0 - mean) / std
 }
 
 /// Number of [`Request`] variants: a body whose tag is at least this comes from a newer host.
-pub const REQUEST_KINDS: u32 = 12;
+pub const REQUEST_KINDS: u32 = 13;
 
 impl Request<'_> {
     /// Whether executing the request changes device state, so that a retransmission (same
@@ -119,6 +168,7 @@ impl Request<'_> {
         matches!(
             self,
             Request::LoadInput { .. }
+                | Request::LoadPixels { .. }
                 | Request::SetParameters { .. }
                 | Request::ApplyUpdate { .. }
                 | Request::Reset
@@ -685,14 +735,24 @@ mod tests {
 
     #[test]
     fn the_last_request_tag_is_below_request_kinds() {
-        let mut buf = [0u8; 8];
-        let last = Request::WriteLayerState {
+        let mut buf = [0u8; 64];
+        let last = Request::LoadPixels {
             layer: 0,
+            rows: 1,
             offset: 0,
-            values: Packed::Items(&[]),
+            normaliser: PixelNormaliser {
+                plane: 4,
+                channels: 1,
+                mean: [0.5, 0.0, 0.0],
+                std: [0.25, 1.0, 1.0],
+            },
+            pixels: &[0, 7, 255, 3],
         };
         let body = postcard::to_slice(&last, &mut buf).unwrap();
         assert_eq!(body[0], (REQUEST_KINDS - 1) as u8);
+        // The pixels travel as one byte each after a length.
+        assert_eq!(&body[body.len() - 5..], [4, 0, 7, 255, 3]);
+        assert_eq!(roundtrip(&last, &mut buf), last);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::direction::{
 use crate::frame::{self, CRC, CRC_LEN, FrameDecoder, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::message::{
     Capabilities, ChunkRange, DeviceError, DeviceInfo, Encoded, ForwardMode, LayerDescriptor,
-    MAX_LAYERS, PROTOCOL_VERSION, Packed, REQUEST_KINDS, Request, Response,
+    MAX_LAYERS, PROTOCOL_VERSION, Packed, PixelNormaliser, REQUEST_KINDS, Request, Response,
 };
 
 /// What a physical layer must do. Parameters use the flat layout of its [`LayerDescriptor`].
@@ -456,6 +456,46 @@ where
         Ok(chunk.start as usize..chunk.end as usize)
     }
 
+    /// Checks a part `offset..offset + len` of an input batch of `rows` rows for `layer`
+    /// ([`Request::LoadInput`], [`Request::LoadPixels`]): a part at offset 0 starts a new batch,
+    /// any other must continue the current one. The caller loads it, then records it filled.
+    fn begin_input_part(
+        &mut self,
+        layer: u8,
+        rows: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let (_, d) = layer_of(&mut self.layers, layer)?;
+        if rows == 0 || rows > self.config.max_batch as usize {
+            return Err(DeviceError::ShapeMismatch {
+                expected: self.config.max_batch,
+                got: rows as u32,
+            });
+        }
+        let total = rows * d.input_width() as usize;
+        let state = &mut self.inputs[layer as usize];
+        if offset == 0 {
+            *state = InputState {
+                rows,
+                filled: 0,
+                total,
+            };
+        } else if state.rows != rows || state.filled != offset {
+            return Err(DeviceError::OutOfOrder {
+                expected: state.filled as u32,
+                got: offset as u32,
+            });
+        }
+        if offset + len > total {
+            return Err(DeviceError::ShapeMismatch {
+                expected: total as u32,
+                got: (offset + len) as u32,
+            });
+        }
+        Ok(())
+    }
+
     fn input_rows(&self, layer: u8) -> Result<usize, DeviceError> {
         if layer as usize >= self.layers.as_ref().len() {
             return Err(DeviceError::NoSuchLayer { layer });
@@ -523,37 +563,45 @@ where
                 offset,
                 values,
             } => {
-                let (l, d) = layer_of(&mut self.layers, *layer)?;
-                let rows = *rows as usize;
-                if rows == 0 || rows > self.config.max_batch as usize {
-                    return Err(DeviceError::ShapeMismatch {
-                        expected: self.config.max_batch,
-                        got: rows as u32,
-                    });
-                }
-                let total = rows * d.input_width() as usize;
-                let state = &mut self.inputs[*layer as usize];
-                let offset = *offset as usize;
-                if offset == 0 {
-                    *state = InputState {
-                        rows,
-                        filled: 0,
-                        total,
-                    };
-                } else if state.rows != rows || state.filled != offset {
-                    return Err(DeviceError::OutOfOrder {
-                        expected: state.filled as u32,
-                        got: offset as u32,
-                    });
-                }
-                if offset + values.len() > total {
-                    return Err(DeviceError::ShapeMismatch {
-                        expected: total as u32,
-                        got: (offset + values.len()) as u32,
-                    });
-                }
+                let (offset, rows) = (*offset as usize, *rows as usize);
+                self.begin_input_part(*layer, rows, offset, values.len())?;
+                let (l, _) = layer_of(&mut self.layers, *layer)?;
                 in_pieces(values, |at, piece| l.load_input(rows, offset + at, piece))?;
-                state.filled = offset + values.len();
+                self.inputs[*layer as usize].filled = offset + values.len();
+                Ok(Outcome::Ack)
+            }
+            Request::LoadPixels {
+                layer,
+                rows,
+                offset,
+                normaliser: n,
+                pixels,
+            } => {
+                let (offset, rows) = (*offset as usize, *rows as usize);
+                let (_, d) = layer_of(&mut self.layers, *layer)?;
+                let width = d.input_width() as usize;
+                let channels = n.channels as usize;
+                if !(1..=PixelNormaliser::MAX_CHANNELS).contains(&channels)
+                    || n.plane as usize * channels != width
+                {
+                    return Err(DeviceError::ShapeMismatch {
+                        expected: width as u32,
+                        got: n.plane.saturating_mul(n.channels as u32),
+                    });
+                }
+                self.begin_input_part(*layer, rows, offset, pixels.len())?;
+                let (l, _) = layer_of(&mut self.layers, *layer)?;
+                const PIECE: usize = 256;
+                let mut buf = [0f32; PIECE];
+                for (k, part) in pixels.chunks(PIECE).enumerate() {
+                    let at = offset + k * PIECE;
+                    for (i, (b, &p)) in buf.iter_mut().zip(part).enumerate() {
+                        let c = (at + i) % width / n.plane as usize;
+                        *b = n.value(p, c);
+                    }
+                    l.load_input(rows, at, &buf[..part.len()])?;
+                }
+                self.inputs[*layer as usize].filled = offset + pixels.len();
                 Ok(Outcome::Ack)
             }
             Request::Forward { layer, mode } => {

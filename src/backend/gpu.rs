@@ -272,6 +272,7 @@ impl InProcess for GpuOracle {
             rows,
             width: self.spec.feature_width(),
             data: clean,
+            pixels: None,
         };
         if !done {
             return Ok(false);

@@ -85,11 +85,12 @@ impl BackendSpec {
     pub fn spelled_out(&self) -> String {
         let options = |s: &SerialSpec| {
             format!(
-                "{}?baud={}&timeout_ms={}&retries={}",
+                "{}?baud={}&timeout_ms={}&retries={}{}",
                 s.path,
                 s.baud,
                 s.timeout.as_millis(),
-                s.retries
+                s.retries,
+                if s.pixels { "" } else { "&pixels=0" }
             )
         };
         match self {

@@ -34,6 +34,9 @@ pub struct SerialSpec {
     pub timeout: Duration,
     /// Retransmissions before the run ends with an error.
     pub retries: u32,
+    /// A dataset's pixels go up as bytes the device normalises (`pixels=1`, the default), or
+    /// as f32 values (`pixels=0`: what the link carried before, for comparisons).
+    pub pixels: bool,
 }
 
 impl SerialSpec {
@@ -70,6 +73,7 @@ impl SerialSpec {
             baud: Self::DEFAULT_BAUD,
             timeout: Self::DEFAULT_TIMEOUT,
             retries: Self::DEFAULT_RETRIES,
+            pixels: true,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair
@@ -94,9 +98,14 @@ impl SerialSpec {
                         .map_err(|_| "retries too large")?
                         .min(100)
                 }
+                "pixels" => match value {
+                    "0" => spec.pixels = false,
+                    "1" => spec.pixels = true,
+                    _ => return Err(format!("{kind} option pixels: '{value}' is not 0 or 1")),
+                },
                 other => {
                     return Err(format!(
-                        "unknown {kind} option '{other}' (expected baud, timeout_ms, retries)"
+                        "unknown {kind} option '{other}' (expected baud, timeout_ms, retries, pixels)"
                     ));
                 }
             }
@@ -132,6 +141,7 @@ pub fn connect(spec: &SerialSpec) -> Result<SerialDevice, OracleError> {
     let transport = SerialPortTransport::open(&spec.path, spec.baud, spec.timeout)
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
     SerialDevice::connect(Link::new(Box::new(transport), spec.policy(), first_seq()))
+        .map(|d| d.send_pixels(spec.pixels))
 }
 
 /// Connects to `HOST:PORT` and handshakes, without checking the layers against a model.
@@ -158,10 +168,14 @@ pub fn open_tcp(
 pub fn open(spec: &SerialSpec, layers: &[LayerShape]) -> Result<Vec<SerialOracle>, OracleError> {
     let transport = SerialPortTransport::open(&spec.path, spec.baud, spec.timeout)
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
-    open_transport(Box::new(transport), spec.policy(), layers).map_err(|e| match e {
-        OracleError::Link(m) => OracleError::Link(format!("{}: {m}", spec.path)),
-        other => other,
-    })
+    let transport: Box<dyn Transport> = Box::new(transport);
+    let link = Link::new(transport, spec.policy(), first_seq());
+    (SerialDevice::connect(link).and_then(|d| d.send_pixels(spec.pixels).oracles(layers))).map_err(
+        |e| match e {
+            OracleError::Link(m) => OracleError::Link(format!("{}: {m}", spec.path)),
+            other => other,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -239,10 +239,12 @@ impl InProcess for SimOracle {
             .evaluate_perturbed_columns(chunk, seeds, eps, &mut self.pairs, &mut clean)
             .map_err(sim_err)?;
         let (rows, width) = (self.batch(), self.spec.feature_width());
+        // Not `Activations::new`: the layer may leave `clean` empty when it declines (`!done`).
         out.clean = Activations {
             rows,
             width,
             data: clean,
+            pixels: None,
         };
         if !done {
             return Ok(false);

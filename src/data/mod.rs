@@ -7,7 +7,11 @@ mod cifar;
 mod idx;
 mod locate;
 
-use crate::oracle::Activations;
+use std::sync::Arc;
+
+use firmware_protocol::message::normalise_pixel;
+
+use crate::oracle::{Activations, PixelNormaliser, Pixels};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -260,7 +264,8 @@ impl Normalizer {
             .mean
             .iter()
             .zip(&self.std)
-            .map(|(&m, &s)| std::array::from_fn(|p| (p as f32 / 255.0 - m) / s))
+            // The formula a device applies to pixels too (Request::LoadPixels).
+            .map(|(&m, &s)| std::array::from_fn(|p| normalise_pixel(p as u8, m, s)))
             .collect();
         for (n, (&i, sample)) in indices
             .iter()
@@ -290,6 +295,31 @@ impl Normalizer {
         self.batch(split, indices, &mut out.data);
         out.rows = indices.len();
         out.width = split.sample_len;
+        out.pixels = self.pixel_normaliser().map(|normaliser| {
+            let mut data = Vec::with_capacity(indices.len() * split.sample_len);
+            for &i in indices {
+                data.extend_from_slice(split.image(i));
+            }
+            Arc::new(Pixels { data, normaliser })
+        });
+    }
+
+    /// This normaliser as a device applies it to pixels, where it can describe it (at most
+    /// [`PixelNormaliser::MAX_CHANNELS`] channels); its arithmetic is [`Normalizer::batch`]'s.
+    pub fn pixel_normaliser(&self) -> Option<PixelNormaliser> {
+        let channels = self.mean.len();
+        if channels == 0 || channels > PixelNormaliser::MAX_CHANNELS {
+            return None;
+        }
+        let mut n = PixelNormaliser {
+            plane: u32::try_from(self.plane).ok()?,
+            channels: channels as u8,
+            mean: [0.0; PixelNormaliser::MAX_CHANNELS],
+            std: [1.0; PixelNormaliser::MAX_CHANNELS],
+        };
+        n.mean[..channels].copy_from_slice(&self.mean);
+        n.std[..channels].copy_from_slice(&self.std);
+        Some(n)
     }
 }
 

@@ -17,15 +17,36 @@ mod capabilities;
 pub mod conformance;
 
 pub use capabilities::{DeviceLink, InProcess, LinkCounters};
+pub use firmware_protocol::message::PixelNormaliser;
 pub use firmware_protocol::shape::{ChunkUnits, ConvGeometry, ForwardMode, LayerShape};
 pub use firmware_protocol::{DirectionSeed, UpdateTerm};
+use std::sync::Arc;
 
 /// A batch of row vectors, row-major.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Activations {
     pub rows: usize,
     pub width: usize,
     pub data: Vec<f32>,
+    /// The same values as a dataset's 8-bit pixels and the normaliser that gives `data` from
+    /// them, bit for bit, where they came from a dataset (`Normalizer::batch_activations`): a
+    /// device can take these, a quarter of the bytes, and normalise itself
+    /// ([`firmware_protocol::message::Request::LoadPixels`]).
+    pub pixels: Option<Arc<Pixels>>,
+}
+
+/// A batch of 8-bit pixels and how they normalise (see [`Activations::pixels`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pixels {
+    pub data: Vec<u8>,
+    pub normaliser: PixelNormaliser,
+}
+
+/// Equal values are equal activations, whether or not they also carry their pixels.
+impl PartialEq for Activations {
+    fn eq(&self, other: &Self) -> bool {
+        (self.rows, self.width) == (other.rows, other.width) && self.data == other.data
+    }
 }
 
 impl Activations {
@@ -35,7 +56,12 @@ impl Activations {
             data.len(),
             "activations: shape and data disagree"
         );
-        Self { rows, width, data }
+        Self {
+            rows,
+            width,
+            data,
+            pixels: None,
+        }
     }
 }
 

@@ -19,6 +19,16 @@ pub struct EpochMetrics {
     pub test_loss_per_layer: Vec<f64>,
     /// Oracle forward evaluations for training, cumulative since the start of the run.
     pub oracle_evaluations: u64,
+    /// Each layer's busy time (its device's requests and the host's arithmetic for it) over the
+    /// epoch's training wall time: on the sequential schedule they add up to about 1, on the
+    /// pipelined one each layer's device can approach 1. Timing, not state: in the metrics file
+    /// ([`EpochMetrics::to_json_line`]), not in checkpoints (whose format it would change).
+    #[serde(skip)]
+    pub layer_utilisation: Option<Vec<f64>>,
+    /// Each layer's link traffic this epoch (training and evaluation), `[up, down]` bytes, where
+    /// every layer is behind a link. In the metrics file only, as `layer_utilisation`.
+    #[serde(skip)]
+    pub layer_wire_bytes: Option<Vec<[u64; 2]>>,
 }
 
 impl EpochMetrics {
@@ -42,7 +52,29 @@ impl EpochMetrics {
             test_accuracy_per_layer: eval.accuracy_per_layer.clone(),
             test_loss_per_layer: eval.loss_per_layer.clone(),
             oracle_evaluations,
+            layer_utilisation: None,
+            layer_wire_bytes: None,
         }
+    }
+
+    /// One line of a metrics file (JSON): every field, the link figures included where there
+    /// are some.
+    pub fn to_json_line(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            #[serde(flatten)]
+            metrics: &'a EpochMetrics,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            layer_utilisation: &'a Option<Vec<f64>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            layer_wire_bytes: &'a Option<Vec<[u64; 2]>>,
+        }
+        serde_json::to_string(&Line {
+            metrics: self,
+            layer_utilisation: &self.layer_utilisation,
+            layer_wire_bytes: &self.layer_wire_bytes,
+        })
+        .expect("metrics serialise")
     }
 }
 

@@ -22,7 +22,7 @@ use crate::oracle::{Activations, ForwardOracle, OracleError};
 use crate::report::export::SavedModel;
 use crate::report::metrics::{EpochMetrics, RunSummary};
 use crate::report::observe::{BatchProgress, RunObserver};
-use crate::train::{EvalSums, Evaluation, Hyper, Trainer, epoch_order};
+use crate::train::{EvalSums, Evaluation, Hyper, TrainBatch, Trainer, epoch_order};
 use checkpoint::{Checkpoint, CheckpointError, LinkTotals, Position, RunIdentity};
 use interrupt::StopSignal;
 use recovery::{Recovery, Snapshot};
@@ -59,6 +59,10 @@ pub struct RunConfig {
     pub settings: Option<String>,
     /// Simulated layers evaluate by the reference choreography, not the fast paths.
     pub exact_reference: bool,
+    /// Train on the pipelined schedule (layer l on batch t while layer l-1 on batch t+1), in
+    /// windows of this many batches (each window one step for checkpoints and reset
+    /// recovery); `None`: the sequential schedule. The results are the same bits either way.
+    pub pipeline: Option<usize>,
     /// Evaluate on the test set at every epoch's end (and report [`EpochMetrics`]); otherwise
     /// once, after the last epoch. The noise sweep evaluates once: on a noisy device an
     /// evaluation draws from the device's noise streams, so it would change the training after it.
@@ -85,6 +89,7 @@ impl RunConfig {
             fresh: false,
             settings: None,
             exact_reference: false,
+            pipeline: None,
             evaluate_each_epoch: true,
         }
     }
@@ -189,7 +194,7 @@ pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary,
         model.mf_parameter_count()
     );
     tracing::debug!(?config, "run configuration");
-    run_with(config, &data, &model, oracles, observer)
+    run_pipelined(config, &data, &model, oracles, observer)
 }
 
 /// The data and the model of the run `config` describes, its hyperparameters checked: the
@@ -406,6 +411,25 @@ fn evaluate<O: ForwardOracle>(
     Ok(Some(sums.finish()))
 }
 
+/// Each layer's busy time over `wall` seconds, between two readings of
+/// [`Trainer::layer_busy_seconds`].
+fn utilisation(before: &[f64], after: &[f64], wall: f64) -> Vec<f64> {
+    (before.iter().zip(after))
+        .map(|(b, a)| if wall > 0.0 { (a - b) / wall } else { 0.0 })
+        .collect()
+}
+
+/// Each layer's link traffic so far, [up, down] bytes, where every layer has a link.
+fn layer_wire_bytes<O: ForwardOracle>(trainer: &Trainer<O>) -> Option<Vec<[u64; 2]>> {
+    (trainer.oracles().iter())
+        .map(|o| {
+            o.link()
+                .map(|l| l.counters())
+                .map(|c| [c.bytes_up, c.bytes_down])
+        })
+        .collect()
+}
+
 /// What became NaN or infinite in a training step, if anything: a local loss or a weight.
 fn non_finite<O: ForwardOracle>(losses: &[f64], trainer: &Trainer<O>) -> Option<String> {
     if let Some((l, x)) = losses.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -477,12 +501,56 @@ pub fn rescue_dir() -> PathBuf {
 /// saves checkpoints into `config.checkpoint`, and survives device resets ([`recovery`]);
 /// when a device fails for good, saves the last completed batch boundary and returns
 /// [`RunError::Interrupted`].
+///
+/// `config.pipeline` (the pipelined schedule) needs oracles that can move to a thread of their
+/// own: [`run_pipelined`] takes those; here it is refused.
 pub fn run_with<O: ForwardOracle>(
+    config: &RunConfig,
+    data: &Dataset,
+    model: &ModelSpec,
+    oracles: Vec<O>,
+    observer: impl RunObserver,
+) -> Result<RunSummary, RunError> {
+    if config.pipeline.is_some() {
+        return Err(RunError::Config(
+            "the pipelined schedule (--pipeline) needs oracles that can be sent between threads: \
+             call run::run_pipelined"
+                .into(),
+        ));
+    }
+    run_loop(config, data, model, oracles, observer, None)
+}
+
+/// [`run_with`] for oracles that can each run on a thread of their own, which the pipelined
+/// schedule (`config.pipeline`) needs; the sequential schedule otherwise.
+pub fn run_pipelined<O: ForwardOracle + Send>(
+    config: &RunConfig,
+    data: &Dataset,
+    model: &ModelSpec,
+    oracles: Vec<O>,
+    observer: impl RunObserver,
+) -> Result<RunSummary, RunError> {
+    run_loop(
+        config,
+        data,
+        model,
+        oracles,
+        observer,
+        Some(Trainer::train_batches_pipelined),
+    )
+}
+
+/// A window of batches on the pipelined schedule ([`Trainer::train_batches_pipelined`]).
+type PipelinedStep<O> =
+    fn(&mut Trainer<O>, &[TrainBatch<'_>]) -> Result<Vec<Vec<f64>>, OracleError>;
+
+fn run_loop<O: ForwardOracle>(
     config: &RunConfig,
     data: &Dataset,
     model: &ModelSpec,
     mut oracles: Vec<O>,
     mut observer: impl RunObserver,
+    pipelined: Option<PipelinedStep<O>>,
 ) -> Result<RunSummary, RunError> {
     if let Some(dir) = config.checkpoint.as_deref() {
         check_overwrite(dir, config)?;
@@ -624,7 +692,6 @@ pub fn run_with<O: ForwardOracle>(
     };
 
     let mut last_eval: Option<Evaluation> = None;
-    let mut input = Activations::default();
     for epoch in state.position.epoch..config.epochs {
         let start = Instant::now();
         let order = epoch_order(hyper.seed, epoch, data.train.len());
@@ -648,48 +715,76 @@ pub fn run_with<O: ForwardOracle>(
         };
         let epoch_base = state.epoch_train_seconds;
         observer.epoch_started(epoch + 1, planned);
-        for (b, batch) in order
-            .chunks(hyper.batch_size)
-            .take(planned)
-            .enumerate()
-            .skip(first)
-        {
-            data.normalizer
-                .batch_activations(&data.train, batch, &mut input);
-            let labels: Vec<u8> = batch.iter().map(|&i| data.train.labels[i]).collect();
+        let batches: Vec<&[usize]> = order.chunks(hyper.batch_size).take(planned).collect();
+        let busy_before = trainer.layer_busy_seconds();
+        let wire_before = layer_wire_bytes(&trainer);
+        let mut b0 = first;
+        while b0 < planned {
+            // A window of batches trained as one step: one batch on the sequential schedule;
+            // up to --pipeline batches on the pipelined one, never across a checkpoint.
+            let mut b1 = (b0 + config.pipeline.unwrap_or(1).max(1)).min(planned);
+            if let (Some(_), Some(every)) = (saver, config.checkpoint_every) {
+                b1 = b1.min((b0 / every + 1) * every);
+            }
+            let window = &batches[b0..b1];
+            let mut inputs = vec![Activations::default(); window.len()];
+            for (batch, input) in window.iter().zip(&mut inputs) {
+                data.normalizer.batch_activations(&data.train, batch, input);
+            }
+            let labels: Vec<Vec<u8>> = (window.iter())
+                .map(|batch| batch.iter().map(|&i| data.train.labels[i]).collect())
+                .collect();
             let snapshot = recovery.snapshot(&mut trainer)?;
             let step = recovery.run(&mut trainer, snapshot.as_ref(), |t| {
-                t.train_batch(epoch, b as u32, &input, &labels)
+                let Some(pipelined) = pipelined.filter(|_| config.pipeline.is_some()) else {
+                    return t
+                        .train_batch(epoch, b0 as u32, &inputs[0], &labels[0])
+                        .map(|losses| vec![losses]);
+                };
+                let steps: Vec<TrainBatch<'_>> = (inputs.iter().zip(&labels).enumerate())
+                    .map(|(k, (input, labels))| TrainBatch {
+                        epoch,
+                        batch: (b0 + k) as u32,
+                        input,
+                        labels,
+                    })
+                    .collect();
+                pipelined(t, &steps)
             });
-            let losses = match step {
+            let window_losses = match step {
                 Ok(losses) => losses,
                 Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
             };
-            if let Some(what) = non_finite(&losses, &trainer) {
-                let at = Position {
-                    epoch,
-                    batch: b as u32 + 1,
-                };
-                return Err(diverged(what, at, &state));
+            for (k, losses) in window_losses.iter().enumerate() {
+                let b = b0 + k;
+                // On the pipelined schedule the weights checked are the window's last.
+                if let Some(what) = non_finite(losses, &trainer) {
+                    let at = Position {
+                        epoch,
+                        batch: b as u32 + 1,
+                    };
+                    return Err(diverged(what, at, &state));
+                }
+                state
+                    .loss_sums
+                    .iter_mut()
+                    .zip(losses)
+                    .for_each(|(s, l)| *s += l);
+                state.batches += 1;
+                state.position.batch = b as u32 + 1;
+                state.epoch_train_seconds = epoch_base + start.elapsed().as_secs_f64();
+                observer.batch_done(&BatchProgress {
+                    epoch: epoch + 1,
+                    batch: b + 1,
+                    batches: planned,
+                    samples: window[k].len(),
+                    local_loss: losses,
+                    oracle_evaluations: trainer.oracle_evaluations(),
+                });
             }
-            state
-                .loss_sums
-                .iter_mut()
-                .zip(&losses)
-                .for_each(|(s, l)| *s += l);
-            state.batches += 1;
-            state.position.batch = b as u32 + 1;
-            state.epoch_train_seconds = epoch_base + start.elapsed().as_secs_f64();
-            observer.batch_done(&BatchProgress {
-                epoch: epoch + 1,
-                batch: b + 1,
-                batches: planned,
-                samples: batch.len(),
-                local_loss: &losses,
-                oracle_evaluations: trainer.oracle_evaluations(),
-            });
+            b0 = b1;
             if let (Some(dir), Some(every)) = (saver, config.checkpoint_every)
-                && (b + 1).is_multiple_of(every)
+                && b0.is_multiple_of(every)
             {
                 let snapshot = Snapshot::take(&mut trainer)?;
                 let link = link_totals(&trainer, &recovery, state.carried);
@@ -729,6 +824,24 @@ pub fn run_with<O: ForwardOracle>(
                 &eval,
                 trainer.oracle_evaluations(),
             );
+            let mut metrics = metrics;
+            // Where the schedule or the links make it worth knowing (the simulator in process,
+            // one layer at a time, is busy all the time).
+            if config.pipeline.is_some() || !config.backend.is_simulated() {
+                metrics.layer_utilisation = Some(utilisation(
+                    &busy_before,
+                    &trainer.layer_busy_seconds(),
+                    state.epoch_train_seconds - epoch_base,
+                ));
+            }
+            if let (Some(before), Some(after)) = (&wire_before, layer_wire_bytes(&trainer)) {
+                // The epoch's training and evaluation traffic of each layer, [up, down].
+                metrics.layer_wire_bytes = Some(
+                    (before.iter().zip(after))
+                        .map(|(b, a)| [a[0] - b[0], a[1] - b[1]])
+                        .collect(),
+                );
+            }
             observer.epoch_done(&metrics);
             state.metrics.push(metrics);
             last_eval = Some(eval);

@@ -233,6 +233,13 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exact_reference: bool,
+    /// Train on the pipelined schedule, in windows of N batches: layer l trains batch t while
+    /// layer l-1 trains batch t+1, every layer on its own thread (and device), bit-identical to
+    /// the sequential schedule. Each window is one step for reset recovery and ends at a
+    /// checkpoint; 8 to 32 keeps the pipeline full
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    #[serde(default, deserialize_with = "de_positive", skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<usize>,
     /// Continue the run whose checkpoint is in DIR, with its saved settings; ends bit-identical
     /// to an uninterrupted run. Only epochs (more), backend, data_dir, limit_test, metrics, save,
     /// checkpoint and checkpoint_every may be given anew. Checkpoints go on into DIR unless
@@ -382,6 +389,8 @@ impl ExperimentConfig {
     pub const RESUMABLE: &'static [&'static str] = &[
         "epochs",
         "backend",
+        "rig",
+        "pipeline",
         "data_dir",
         "limit_test",
         "metrics",
@@ -556,6 +565,7 @@ impl ExperimentConfig {
             });
         }
         run.exact_reference = self.exact_reference;
+        run.pipeline = self.pipeline;
         Ok(run)
     }
 }
@@ -730,6 +740,7 @@ mod tests {
             checkpoint_every: Some(10),
             resume: None,
             exact_reference: true,
+            pipeline: Some(16),
             fresh: false,
         };
         let rig = ExperimentConfig {

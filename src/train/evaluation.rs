@@ -102,11 +102,10 @@ pub fn evaluate_batch<O: ForwardOracle, P: Borrow<Projection>>(
         )));
     }
     let classes = projections[0].borrow().classes;
-    let mut x = Vec::new();
     let mut g = Vec::new();
-    normalizer.batch(split, batch, &mut x);
+    let mut input = Activations::default();
+    normalizer.batch_activations(split, batch, &mut input);
     let labels: Vec<u8> = batch.iter().map(|&i| split.labels[i]).collect();
-    let mut input = Activations::new(batch.len(), split.sample_len, x);
     let mut cumulative = vec![0f32; batch.len() * classes];
     let mut per_layer = Vec::with_capacity(layers);
     let mut final_layer = Vec::new();

@@ -18,5 +18,5 @@ pub mod trainer;
 pub mod update;
 
 pub use evaluation::{EvalSums, Evaluation, evaluate, evaluate_batch};
-pub use trainer::{HostState, Hyper, LayerState, Trainer, epoch_order};
+pub use trainer::{HostState, Hyper, LayerState, TrainBatch, Trainer, epoch_order};
 pub use update::{Sgd, UpdateRule};

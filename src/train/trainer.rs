@@ -10,6 +10,8 @@
 //! parameters, which the update rule keeps equal to the layer's.
 
 use std::ops::Range;
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use firmware_protocol::{DirectionKey, ParamGroup};
 use rand::SeedableRng;
@@ -131,6 +133,137 @@ pub struct Trainer<O> {
     evaluations: u64,
     rule: Box<dyn UpdateRule + Send + Sync>,
     scratch: Scratch,
+    /// Time each layer has spent training ([`Trainer::layer_busy_seconds`]).
+    busy: Vec<Duration>,
+}
+
+/// One batch for [`Trainer::train_batches_pipelined`].
+pub struct TrainBatch<'a> {
+    pub epoch: u32,
+    pub batch: u32,
+    pub input: &'a Activations,
+    pub labels: &'a [u8],
+}
+
+/// What one layer's step on one batch gives.
+struct LayerDone {
+    loss: f64,
+    next_input: Activations,
+    evaluations: u64,
+}
+
+/// One layer's step of Algorithm 1 on one batch: the chunks of `W_l`, the clean pass, `M_l`.
+struct LayerStep<'a> {
+    layer: usize,
+    epoch: u32,
+    batch: u32,
+    hyper: &'a Hyper,
+}
+
+type SharedRule<'a> = Mutex<&'a mut (dyn UpdateRule + Send + Sync + 'static)>;
+
+impl LayerStep<'_> {
+    fn train<O: ForwardOracle>(
+        &self,
+        oracle: &mut O,
+        state: &mut LayerState,
+        rule: &SharedRule<'_>,
+        s: &mut Scratch,
+        input: &Activations,
+        labels: &[u8],
+    ) -> Result<LayerDone, OracleError> {
+        let (hyper, l, epoch, batch) = (self.hyper, self.layer, self.epoch, self.batch);
+        let rule = || rule.lock().unwrap_or_else(|p| p.into_inner());
+        let key_of = |group, chunk: usize, index: usize| DirectionKey {
+            run_seed: hyper.seed,
+            epoch,
+            batch,
+            layer: l as u32,
+            group,
+            chunk: chunk as u32,
+            index: index as u32,
+        };
+        let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
+        let mut evaluations = 0;
+        oracle.load_input(input)?;
+        // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
+        for (k, chunk) in state.weight_chunks.iter().enumerate() {
+            let seeds: Vec<_> = (0..hyper.directions)
+                .map(|p| key(ParamGroup::Weights, k, p))
+                .collect();
+            evaluations += hyper.difference.evaluations(seeds.len());
+            directional_derivatives(
+                oracle,
+                &state.projection,
+                chunk,
+                &seeds,
+                hyper.eps,
+                hyper.difference,
+                labels,
+                &mut s.estimator,
+                &mut s.derivatives,
+            )?;
+            s.terms.clear();
+            s.terms.extend(
+                (seeds.iter().zip(&s.derivatives)).map(|(seed, &derivative)| UpdateTerm {
+                    seed: *seed,
+                    derivative,
+                }),
+            );
+            let step = WeightStep {
+                layer: l,
+                chunk_index: k,
+                chunk,
+                terms: &s.terms,
+                lr: hyper.lr,
+            };
+            rule().step_weights(&step, oracle, &mut state.shadow)?;
+        }
+        // Line 25, before the M update as the reference implementation does: the clean pass
+        // with the updated W_l gives the a_l that trains M_l and feeds layer l+1.
+        let out = oracle.forward(ForwardMode::Train)?;
+        evaluations += 1;
+        let mut rule = rule();
+        let training = ProjectionTraining {
+            layer: l,
+            row_chunks: &state.projection_rows,
+            directions: hyper.directions,
+            eps: hyper.eps,
+            difference: hyper.difference,
+            lr: hyper.lr,
+            rule: &mut **rule,
+        };
+        let loss = train_projection(
+            &mut state.projection,
+            training,
+            &out.features,
+            labels,
+            |j, p| key(ParamGroup::Projection, j, p),
+            &mut s.projection,
+        );
+        drop(rule);
+        // The next batch starts this layer with its first chunk: its directions can be
+        // drawn while the layers after this one train (same values, a hint only).
+        if let Some(first) = state.weight_chunks.first() {
+            let next: Vec<_> = (0..hyper.directions)
+                .map(|p| {
+                    DirectionKey {
+                        batch: batch + 1,
+                        ..key_of(ParamGroup::Weights, 0, p)
+                    }
+                    .seed()
+                })
+                .collect();
+            if let Some(layer) = oracle.in_process() {
+                layer.prefetch_directions(first.clone(), &next);
+            }
+        }
+        Ok(LayerDone {
+            loss,
+            next_input: out.into_next_input(),
+            evaluations,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -182,6 +315,7 @@ impl<O: ForwardOracle> Trainer<O> {
                 projection,
             });
         }
+        let depth = layers.len();
         Ok(Self {
             oracles,
             layers,
@@ -189,6 +323,7 @@ impl<O: ForwardOracle> Trainer<O> {
             rule: hyper.optimizer.rule(),
             hyper,
             scratch: Scratch::default(),
+            busy: vec![Duration::ZERO; depth],
         })
     }
 
@@ -295,95 +430,125 @@ impl<O: ForwardOracle> Trainer<O> {
         labels: &[u8],
     ) -> Result<Vec<f64>, OracleError> {
         let hyper = self.hyper.clone();
+        let rule = Mutex::new(&mut *self.rule);
         // Layer l > 0 reads the features layer l - 1 produced.
         let mut produced: Option<Activations> = None;
         let mut losses = Vec::with_capacity(self.layers.len());
-        for (l, (oracle, state)) in self.oracles.iter_mut().zip(&mut self.layers).enumerate() {
-            let key_of = |group, chunk: usize, index: usize| DirectionKey {
-                run_seed: hyper.seed,
+        let layers = self.oracles.iter_mut().zip(&mut self.layers);
+        for (l, ((oracle, state), busy)) in layers.zip(&mut self.busy).enumerate() {
+            let step = LayerStep {
+                layer: l,
                 epoch,
                 batch,
-                layer: l as u32,
-                group,
-                chunk: chunk as u32,
-                index: index as u32,
+                hyper: &hyper,
             };
-            let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
-            oracle.load_input(produced.as_ref().unwrap_or(input))?;
-            let s = &mut self.scratch;
-            // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
-            for (k, chunk) in state.weight_chunks.iter().enumerate() {
-                let seeds: Vec<_> = (0..hyper.directions)
-                    .map(|p| key(ParamGroup::Weights, k, p))
-                    .collect();
-                self.evaluations += hyper.difference.evaluations(seeds.len());
-                directional_derivatives(
-                    oracle,
-                    &state.projection,
-                    chunk,
-                    &seeds,
-                    hyper.eps,
-                    hyper.difference,
-                    labels,
-                    &mut s.estimator,
-                    &mut s.derivatives,
-                )?;
-                s.terms.clear();
-                s.terms.extend(
-                    (seeds.iter().zip(&s.derivatives)).map(|(seed, &derivative)| UpdateTerm {
-                        seed: *seed,
-                        derivative,
-                    }),
-                );
-                let step = WeightStep {
-                    layer: l,
-                    chunk_index: k,
-                    chunk,
-                    terms: &s.terms,
-                    lr: hyper.lr,
-                };
-                self.rule.step_weights(&step, oracle, &mut state.shadow)?;
-            }
-            // Line 25, before the M update as the reference implementation does: the clean pass
-            // with the updated W_l gives the a_l that trains M_l and feeds layer l+1.
-            let out = oracle.forward(ForwardMode::Train)?;
-            self.evaluations += 1;
-            let training = ProjectionTraining {
-                layer: l,
-                row_chunks: &state.projection_rows,
-                directions: hyper.directions,
-                eps: hyper.eps,
-                difference: hyper.difference,
-                lr: hyper.lr,
-                rule: &mut *self.rule,
-            };
-            losses.push(train_projection(
-                &mut state.projection,
-                training,
-                &out.features,
-                labels,
-                |j, p| key(ParamGroup::Projection, j, p),
-                &mut s.projection,
-            ));
-            // The next batch starts this layer with its first chunk: its directions can be
-            // drawn while the layers after this one train (same values, a hint only).
-            if let Some(first) = state.weight_chunks.first() {
-                let next: Vec<_> = (0..hyper.directions)
-                    .map(|p| {
-                        DirectionKey {
-                            batch: batch + 1,
-                            ..key_of(ParamGroup::Weights, 0, p)
-                        }
-                        .seed()
-                    })
-                    .collect();
-                if let Some(layer) = oracle.in_process() {
-                    layer.prefetch_directions(first.clone(), &next);
-                }
-            }
-            produced = Some(out.into_next_input());
+            let start = Instant::now();
+            let input = produced.as_ref().unwrap_or(input);
+            let done = step.train(oracle, state, &rule, &mut self.scratch, input, labels)?;
+            *busy += start.elapsed();
+            self.evaluations += done.evaluations;
+            losses.push(done.loss);
+            produced = Some(done.next_input);
         }
         Ok(losses)
+    }
+
+    /// Algorithm 1 on `batches` in order, pipelined across layers (Mono-Forward's locality,
+    /// thesis section 3): each layer runs on its own thread, so layer `l` trains batch `t` while
+    /// layer `l-1` trains batch `t+1`. Layer `l` needs only `a_{l-1}` of batch `t`, computed with
+    /// layer `l-1`'s weights after its update on batch `t`, exactly as [`Trainer::train_batch`]
+    /// computes it, and each layer's own steps run in batch order: the results are bit-identical
+    /// to calling `train_batch` on each batch, for any rig and any timing. (An update rule with
+    /// state keeps it per layer, as the [`WeightStep`] it is given names the layer; calls for
+    /// different layers may come in either order.) Returns each batch's losses, as `train_batch`.
+    pub fn train_batches_pipelined(
+        &mut self,
+        batches: &[TrainBatch<'_>],
+    ) -> Result<Vec<Vec<f64>>, OracleError>
+    where
+        O: Send,
+    {
+        let hyper = self.hyper.clone();
+        let depth = self.layers.len();
+        let rule = Mutex::new(&mut *self.rule);
+        type Done = Result<(Vec<f64>, u64, Duration), Option<OracleError>>;
+        let results: Vec<Done> = std::thread::scope(|scope| {
+            let mut upstream: Option<mpsc::Receiver<Activations>> = None;
+            let layers = self.oracles.iter_mut().zip(&mut self.layers);
+            let workers: Vec<_> = layers
+                .enumerate()
+                .map(|(l, (oracle, state))| {
+                    let (to_next, from_this) = mpsc::channel::<Activations>();
+                    let from_previous = upstream.replace(from_this);
+                    let (rule, hyper) = (&rule, &hyper);
+                    scope.spawn(move || -> Done {
+                        let mut scratch = Scratch::default();
+                        let (mut losses, mut evaluations) = (Vec::new(), 0);
+                        let mut busy = Duration::ZERO;
+                        for b in batches {
+                            let received;
+                            let input = match &from_previous {
+                                None => b.input,
+                                // A closed channel: a layer before this one failed.
+                                Some(rx) => match rx.recv() {
+                                    Ok(a) => {
+                                        received = a;
+                                        &received
+                                    }
+                                    Err(_) => return Err(None),
+                                },
+                            };
+                            let step = LayerStep {
+                                layer: l,
+                                epoch: b.epoch,
+                                batch: b.batch,
+                                hyper,
+                            };
+                            let start = Instant::now();
+                            let done = step
+                                .train(oracle, state, rule, &mut scratch, input, b.labels)
+                                .map_err(Some)?;
+                            busy += start.elapsed();
+                            evaluations += done.evaluations;
+                            losses.push(done.loss);
+                            // A closed channel: a layer after this one failed.
+                            if l + 1 < depth && to_next.send(done.next_input).is_err() {
+                                return Err(None);
+                            }
+                        }
+                        Ok((losses, evaluations, busy))
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut per_layer = Vec::with_capacity(depth);
+        let mut failure = None;
+        for (l, result) in results.into_iter().enumerate() {
+            match result {
+                Ok((losses, evaluations, busy)) => {
+                    self.evaluations += evaluations;
+                    self.busy[l] += busy;
+                    per_layer.push(losses);
+                }
+                Err(e) => failure = failure.or(e),
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok((0..batches.len())
+            .map(|t| per_layer.iter().map(|losses| losses[t]).collect())
+            .collect())
+    }
+
+    /// Seconds each layer has spent on its training steps (its oracle's requests and the host's
+    /// arithmetic for it, not waiting for its input), since the trainer was built.
+    pub fn layer_busy_seconds(&self) -> Vec<f64> {
+        self.busy.iter().map(Duration::as_secs_f64).collect()
     }
 
     /// Evaluates both prediction modes and every layer on `split`, through the oracles

@@ -4,7 +4,7 @@ use super::{Link, LinkCounters, LinkError, Transport, request_name};
 use crate::direction::{DirectionSeed, UpdateTerm};
 use crate::message::{
     ActivationEncoding, ChunkRange, DeviceError, DeviceInfo, ForwardMode, LayerDescriptor,
-    PROTOCOL_VERSION, Packed, Request, Response, peek_hello_version,
+    PROTOCOL_VERSION, Packed, PixelNormaliser, Request, Response, peek_hello_version,
 };
 
 /// Why a call got no value: the link failed, the device refused, or its reply made no sense.
@@ -163,6 +163,25 @@ impl<T: Transport> Client<T> {
             rows,
             offset,
             values: Packed::Items(values),
+        })
+    }
+
+    /// Values `offset..` of an input batch as 8-bit pixels the device normalises
+    /// ([`Request::LoadPixels`]).
+    pub fn load_pixels(
+        &mut self,
+        layer: u8,
+        rows: u32,
+        offset: u32,
+        normaliser: PixelNormaliser,
+        pixels: &[u8],
+    ) -> Result<(), ClientError> {
+        self.ack(&Request::LoadPixels {
+            layer,
+            rows,
+            offset,
+            normaliser,
+            pixels,
         })
     }
 

@@ -231,6 +231,7 @@ pub fn request_name(request: &Request<'_>) -> &'static str {
         Request::Hello { .. } => "Hello",
         Request::DescribeLayer { .. } => "DescribeLayer",
         Request::LoadInput { .. } => "LoadInput",
+        Request::LoadPixels { .. } => "LoadPixels",
         Request::SetParameters { .. } => "SetParameters",
         Request::ReadParameters { .. } => "ReadParameters",
         Request::EvaluatePerturbed { .. } => "EvaluatePerturbed",

@@ -18,6 +18,9 @@ use crate::oracle::{
 /// Room for a request's fields around its bulk values, in bytes (generous).
 const REQUEST_OVERHEAD: usize = HEADER_LEN + CRC_LEN + 32;
 
+/// Room for a `LoadPixels` request's normaliser, beyond [`REQUEST_OVERHEAD`].
+const PIXEL_REQUEST_FIELDS: usize = 48;
+
 /// What the device said in the handshake.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceSummary {
@@ -34,6 +37,8 @@ pub struct DeviceSummary {
 pub struct SerialDevice {
     client: Arc<Mutex<Client>>,
     summary: DeviceSummary,
+    /// Whether a dataset's pixels go up as bytes ([`SerialDevice::send_pixels`]).
+    pixels: bool,
 }
 
 /// A refusal stays a refusal (the device is up and said no); every other failure is the link's.
@@ -152,7 +157,15 @@ impl SerialDevice {
         Ok(Self {
             client: Arc::new(Mutex::new(client)),
             summary,
+            pixels: true,
         })
+    }
+
+    /// Whether a dataset's pixels go up as bytes the device normalises (the default; the same
+    /// bits as f32 values, a quarter of the bytes), or as f32 values (`pixels=0`).
+    pub fn send_pixels(mut self, pixels: bool) -> Self {
+        self.pixels = pixels;
+        self
     }
 
     pub fn summary(&self) -> &DeviceSummary {
@@ -212,6 +225,7 @@ impl SerialDevice {
                 max_batch: self.summary.max_batch as usize,
                 max_directions: self.summary.max_directions as usize,
                 read_back: self.summary.capabilities.parameter_read_back,
+                takes_pixels: self.pixels,
                 rows: 0,
                 // The handshake's traffic (not its retries) is counted on the first layer.
                 share: if l == 0 {
@@ -239,6 +253,8 @@ pub struct SerialOracle {
     max_batch: usize,
     max_directions: usize,
     read_back: bool,
+    /// Whether to send a dataset's pixels as bytes (until the device says it does not know how).
+    takes_pixels: bool,
     /// Rows of the batch loaded last.
     rows: usize,
     /// This oracle's share of the link's traffic and health.
@@ -332,10 +348,38 @@ impl ForwardOracle for SerialOracle {
                 input.rows, self.max_batch
             )));
         }
-        let (layer, part) = (self.layer, self.part_len());
+        let (layer, part, rows) = (self.layer, self.part_len(), input.rows as u32);
+        // A dataset's pixels go up as bytes where the device normalises them itself (a quarter
+        // of the bytes, the same bits); a device that does not know the request gets f32s.
+        if let Some(pixels) = input
+            .pixels
+            .as_ref()
+            .filter(|p| self.takes_pixels && p.data.len() == input.data.len() && !p.data.is_empty())
+        {
+            let part = self.max_request - REQUEST_OVERHEAD - PIXEL_REQUEST_FIELDS;
+            let taken = self.with_link(|client, _| {
+                for (k, bytes) in pixels.data.chunks(part).enumerate() {
+                    let at = (k * part) as u32;
+                    match client.load_pixels(layer, rows, at, pixels.normaliser, bytes) {
+                        Err(ClientError::Refused {
+                            error: DeviceError::UnknownRequest,
+                            ..
+                        }) if k == 0 => return Ok(false),
+                        other => other?,
+                    }
+                }
+                Ok(true)
+            })?;
+            if taken {
+                self.rows = input.rows;
+                return Ok(());
+            }
+            tracing::info!("the device does not know LoadPixels: inputs go up as f32 values");
+            self.takes_pixels = false;
+        }
         self.with_link(|client, _| {
             for (k, values) in input.data.chunks(part).enumerate() {
-                client.load_input(layer, input.rows as u32, (k * part) as u32, values)?;
+                client.load_input(layer, rows, (k * part) as u32, values)?;
             }
             Ok(())
         })?;
