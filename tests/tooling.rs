@@ -405,6 +405,7 @@ fn metrics_file(name: &str, epochs: u32, layers: usize, offset: f64) -> PathBuf 
             test_accuracy_per_layer: (0..layers).map(|l| acc - 0.01 * l as f64).collect(),
             test_loss_per_layer: vec![1.0; layers],
             oracle_evaluations: 100 * e as u64,
+            eps: None,
         };
         s.push_str(&serde_json::to_string(&m).unwrap());
         s.push('\n');

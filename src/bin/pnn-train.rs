@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     let mut metrics_error = None;
     let write_metrics = |m: &pnn::report::metrics::EpochMetrics| {
         if let Some(f) = metrics_file.as_mut() {
-            let line = serde_json::to_string(m).expect("metrics serialise");
+            let line = m.to_json_line();
             if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
                 metrics_error.get_or_insert(e);
             }

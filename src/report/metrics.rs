@@ -19,6 +19,11 @@ pub struct EpochMetrics {
     pub test_loss_per_layer: Vec<f64>,
     /// Oracle forward evaluations for training, cumulative since the start of the run.
     pub oracle_evaluations: u64,
+    /// `--eps auto`: each layer's eps at the epoch's end. Not part of this type's serde form
+    /// (a checkpoint's postcard layout of it is fixed): the metrics file adds it as the key `eps`
+    /// ([`EpochMetrics::to_json_line`]), a checkpoint carries it in its options' state.
+    #[serde(skip)]
+    pub eps: Option<Vec<f32>>,
 }
 
 impl EpochMetrics {
@@ -42,6 +47,21 @@ impl EpochMetrics {
             test_accuracy_per_layer: eval.accuracy_per_layer.clone(),
             test_loss_per_layer: eval.loss_per_layer.clone(),
             oracle_evaluations,
+            eps: None,
+        }
+    }
+
+    /// One line of the `--metrics` file: the serde form, with `eps` where there is one.
+    pub fn to_json_line(&self) -> String {
+        let line = serde_json::to_string(self).expect("metrics serialise");
+        match &self.eps {
+            // The object's closing brace, then one more key.
+            Some(eps) => format!(
+                "{},\"eps\":{}}}",
+                &line[..line.len() - 1],
+                serde_json::to_string(eps).expect("numbers serialise")
+            ),
+            None => line,
         }
     }
 }

@@ -88,6 +88,11 @@ pub struct Checkpoint {
 pub struct OptionsState {
     /// [`crate::train::update::UpdateRule::state`]: momentum's or Adam's moments.
     pub rule_state: Vec<f32>,
+    /// `--eps auto`: each layer's eps now.
+    pub chosen_eps: Vec<f32>,
+    /// `--eps auto`: each completed epoch's eps per layer, as its metrics reported them
+    /// ([`EpochMetrics::eps`], which the payload's metrics do not carry).
+    pub eps_history: Vec<Vec<f32>>,
 }
 
 impl OptionsState {
@@ -167,6 +172,7 @@ impl Checkpoint {
             projections: self.projections.clone(),
             oracle_evaluations: self.oracle_evaluations,
             rule_state: self.options.rule_state.clone(),
+            chosen_eps: self.options.chosen_eps.clone(),
         }
     }
 
@@ -241,6 +247,13 @@ impl Checkpoint {
         if !rest.is_empty() {
             checkpoint.options = postcard::from_bytes(rest)
                 .map_err(|e| format!("the estimator options' state does not decode: {e}"))?;
+            for (m, eps) in checkpoint
+                .metrics
+                .iter_mut()
+                .zip(&checkpoint.options.eps_history)
+            {
+                m.eps = Some(eps.clone());
+            }
         }
         Ok(checkpoint)
     }

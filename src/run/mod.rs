@@ -265,6 +265,10 @@ impl RunState {
             settings: config.settings.clone(),
             options: checkpoint::OptionsState {
                 rule_state: snapshot.host.rule_state,
+                chosen_eps: snapshot.host.chosen_eps,
+                eps_history: (self.metrics.iter())
+                    .filter_map(|m| m.eps.clone())
+                    .collect(),
             },
         }
     }
@@ -517,7 +521,7 @@ pub fn run_with<O: ForwardOracle>(
                 Ok(eval) => eval,
                 Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
             };
-            let metrics = EpochMetrics::new(
+            let mut metrics = EpochMetrics::new(
                 epoch + 1,
                 state.epoch_train_seconds,
                 eval_start.elapsed().as_secs_f64(),
@@ -529,6 +533,7 @@ pub fn run_with<O: ForwardOracle>(
                 &eval,
                 trainer.oracle_evaluations(),
             );
+            metrics.eps = trainer.chosen_eps();
             observer.epoch_done(&metrics);
             state.metrics.push(metrics);
             last_eval = Some(eval);

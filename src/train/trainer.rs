@@ -45,6 +45,10 @@ pub struct Hyper {
     /// The update rule stepping the estimate ([`Optimizer`]; SGD, the paper's, by default).
     #[serde(default, skip_serializing_if = "Optimizer::is_sgd")]
     pub optimizer: Optimizer,
+    /// `--eps auto`: each layer's eps is chosen from the device's measured noise
+    /// ([`estimator::choose_eps`]), `eps` being the least it takes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eps_auto: bool,
 }
 
 impl Default for Hyper {
@@ -58,6 +62,7 @@ impl Default for Hyper {
             seed: 0,
             difference: Difference::Central,
             optimizer: Optimizer::Sgd,
+            eps_auto: false,
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct HostState {
     /// The update rule's state ([`UpdateRule::state`]: momentum's or Adam's moments; empty for
     /// SGD).
     pub rule_state: Vec<f32>,
+    /// `--eps auto`: the eps each layer's weights are perturbed by now (empty otherwise).
+    pub chosen_eps: Vec<f32>,
 }
 
 const SHUFFLE_DOMAIN: u64 = 0x706E_6E2D_7368_7566; // "pnn-shuf"
@@ -130,6 +137,8 @@ pub struct Trainer<O> {
     hyper: Hyper,
     evaluations: u64,
     rule: Box<dyn UpdateRule + Send + Sync>,
+    /// Each layer's eps for its weights: `hyper.eps`, or `--eps auto`'s choice.
+    eps: Vec<f32>,
     scratch: Scratch,
 }
 
@@ -184,9 +193,10 @@ impl<O: ForwardOracle> Trainer<O> {
         }
         Ok(Self {
             oracles,
-            layers,
             evaluations: 0,
             rule: hyper.optimizer.rule(),
+            eps: vec![hyper.eps; layers.len()],
+            layers,
             hyper,
             scratch: Scratch::default(),
         })
@@ -220,6 +230,7 @@ impl<O: ForwardOracle> Trainer<O> {
             .rule
             .restore_state(&state.rule_state)
             .map_err(OracleError::Shape)?;
+        trainer.restore_eps(&state.chosen_eps)?;
         Ok(trainer)
     }
 
@@ -229,7 +240,29 @@ impl<O: ForwardOracle> Trainer<O> {
             projections: self.layers.iter().map(|l| l.projection.clone()).collect(),
             oracle_evaluations: self.evaluations,
             rule_state: self.rule.state(),
+            chosen_eps: self.chosen_eps().unwrap_or_default(),
         }
+    }
+
+    /// `--eps auto`: each layer's eps now; `None` without it.
+    pub fn chosen_eps(&self) -> Option<Vec<f32>> {
+        self.hyper.eps_auto.then(|| self.eps.clone())
+    }
+
+    fn restore_eps(&mut self, chosen: &[f32]) -> Result<(), OracleError> {
+        if chosen.is_empty() {
+            self.eps.iter_mut().for_each(|e| *e = self.hyper.eps);
+        } else if chosen.len() == self.eps.len() && self.hyper.eps_auto {
+            self.eps.copy_from_slice(chosen);
+        } else {
+            return Err(OracleError::Shape(format!(
+                "{} chosen eps values for {} layers (eps auto: {})",
+                chosen.len(),
+                self.eps.len(),
+                self.hyper.eps_auto
+            )));
+        }
+        Ok(())
     }
 
     /// Puts back a state from [`Trainer::host_state`] and programs every layer from it (a device
@@ -260,7 +293,8 @@ impl<O: ForwardOracle> Trainer<O> {
         self.evaluations = state.oracle_evaluations;
         self.rule
             .restore_state(&state.rule_state)
-            .map_err(OracleError::Shape)
+            .map_err(OracleError::Shape)?;
+        self.restore_eps(&state.chosen_eps)
     }
 
     pub fn hyper(&self) -> &Hyper {
@@ -311,6 +345,36 @@ impl<O: ForwardOracle> Trainer<O> {
             let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
             oracle.load_input(produced.as_ref().unwrap_or(input))?;
             let s = &mut self.scratch;
+            if hyper.eps_auto
+                && batch.is_multiple_of(estimator::EPS_AUTO_RECHECK_BATCHES)
+                && let Some(first) = state.weight_chunks.first()
+            {
+                // Directions of their own (indices past any P), so the training's are untouched.
+                let seeds: Vec<_> = (0..hyper.directions)
+                    .map(|p| key(ParamGroup::Weights, 0, 64 + p))
+                    .collect();
+                let choice = estimator::choose_eps(
+                    oracle,
+                    &state.projection,
+                    first,
+                    &seeds,
+                    hyper.eps,
+                    labels,
+                    &mut s.estimator,
+                )?;
+                self.evaluations += choice.evaluations;
+                if choice.eps != self.eps[l] {
+                    tracing::info!(
+                        "eps auto, layer {}: eps {} (clean-loss spread {:.3e}, mean |L+ - L-| {:.3e})",
+                        l + 1,
+                        choice.eps,
+                        choice.noise,
+                        choice.signal
+                    );
+                }
+                self.eps[l] = choice.eps;
+            }
+            let eps = self.eps[l];
             // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
             for (k, chunk) in state.weight_chunks.iter().enumerate() {
                 let seeds: Vec<_> = (0..hyper.directions)
@@ -322,7 +386,7 @@ impl<O: ForwardOracle> Trainer<O> {
                     &state.projection,
                     chunk,
                     &seeds,
-                    hyper.eps,
+                    eps,
                     hyper.difference,
                     labels,
                     &mut s.estimator,
