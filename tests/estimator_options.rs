@@ -145,3 +145,28 @@ fn eps_auto_leaves_the_ideal_device_alone_and_opens_up_on_quantised_and_noisy_on
     let (_, eps) = eps_auto(&profile("aihwkit-io"), &MLP);
     assert!(eps.iter().all(|&e| e > 0.5), "{eps:?}");
 }
+
+#[test]
+fn the_exact_gradient_baselines_are_refused_where_no_gradient_can_be_had() {
+    let pcm = format!("sim:{}/devices/pcm.ron", env!("CARGO_MANIFEST_DIR"));
+    for (args, what) in [
+        (
+            vec!["--method", "mf-exact", "--backend", "serial:/dev/null"],
+            "a device (or a simulated device profile) cannot give",
+        ),
+        (
+            vec!["--method", "bp", "--backend", pcm.as_str()],
+            "run it with --backend sim",
+        ),
+        (
+            vec!["--method", "mf-exact", "--arch", "cnn"],
+            "--arch mlp only",
+        ),
+        (vec!["--method", "backprop"], "expected dd, mf-exact or bp"),
+    ] {
+        let out = pnn_train(&[&args[..], &["--epochs", "1"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(what), "{args:?}: {err}");
+    }
+}

@@ -6,6 +6,7 @@
 //! saved to disk), [`recovery`] (surviving device resets) and [`noise_sweep`] (runs across the
 //! levels of one hardware effect).
 
+pub mod baseline;
 pub mod checkpoint;
 pub mod noise_sweep;
 pub mod recovery;
@@ -54,6 +55,8 @@ pub struct RunConfig {
     pub settings: Option<String>,
     /// Simulated layers evaluate by the reference choreography, not the fast paths.
     pub exact_reference: bool,
+    /// MF+DD (the default) or an exact-gradient baseline ([`baseline`]).
+    pub method: crate::train::exact::Method,
     /// Evaluate on the test set at every epoch's end (and report [`EpochMetrics`]); otherwise
     /// once, after the last epoch. The noise sweep evaluates once: on a noisy device an
     /// evaluation draws from the device's noise streams, so it would change the training after it.
@@ -79,6 +82,7 @@ impl RunConfig {
             resume: None,
             settings: None,
             exact_reference: false,
+            method: crate::train::exact::Method::Dd,
             evaluate_each_epoch: true,
         }
     }
@@ -122,6 +126,14 @@ impl RunError {
 /// Loads the data, builds the backend's oracles and trains, reporting to `observer` (a closure
 /// `FnMut(&EpochMetrics)` is one).
 pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary, RunError> {
+    if config.method != crate::train::exact::Method::Dd {
+        // Refused before the data loads: the message is about the settings.
+        if let Some(why) = baseline::refusal(config) {
+            return Err(RunError::Config(why));
+        }
+        let (data, model) = load(config)?;
+        return baseline::run_baseline(config, &data, &model, observer);
+    }
     let (data, model) = load(config)?;
     let specs = model.layer_specs();
     let mut oracles = backend::open(&config.backend, &specs)?;

@@ -35,6 +35,7 @@ use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
 use crate::train::Hyper;
 use crate::train::estimator::Difference;
+use crate::train::exact::Method;
 use crate::train::update::Optimizer;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
@@ -178,6 +179,12 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<Optimizer>,
+    /// Training method: dd (MF+DD, the paper's, through the backend), or an exact-gradient
+    /// baseline on the host, ideal simulator and MLP only: mf-exact (Mono-Forward with analytic
+    /// local gradients, the thesis' MF+AD) or bp (backpropagation with a linear head) [default: dd]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
     /// Perturbation directions P per chunk, 1 to 64 [default: 4]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     #[serde(default, deserialize_with = "de_directions", skip_serializing_if = "Option::is_none")]
@@ -469,6 +476,7 @@ impl ExperimentConfig {
             optimizer: self.optimizer.unwrap_or(defaults.optimizer),
             eps_auto: self.eps == Some(Eps::Auto),
         };
+        run.method = self.method.unwrap_or_default();
         run.limit_train = self.limit_train;
         run.limit_test = self.limit_test;
         run.max_batches = self.max_batches;
@@ -647,6 +655,7 @@ mod tests {
             eps: Some(Eps::Fixed(0.1)),
             difference: Some(Difference::Forward),
             optimizer: Some(Optimizer::Adam),
+            method: Some(Method::Bp),
             directions: Some(8),
             chunk_max: Some(1000),
             seed: Some(u64::MAX),
