@@ -14,14 +14,22 @@
 //! `PNN_BENCH_REFERENCE=0` skips the reference path (to profile the fast path alone);
 //! `PNN_THREADS` sets the simulator's threads (default: the machine's logical cores; both paths
 //! get them).
+//!
+//! Where a Vulkan adapter exists (`pnn_gpu::adapters`), a second table times the GPU backend
+//! (`--backend gpu`) against the CPU simulator's fast path on the same machine, each in its own
+//! process: s/epoch of both and their ratio. `PNN_BENCH_ONLY=gpu:` runs that table alone
+//! (`scripts/gpu-check.sh` does); `PNN_BENCH_GPU_BATCHES` times only the first N batches of every
+//! configuration there, scaled to an epoch (said in the output; the large ones always are on the
+//! CPU). Configurations the GPU backend refuses (CNN blocks) say so in their row.
 
 use std::process::Command;
 use std::time::Instant;
 
+use pnn::backend::gpu::GpuOracle;
 use pnn::backend::sim::SimOracle;
 use pnn::data::{Dataset, DatasetKind, Normalizer, Split, resolve_data_dir};
 use pnn::model::{ArchKind, DEFAULT_PROJ_DIM, ModelSpec, initialise};
-use pnn::oracle::Activations;
+use pnn::oracle::{Activations, ForwardOracle};
 use pnn::train::{Hyper, Trainer, epoch_order};
 use pnn_sim::Choreography;
 use pnn_sim::matmul::flops_so_far;
@@ -89,8 +97,61 @@ const BENCHES: &[Bench] = &[
     },
 ];
 
+/// A configuration of the GPU table: timed on the GPU backend and on the CPU simulator.
+struct GpuBench {
+    name: &'static str,
+    dataset: DatasetKind,
+    arch: ArchKind,
+    hidden: Option<&'static [usize]>,
+    random_data: bool,
+    /// Batches the CPU side times, scaled to an epoch (None: a whole epoch).
+    cpu_batches: Option<usize>,
+}
+
+const GPU_BENCHES: &[GpuBench] = &[
+    GpuBench {
+        name: "gpu:mnist-mlp-784-50-50-P4",
+        dataset: DatasetKind::Mnist,
+        arch: ArchKind::Mlp,
+        hidden: None,
+        random_data: false,
+        cpu_batches: None,
+    },
+    GpuBench {
+        name: "gpu:cifar10-shaped-mlp-3072-200x4-P4",
+        dataset: DatasetKind::Cifar10,
+        arch: ArchKind::Mlp,
+        hidden: None,
+        random_data: true,
+        cpu_batches: None,
+    },
+    GpuBench {
+        name: "gpu:mnist-cnn-32-32-P4",
+        dataset: DatasetKind::Mnist,
+        arch: ArchKind::Cnn,
+        hidden: None,
+        random_data: false,
+        cpu_batches: Some(20),
+    },
+    GpuBench {
+        name: "gpu:cifar10-shaped-cnn-128-128-P4",
+        dataset: DatasetKind::Cifar10,
+        arch: ArchKind::Cnn,
+        hidden: Some(&[128, 128]),
+        random_data: true,
+        cpu_batches: Some(4),
+    },
+];
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--gpu-child") {
+        let bench = GPU_BENCHES
+            .iter()
+            .find(|b| b.name == args[i + 1])
+            .expect("known benchmark");
+        return gpu_child(bench, &args[i + 2]);
+    }
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let bench = BENCHES
             .iter()
@@ -122,6 +183,116 @@ fn main() {
             ),
         }
     }
+    gpu_table(&only);
+}
+
+/// The GPU table (see the module docs), where an adapter exists.
+fn gpu_table(only: &str) {
+    let benches: Vec<&GpuBench> = GPU_BENCHES
+        .iter()
+        .filter(|b| b.name.contains(only))
+        .collect();
+    if benches.is_empty() {
+        return;
+    }
+    let adapters = pnn_gpu::adapters();
+    if adapters.is_empty() {
+        println!("GPU configurations skipped: no Vulkan adapter on this machine");
+        return;
+    }
+    let names: Vec<&str> = adapters.iter().map(|a| a.name.as_str()).collect();
+    println!(
+        "GPU backend against the CPU simulator (adapters: {names:?}; PNN_GPU_ADAPTER picks one)"
+    );
+    println!(
+        "{:<38} {:>12} {:>12} {:>9}",
+        "configuration", "CPU s/epoch", "GPU s/epoch", "CPU/GPU"
+    );
+    for bench in benches {
+        let mut seconds = [f64::NAN; 2];
+        let mut notes = Vec::new();
+        for (side, at) in [("cpu", 0), ("gpu", 1)] {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args(["--gpu-child", bench.name, side])
+                .output()
+                .expect("child runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let last = text.lines().last().unwrap_or_default();
+            match last.split_once(' ') {
+                Some((s, note)) if out.status.success() => {
+                    seconds[at] = s.parse().unwrap_or(f64::NAN);
+                    if !note.trim().is_empty() {
+                        notes.push(format!("{side}: {}", note.trim()));
+                    }
+                }
+                _ => {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    let why = err
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("");
+                    notes.push(format!("{side} failed: {why}"));
+                }
+            }
+        }
+        println!(
+            "{:<38} {:>12.3} {:>12.3} {:>8.1}x {}",
+            bench.name,
+            seconds[0],
+            seconds[1],
+            seconds[0] / seconds[1],
+            notes.join("; ")
+        );
+    }
+}
+
+/// One side of a GPU-table row: prints `seconds note` (seconds per epoch).
+fn gpu_child(bench: &GpuBench, side: &str) {
+    let data = load_data(bench.dataset, bench.random_data);
+    let hidden = bench.hidden.map(|h| h.to_vec());
+    let model =
+        ModelSpec::new(bench.dataset, bench.arch, hidden, DEFAULT_PROJ_DIM, 0).expect("model");
+    let hyper = Hyper::default();
+    let specs = model.layer_specs();
+    let env_batches: Option<usize> = std::env::var("PNN_BENCH_GPU_BATCHES")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let (seconds, _, all, batches) = if side == "gpu" {
+        let gpu = match pnn_gpu::Gpu::open(std::env::var("PNN_GPU_ADAPTER").ok().as_deref()) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        };
+        let oracles: Result<Vec<GpuOracle>, _> = (specs.iter())
+            .map(|s| GpuOracle::new(std::sync::Arc::clone(&gpu), *s))
+            .collect();
+        let oracles = oracles.unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(1);
+        });
+        let (s, f, all) = time_with(&data, &model, &hyper, oracles, env_batches);
+        (s, f, all, env_batches)
+    } else {
+        let batches = env_batches.or(bench.cpu_batches);
+        let (s, f, all) = time_with(
+            &data,
+            &model,
+            &hyper,
+            SimOracle::for_layers(&specs),
+            batches,
+        );
+        (s, f, all, batches)
+    };
+    match batches.filter(|&k| k < all) {
+        Some(k) => println!(
+            "{} ({k} of {all} batches, scaled)",
+            seconds * all as f64 / k as f64
+        ),
+        None => println!("{seconds} "),
+    }
 }
 
 fn random_split(n: usize, width: usize, classes: usize, rng: &mut ChaCha8Rng) -> Split {
@@ -133,21 +304,25 @@ fn random_split(n: usize, width: usize, classes: usize, rng: &mut ChaCha8Rng) ->
 }
 
 fn load(bench: &Bench) -> Dataset {
-    if bench.random_data {
+    load_data(bench.dataset, bench.random_data)
+}
+
+fn load_data(dataset: DatasetKind, random_data: bool) -> Dataset {
+    if random_data {
         // CIFAR is not on these machines; random images of the real shape time the same work.
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let train = random_split(50_000, 3072, 10, &mut rng);
         let test = random_split(10_000, 3072, 10, &mut rng);
         let normalizer = Normalizer::from_training_set(&train, 3);
         return Dataset {
-            kind: bench.dataset,
+            kind: dataset,
             train,
             test,
             normalizer,
         };
     }
     let dir = resolve_data_dir(None).expect("real data (set PNN_DATA_DIR)");
-    Dataset::load(bench.dataset, &dir).expect("dataset loads")
+    Dataset::load(dataset, &dir).expect("dataset loads")
 }
 
 /// Seconds for `batches` batches of epoch 0 (all of them when None), and the products' flops.
@@ -162,6 +337,18 @@ fn time_batches(
     oracles
         .iter_mut()
         .for_each(|o| o.set_choreography(choreography));
+    time_with(data, model, hyper, oracles, batches)
+}
+
+/// Seconds for `batches` batches of epoch 0 through `oracles`, the products' flops (CPU
+/// simulator only), and the epoch's batches.
+fn time_with<O: ForwardOracle>(
+    data: &Dataset,
+    model: &ModelSpec,
+    hyper: &Hyper,
+    oracles: Vec<O>,
+    batches: Option<usize>,
+) -> (f64, u64, usize) {
     let init = initialise(&model.layer_specs(), model.classes, hyper.seed);
     let mut trainer = Trainer::new(oracles, init, hyper.clone()).expect("trainer");
     let order = epoch_order(hyper.seed, 0, data.train.len());

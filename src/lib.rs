@@ -11,6 +11,7 @@ pub mod model;
 pub mod oracle;
 pub mod report;
 pub mod run;
+pub mod sweep;
 pub mod train;
 
 // Old paths of the training modules, kept while colleagues' code still names them; to be

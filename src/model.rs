@@ -353,10 +353,35 @@ mod tests {
         assert_ne!(a.layers, c.layers);
         let bound = 1.0 / 784f32.sqrt();
         assert!(a.layers[0].iter().all(|w| w.abs() <= bound));
-        // Uniform on ±bound: the largest magnitude is close to the bound, the mean close to 0.
+        // Uniform on ±bound: the largest magnitude is close to the bound, the mean close to 0
+        // and the variance bound²/3 (a one-sided or narrower draw fails one of them).
         let max = a.layers[0].iter().fold(0f32, |m, w| m.max(w.abs()));
         assert!(max > 0.99 * bound);
+        assert_uniform(&a.layers[0], bound);
         let m_bound = 1.0 / 10f32.sqrt();
         assert!(a.projections[1].data.iter().all(|w| w.abs() <= m_bound));
+        assert_uniform(&a.projections[0].data, m_bound);
+        assert_uniform(&a.layers[1], 1.0 / 50f32.sqrt());
+    }
+
+    /// `values` look uniform on ±bound: mean within 5 standard errors of 0, variance within 5%
+    /// of bound²/3 (5 standard errors for the smallest set checked, 500 values).
+    fn assert_uniform(values: &[f32], bound: f32) {
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&w| w as f64).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|&w| (w as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let want = (bound as f64).powi(2) / 3.0;
+        assert!(
+            mean.abs() < 5.0 * (want / n).sqrt(),
+            "mean {mean} of {n} values on ±{bound}"
+        );
+        assert!(
+            (var / want - 1.0).abs() < 0.05 + 5.0 * (0.8 / n).sqrt(),
+            "variance {var}, uniform on ±{bound} has {want}"
+        );
     }
 }

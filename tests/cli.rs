@@ -24,6 +24,13 @@ fn two_epochs_on_mnist_learn() {
     let s = summary(&out);
     let acc = s["test_accuracy_cumulative"].as_f64().unwrap();
     assert!(acc >= 0.60, "cumulative test accuracy {acc} after 2 epochs");
+    // The last layer learns too (seeds 0-7: 0.18-0.31; a dead layer 2 scores 0.06-0.19, see
+    // tests/learning.rs, which also pins the step size).
+    let last = s["test_accuracy_final_layer"].as_f64().unwrap();
+    assert!(
+        last >= 0.15,
+        "final-layer test accuracy {last} after 2 epochs"
+    );
     assert_eq!(s["epochs"], 2);
     assert_eq!(s["directions"], 4);
     assert_eq!(s["train_samples"], 60_000);
@@ -125,7 +132,11 @@ fn invalid_arguments_are_rejected_with_a_clear_message() {
         (&["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (&["--hidden", "50,x"], "'x' is not a width"),
         (&["--hidden", "50,0"], "at least 1"),
-        (&["--backend", "gpu"], "unknown backend 'gpu'"),
+        (&["--backend", "tpu"], "unknown backend 'tpu'"),
+        (
+            &["--backend", "gpu:"],
+            "an adapter name or a device profile",
+        ),
         (&["--batch-size", "0"], "at least 1"),
     ];
     for (args, expect) in cases {
@@ -179,6 +190,9 @@ fn exact_reference_trains_as_the_fast_path_does() {
         // test predictions that sit on a decision boundary (3 here, 0.0015): 10 at most.
         assert!((a - b).abs() <= 0.005, "{key}: fast {a}, reference {b}");
     }
+    // Not the same run: the reference choreography rounds `w ± eps v` to f32, the fast path
+    // does not (see tests/conformance.rs), so a flag that changed nothing would give equal weights.
+    assert_ne!(fast["weights_sha256"], reference["weights_sha256"]);
     let (code, _, err) = pnn_train(&[
         "--exact-reference",
         "--backend",
@@ -191,4 +205,45 @@ fn exact_reference_trains_as_the_fast_path_does() {
         err.contains("exact_reference") || err.contains("exact-reference"),
         "{err}"
     );
+}
+
+/// `--exact-reference` runs the reference choreography itself: its weights are, bit for bit,
+/// those of the same run through the library on simulated layers switched to
+/// `Choreography::Reference`, and not those of the fast path.
+#[test]
+fn exact_reference_runs_the_reference_choreography() {
+    use pnn::backend::sim::SimOracle;
+    use pnn::data::DatasetKind;
+    use pnn::report::observe::NoObserver;
+    use pnn::run::{RunConfig, load, run_with};
+    use pnn_sim::Choreography;
+
+    let args = [
+        "--epochs",
+        "1",
+        "--max-batches",
+        "3",
+        "--limit-test",
+        "200",
+        "--seed",
+        "5",
+    ];
+    let (code, out, err) = pnn_train(&[&args[..], &["--exact-reference"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let cli = summary(&out)["weights_sha256"].clone();
+    let mut config = RunConfig::new(DatasetKind::Mnist);
+    config.data_dir = Some(common::data_dir());
+    (config.epochs, config.max_batches, config.limit_test) = (1, Some(3), Some(200));
+    config.hyper.seed = 5;
+    let (data, model) = load(&config).unwrap();
+    let library = |choreography| {
+        let mut oracles = SimOracle::for_layers(&model.layer_specs());
+        oracles
+            .iter_mut()
+            .for_each(|o| o.set_choreography(choreography));
+        let s = run_with(&config, &data, &model, oracles, NoObserver).unwrap();
+        serde_json::Value::from(s.weights_sha256)
+    };
+    assert_eq!(cli, library(Choreography::Reference));
+    assert_ne!(cli, library(Choreography::Fast));
 }

@@ -2,11 +2,16 @@
 //! 4.4: BatchNorm running statistics snapshotted and restored), and CNN training through the
 //! trainer is deterministic with the host's shadow equal to the device's parameters.
 
+use std::ops::Range;
+
 use firmware_protocol::DirectionSeed;
 use firmware_protocol::direction::direction_values;
 use pnn::backend::sim::SimOracle;
 use pnn::model::{ModelSpec, initialise};
-use pnn::oracle::{Activations, ForwardMode, ForwardOracle, LayerShape};
+use pnn::oracle::{
+    Activations, ForwardMode, ForwardOracle, ForwardOutput, LayerShape, OracleError, PerturbedPair,
+    UpdateTerm,
+};
 use pnn::train::{Hyper, Trainer};
 use pnn_sim::Choreography;
 
@@ -83,8 +88,62 @@ fn perturbed_evaluation_leaves_running_statistics_and_parameters_bit_identical()
     }
 }
 
-/// Trains a small two-block CNN on synthetic 1x12x12 images for a few batches.
+/// A simulated block seen as a device elsewhere: no in-process capability, so the trainer keeps
+/// its shadow by computing each update itself (`firmware_protocol::direction::apply_update`)
+/// instead of copying the block's parameters.
+struct Remote(SimOracle);
+
+impl ForwardOracle for Remote {
+    fn spec(&self) -> &LayerShape {
+        self.0.spec()
+    }
+    fn write_parameters(&mut self, params: &[f32]) -> Result<(), OracleError> {
+        self.0.write_parameters(params)
+    }
+    fn read_parameters(&mut self) -> Result<Vec<f32>, OracleError> {
+        self.0.read_parameters()
+    }
+    fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
+        self.0.load_input(input)
+    }
+    fn forward(&mut self, mode: ForwardMode) -> Result<ForwardOutput, OracleError> {
+        self.0.forward(mode)
+    }
+    fn evaluate_perturbed(
+        &mut self,
+        chunk: Range<usize>,
+        seeds: &[DirectionSeed],
+        eps: f32,
+        out: &mut Vec<PerturbedPair>,
+    ) -> Result<(), OracleError> {
+        self.0.evaluate_perturbed(chunk, seeds, eps, out)
+    }
+    fn apply_update(
+        &mut self,
+        chunk: Range<usize>,
+        scale: f32,
+        terms: &[UpdateTerm],
+    ) -> Result<(), OracleError> {
+        self.0.apply_update(chunk, scale, terms)
+    }
+    fn read_layer_state(&mut self) -> Result<Option<Vec<f32>>, OracleError> {
+        self.0.read_layer_state()
+    }
+    fn write_layer_state(&mut self, state: &[f32]) -> Result<(), OracleError> {
+        self.0.write_layer_state(state)
+    }
+}
+
+/// Trains a small two-block CNN on synthetic 1x12x12 images for a few batches, on in-process
+/// blocks or on the same blocks seen as [`Remote`] devices.
 fn train(seed: u64) -> (String, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    train_on(seed, SimOracle::for_layers)
+}
+
+fn train_on<O: ForwardOracle>(
+    seed: u64,
+    oracles: impl Fn(&[LayerShape]) -> Vec<O>,
+) -> (String, Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let model = ModelSpec {
         input_width: 144,
         hidden: vec![4, 6],
@@ -105,7 +164,7 @@ fn train(seed: u64) -> (String, Vec<Vec<f32>>, Vec<Vec<f32>>) {
         ..Hyper::default()
     };
     let init = initialise(&specs, model.classes, seed);
-    let mut trainer = Trainer::new(SimOracle::for_layers(&specs), init, hyper).unwrap();
+    let mut trainer = Trainer::new(oracles(&specs), init, hyper).unwrap();
     for b in 0..3 {
         let x = gaussian(100 + b, 16 * 144);
         let labels: Vec<u8> = (0..16).map(|i| ((i + b as usize) % 3) as u8).collect();
@@ -126,6 +185,21 @@ fn train(seed: u64) -> (String, Vec<Vec<f32>>, Vec<Vec<f32>>) {
 fn cnn_training_is_seeded_and_the_shadow_equals_the_device() {
     let (sha, shadow, device) = train(3);
     assert_eq!(shadow, device, "host shadow and device parameters differ");
+    // In process the shadow is copied from the block, so the line above cannot fail there. Seen
+    // as a remote device, the host computes its shadow itself: it must still be the block's
+    // parameters bit for bit, and the run the in-process one.
+    let remote = |specs: &[LayerShape]| -> Vec<Remote> {
+        SimOracle::for_layers(specs)
+            .into_iter()
+            .map(Remote)
+            .collect()
+    };
+    let (remote_sha, remote_shadow, remote_device) = train_on(3, remote);
+    assert_eq!(
+        remote_shadow, remote_device,
+        "the host's own update and the block's differ"
+    );
+    assert_eq!(remote_sha, sha, "the in-process shortcut changed the run");
     assert_eq!(sha, train(3).0);
     assert_ne!(sha, train(4).0);
     // The updates moved every layer's parameters.

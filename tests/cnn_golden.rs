@@ -3,6 +3,8 @@
 //! arithmetic, the per-channel parameter layout, the chunking, the block's forward pass and its
 //! BatchNorm running statistics against someone else's reading of the paper.
 
+mod common;
+
 use std::fs::File;
 use std::path::PathBuf;
 
@@ -229,4 +231,125 @@ fn golden_cnn_batch_replays() {
         input = next;
     }
     assert_eq!(k, directions.len(), "every recorded direction replayed");
+}
+
+/// The recorded CNN batch through the real `Trainer::train_batch`, the real simulated conv blocks
+/// (their forward passes, BatchNorm and running statistics) and the real `Sgd`, directions and
+/// the steps' `L±` fed in by `common::replay`: `W`, `M` and the running statistics after the
+/// step must be the recording's.
+#[test]
+fn the_trainer_replays_the_recorded_cnn_batch() {
+    use common::replay::{ReplayOracle, ReplayRule, difference_gap, split_by_layer};
+    use pnn::backend::sim::SimOracle;
+    use pnn::model::InitialParams;
+    use pnn::oracle::ForwardOracle;
+    use pnn::train::{Hyper, Trainer};
+
+    let mut golden = Golden::open().expect("golden file (see golden_cnn_batch_replays)");
+    let hparams = golden.read::<f64>("hparams").1;
+    let (p, eps, lr, chunk_max) = (
+        hparams[0] as usize,
+        hparams[1] as f32,
+        hparams[2] as f32,
+        hparams[3] as usize,
+    );
+    let specs = specs();
+    let sizes: Vec<_> = (specs.iter())
+        .map(|s| (s.param_count(), s.feature_width() * CLASSES))
+        .collect();
+    let recording = split_by_layer(
+        &golden.f32("v_hat_concat"),
+        &golden.read::<i64>("v_hat_lengths").1,
+        &golden.read::<f64>("L_plus_minus").1,
+        p,
+        &sizes,
+    );
+    let mut oracles = Vec::new();
+    let mut init = InitialParams {
+        layers: Vec::new(),
+        projections: Vec::new(),
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        let mut sim = SimOracle::new(*spec);
+        (sim.conv_block_mut().expect("a conv block"))
+            .set_projection(&golden.f32(&format!("A{i}")))
+            .unwrap();
+        let mut stats = golden.f32(&format!("bn_mean{i}_before"));
+        stats.extend(golden.f32(&format!("bn_var{i}_before")));
+        sim.write_layer_state(&stats).unwrap();
+        oracles.push(ReplayOracle::new(sim, &recording[i].weights));
+        init.layers.push(golden.f32(&format!("theta{i}_before")));
+        init.projections.push(Projection::new(
+            spec.feature_width(),
+            CLASSES,
+            golden.f32(&format!("M{i}_before")),
+        ));
+    }
+    let hyper = Hyper {
+        lr,
+        eps,
+        directions: p,
+        chunk_max,
+        batch_size: 256,
+        seed: 0,
+        ..Hyper::default()
+    };
+    let rule = ReplayRule::new(recording.clone(), eps);
+    let log = rule.log.clone();
+    let mut trainer = Trainer::new(oracles, init, hyper)
+        .unwrap()
+        .with_update_rule(rule);
+    let labels: Vec<u8> = golden.read::<i64>("y").1.iter().map(|&y| y as u8).collect();
+    let x = Activations::new(256, 784, golden.f32("x"));
+    let clean_losses = trainer.train_batch(0, 0, &x, &labels).unwrap();
+
+    let state = trainer.host_state();
+    for i in 0..specs.len() {
+        let dw = max_diff(&state.shadows[i], &golden.f32(&format!("theta{i}_after")));
+        let dm = max_diff(
+            &state.projections[i].data,
+            &golden.f32(&format!("M{i}_after")),
+        );
+        let mut stats = golden.f32(&format!("bn_mean{i}_after"));
+        stats.extend(golden.f32(&format!("bn_var{i}_after")));
+        let oracle = &mut trainer.oracles_mut()[i];
+        let held = oracle.read_layer_state().unwrap().expect("BatchNorm state");
+        let ds = max_diff(&held, &stats);
+        eprintln!("layer {i}: W differs by {dw:.2e}, M by {dm:.2e}, running stats by {ds:.2e}");
+        assert!(
+            dw < 1e-6,
+            "layer {i}: W after the trainer's step differs by {dw}"
+        );
+        assert!(
+            dm < 1e-6,
+            "layer {i}: M after the trainer's step differs by {dm}"
+        );
+        assert!(ds < 1e-6, "layer {i}: running statistics differ by {ds}");
+        let params = oracle.inner.read_parameters().unwrap();
+        assert_eq!(
+            params, state.shadows[i],
+            "layer {i}: shadow and block differ"
+        );
+        assert_eq!(oracle.unused(), 0, "layer {i}: directions unused");
+        for &(lp, lm) in &recording[i].projection_losses {
+            let mid = (lp + lm) / 2.0;
+            assert!(
+                (mid - clean_losses[i]).abs() < 1e-6,
+                "layer {i}: clean loss {}, recorded midpoint {mid}",
+                clean_losses[i]
+            );
+        }
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(
+        log.len(),
+        recording.iter().map(|r| r.weights.len()).sum::<usize>()
+    );
+    let (worst, smallest) = difference_gap(&log, eps);
+    eprintln!("L+ - L-: largest gap {worst:.2e}, smallest recorded |L+ - L-| {smallest:.2e}");
+    assert!(
+        worst < smallest / 4.0,
+        "the trainer's L+ - L- differs from the recording by up to {worst:.2e}, against a \
+         smallest recorded difference of {smallest:.2e}"
+    );
 }

@@ -181,6 +181,61 @@ fn cifar10_binary_layout_is_read() {
     );
 }
 
+/// The CIFAR normaliser is the per-channel mean and population standard deviation of the
+/// training images (thesis section 4.3), each channel its own: computed here from the bytes
+/// written, with channels that differ.
+#[test]
+fn cifar10_normaliser_is_each_channels_training_statistics() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let record = |label: u8, seed: u32| {
+        let mut r = vec![label];
+        for c in 0..3u32 {
+            r.extend((0..1024u32).map(|i| ((i * (seed + 7 * c) + 40 * c) % 97 + 50 * c) as u8));
+        }
+        r
+    };
+    let mut train = Vec::new();
+    for b in 1..=5u8 {
+        let batch = [record(b, b as u32), record(9, 3 * b as u32 + 1)];
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch.concat()).unwrap();
+        train.extend(batch);
+    }
+    // The test set must not enter the statistics.
+    let mut bright = vec![255u8; 3073];
+    bright[0] = 0;
+    std::fs::write(dir.join("test_batch.bin"), bright).unwrap();
+    let d = Dataset::load(DatasetKind::Cifar10, root.path()).unwrap();
+    for c in 0..3 {
+        let values: Vec<f64> = (train.iter())
+            .flat_map(|r| r[1 + c * 1024..1 + (c + 1) * 1024].iter())
+            .map(|&v| v as f64 / 255.0)
+            .collect();
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let (m, s) = (d.normalizer.mean[c] as f64, d.normalizer.std[c] as f64);
+        assert!(
+            (m - mean).abs() < 1e-6,
+            "channel {c}: mean {m}, want {mean}"
+        );
+        assert!((s - std).abs() < 1e-6, "channel {c}: std {s}, want {std}");
+        // A normalised pixel of that channel.
+        let mut x = Vec::new();
+        d.normalizer.batch(&d.train, &[0], &mut x);
+        let raw = train[0][1 + c * 1024 + 5] as f64 / 255.0;
+        let got = x[c * 1024 + 5] as f64;
+        assert!(
+            (got - (raw - mean) / std).abs() < 1e-5,
+            "channel {c}: {got}"
+        );
+    }
+    assert!(
+        d.normalizer.mean[0] < d.normalizer.mean[1] && d.normalizer.mean[1] < d.normalizer.mean[2]
+    );
+}
+
 #[test]
 fn cifar100_uses_the_fine_label() {
     let root = tempfile::tempdir().unwrap();

@@ -824,31 +824,90 @@ fn the_ideal_profile_is_the_plain_simulator_bit_for_bit() {
     assert!(ideal.noise.is_ideal());
     let plain = drive(&NoiseModel::default(), Choreography::Fast);
     assert_eq!(drive(&ideal.noise, Choreography::Fast), plain);
-    let mut l = DenseLayer::new(13, 7);
-    l.set_params(&ramp(98)).unwrap();
-    let mut m = DenseLayer::with_noise(13, 7, &ideal.noise, 5);
-    m.set_params(&ramp(98)).unwrap();
-    assert!(m.device().is_none());
+    // The layer a profile builds is the plain layer: no device state, and the same features,
+    // perturbed features and updates, bit for bit, on both choreographies.
+    for choreography in [Choreography::Fast, Choreography::Reference] {
+        let mut l = DenseLayer::new(13, 7);
+        let mut m = DenseLayer::with_noise(13, 7, &ideal.noise, 5);
+        assert!(m.device().is_none());
+        let input: Vec<f32> = (0..26).map(|i| (i as f32 * 0.37).sin()).collect();
+        let seeds = [DirectionSeed(1), DirectionSeed(2)];
+        let terms = [UpdateTerm {
+            seed: DirectionSeed(1),
+            derivative: 0.5,
+        }];
+        let mut outputs = Vec::new();
+        for layer in [&mut l, &mut m] {
+            layer.set_choreography(choreography);
+            layer.set_params(&ramp(98)).unwrap();
+            layer.load_input(&input).unwrap();
+            let (mut features, mut pairs) = (Vec::new(), Vec::new());
+            layer.forward(&mut features).unwrap();
+            layer
+                .evaluate_perturbed(3..95, &seeds, 0.1, &mut pairs)
+                .unwrap();
+            layer.apply_update(0..98, 0.01, &terms).unwrap();
+            outputs.push((features, pairs, layer.params().to_vec()));
+        }
+        assert_eq!(outputs[0], outputs[1], "{choreography:?}");
+        assert_ne!(
+            outputs[0].0,
+            vec![0.0; 14],
+            "the comparison is of something"
+        );
+    }
 }
 
 #[test]
 fn every_shipped_profile_parses_and_says_where_its_numbers_come_from() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("devices");
-    for name in [
-        "ideal",
-        "aihwkit-io",
-        "aihwkit-hwa",
-        "pcm",
-        "mcu-int8",
-        "faulty",
-    ] {
-        let path = dir.join(format!("{name}.ron"));
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "ron") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
         let profile = DeviceProfile::load(&path).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(profile.name, name);
+        assert_eq!(
+            profile.name,
+            name,
+            "{}: name differs from the file's",
+            path.display()
+        );
+        assert_eq!(profile.noise.is_ideal(), name == "ideal", "{name}");
+        // The leading comment names the source of the numbers: a `// Source:` line that says
+        // more than a word (a paper, a library and its file, a measurement).
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.trim_start().starts_with("//"), "{name} has no comment");
-        assert_eq!(profile.noise.is_ideal(), name == "ideal");
+        let comment: Vec<&str> = (text.lines())
+            .take_while(|l| l.trim_start().starts_with("//"))
+            .collect();
+        let source = (comment.iter()).find_map(|l| {
+            l.trim_start()
+                .trim_start_matches('/')
+                .trim()
+                .strip_prefix("Source:")
+        });
+        let words = source.map_or(0, |s| s.split_whitespace().count());
+        assert!(
+            words >= 3,
+            "{name}: its leading comment has no `// Source: ...` line naming where its numbers come from"
+        );
+        names.push(name);
     }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "aihwkit-hwa",
+            "aihwkit-io",
+            "faulty",
+            "ideal",
+            "mcu-int8",
+            "pcm"
+        ],
+        "the presets README.md and tests/noise_training.rs describe"
+    );
 }
 
 #[test]

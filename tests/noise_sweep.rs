@@ -21,6 +21,10 @@ fn setup(epochs: u32) -> Setup {
     })
 }
 
+fn output_noise() -> NoiseParam {
+    "output_noise".parse().unwrap()
+}
+
 fn ideal() -> DeviceProfile {
     DeviceProfile::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("devices/ideal.ron"))
         .unwrap()
@@ -42,7 +46,7 @@ fn an_output_noise_sweep_degrades_accuracy_monotonically() {
     let points = noise_sweep::sweep(
         &setup.as_ref(),
         &ideal(),
-        NoiseParam::OutputNoise,
+        &output_noise(),
         &values,
         0,
         |_| {},
@@ -50,7 +54,7 @@ fn an_output_noise_sweep_degrades_accuracy_monotonically() {
     .unwrap();
     println!(
         "{}",
-        sweep::to_markdown(NoiseParam::OutputNoise.key(), setup.hyper.eps, &points)
+        sweep::to_markdown(output_noise().key(), setup.hyper.eps, &points)
     );
     for w in points.windows(2) {
         assert!(
@@ -80,8 +84,7 @@ fn snr_sweep(setup: &Setup, eps: f32, ratios: &[f64]) -> Vec<SweepPoint> {
         .iter()
         .map(|r| {
             let value = r * eps as f64;
-            let profile =
-                noise_sweep::profile_at(&ideal(), NoiseParam::OutputNoise, value).unwrap();
+            let profile = noise_sweep::profile_at(&ideal(), &output_noise(), value).unwrap();
             let fd: FdSignal = noise_sweep::fd_signal(&s, &profile, 8, 24).unwrap();
             SweepPoint {
                 value,

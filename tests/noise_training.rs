@@ -18,6 +18,14 @@ use pnn::run::noise_sweep::{self, Setup, Trained};
 use pnn::train::Hyper;
 use pnn_sim::profile::DeviceProfile;
 
+/// The real datasets: `$PNN_DATA_DIR`, else `shared/data` beside the repository.
+fn data_dir() -> std::path::PathBuf {
+    std::env::var_os("PNN_DATA_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
+        Into::into,
+    )
+}
+
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
@@ -58,13 +66,21 @@ fn ideal() -> &'static Trained {
 const LEARNS: f64 = 0.6;
 
 fn assert_within(name: &str, margin: f64) {
-    let ideal = ideal().summary.test_accuracy_cumulative;
-    let acc = train(name).summary.test_accuracy_cumulative;
+    let ideal_run = ideal();
+    let ideal = ideal_run.summary.test_accuracy_cumulative;
+    let trained = train(name);
+    let acc = trained.summary.test_accuracy_cumulative;
     println!(
         "{name}: {acc:.4} vs ideal {ideal:.4} ({:+.4}, margin {margin})",
         acc - ideal
     );
     assert!(acc >= LEARNS, "{name} did not learn: {acc}");
+    // Within the margin, but not the ideal run itself: a preset whose effects never reached
+    // training would pass the margin too.
+    assert_ne!(
+        trained.summary.weights_sha256, ideal_run.summary.weights_sha256,
+        "{name} trained to the ideal run's weights: its effects never reached training"
+    );
     assert!(
         acc >= ideal - margin,
         "{name}: {acc} is more than {margin} below the ideal run's {ideal}"
@@ -160,4 +176,84 @@ fn training_on_a_noisy_device_is_deterministic() {
             .summary
             .weights_sha256
     );
+}
+
+/// Noise must reach training, for every profile in devices/ (a new one included): the same short
+/// run on a device with any effect on ends with other weights and other test figures (evaluated
+/// through the device) than on the ideal profile.
+#[test]
+fn every_shipped_preset_changes_training() {
+    let mut data = setup().data.clone();
+    data.train.truncate(2048);
+    data.test.truncate(2000);
+    let s = noise_sweep::SetupRef {
+        data: &data,
+        model: &setup().model,
+        hyper: setup().hyper.clone(),
+        epochs: 1,
+    };
+    let ideal = noise_sweep::train(&s, &profile("ideal")).unwrap().summary;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("devices");
+    let mut presets = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "ron") {
+            continue;
+        }
+        let device = DeviceProfile::load(&path).unwrap();
+        if device.noise.is_ideal() {
+            continue;
+        }
+        let trained = noise_sweep::train(&s, &device).unwrap().summary;
+        println!(
+            "{}: loss {:.4} vs ideal {:.4}",
+            device.name, trained.test_loss_cumulative, ideal.test_loss_cumulative
+        );
+        assert_ne!(
+            trained.weights_sha256, ideal.weights_sha256,
+            "{}: trained to the ideal weights",
+            device.name
+        );
+        assert_ne!(
+            trained.test_loss_cumulative, ideal.test_loss_cumulative,
+            "{}: evaluated as the ideal device",
+            device.name
+        );
+        presets += 1;
+    }
+    assert!(presets >= 5, "only {presets} noisy presets in devices/");
+}
+
+/// `--backend sim` and `--backend sim:devices/ideal.ron` are the same device: the same run gives
+/// the same figures and weights, bit for bit.
+#[test]
+fn the_plain_simulator_and_the_ideal_profile_train_alike_at_the_cli() {
+    let run = |backend: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"))
+            .args(["--backend", backend, "--dataset", "mnist", "--epochs", "2"])
+            .args([
+                "--limit-train",
+                "2000",
+                "--limit-test",
+                "1000",
+                "--seed",
+                "3",
+            ])
+            .env("PNN_DATA_DIR", data_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.retain(|k, _| !k.contains("seconds"));
+        obj.remove("backend");
+        v
+    };
+    let ideal = Path::new(env!("CARGO_MANIFEST_DIR")).join("devices/ideal.ron");
+    assert_eq!(run("sim"), run(&format!("sim:{}", ideal.display())));
 }

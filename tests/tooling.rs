@@ -149,6 +149,18 @@ fn every_shipped_config_parses_and_runs_for_one_batch() {
         assert!(out.status.success(), "{name}: {stderr}");
         let summary: RunSummary = only_summary(&out);
         let run = config.to_run_config().unwrap();
+        // What the file name promises (`table1-mlp-mnist`, `figure2-cnn-fashion-mnist-p8`), not
+        // the file's own parse: Tables 1 and 2 are P = 4, Figure 2 sweeps P.
+        let stem = path.file_stem().unwrap().to_string_lossy();
+        let (stem, want_p) = match stem.rsplit_once("-p") {
+            Some((rest, p)) if p.parse::<usize>().is_ok() => (rest.to_string(), p.parse().unwrap()),
+            _ => (stem.to_string(), 4),
+        };
+        let mut parts = stem.splitn(3, '-').skip(1);
+        let (want_arch, want_dataset) = (parts.next().unwrap(), parts.next().unwrap());
+        assert_eq!(summary.dataset, want_dataset, "{name}");
+        assert_eq!(summary.arch, want_arch, "{name}");
+        assert_eq!(summary.directions, want_p, "{name}");
         assert_eq!(summary.dataset, run.dataset.name(), "{name}");
         assert_eq!(summary.directions, run.hyper.directions, "{name}");
         assert_eq!(summary.batch_size, 256, "{name}");
@@ -165,7 +177,18 @@ fn every_shipped_config_parses_and_runs_for_one_batch() {
         );
         assert_eq!(summary.arch, run.arch.name(), "{name}");
         // One batch, one epoch: P directions x 2 per chunk, plus a clean pass, per layer.
-        assert!(summary.oracle_evaluations > 0, "{name}");
+        let model = pnn::model::ModelSpec::new(
+            run.dataset,
+            run.arch,
+            run.hidden.clone(),
+            run.proj_dim,
+            run.hyper.seed,
+        )
+        .unwrap();
+        let expected: usize = (model.layer_specs().iter())
+            .map(|l| 2 * want_p * l.weight_chunks(50_000).count() + 1)
+            .sum();
+        assert_eq!(summary.oracle_evaluations, expected as u64, "{name}");
         let lines = std::fs::read_to_string(&metrics).unwrap();
         assert_eq!(lines.lines().count(), 1, "{name}");
         ran += 1;
@@ -353,14 +376,20 @@ fn python_recomputes_the_predictions_with_numpy() {
         .output();
     match probe {
         Err(e) => {
-            eprintln!("SKIPPED the Python check: python3 is not available ({e})");
+            firmware_protocol::skipped::skipped(
+                "python_recomputes_the_predictions_with_numpy",
+                &format!("python3 is not available ({e})"),
+            );
             return;
         }
         Ok(o) if !o.status.success() => {
-            eprintln!(
-                "SKIPPED the Python check: python3 lacks safetensors or numpy \
-                 (`python3 -m pip install safetensors numpy`): {}",
-                text(&o.stderr).lines().last().unwrap_or("")
+            firmware_protocol::skipped::skipped(
+                "python_recomputes_the_predictions_with_numpy",
+                &format!(
+                    "python3 lacks safetensors or numpy (`python3 -m pip install safetensors \
+                     numpy`): {}",
+                    text(&o.stderr).lines().last().unwrap_or("")
+                ),
             );
             return;
         }

@@ -2,15 +2,20 @@
 
 use firmware_protocol::frame::MAX_PAYLOAD;
 use firmware_protocol::message::{ActivationEncoding, Capabilities, LayerDescriptor, MAX_LAYERS};
-use firmware_protocol::server::{DeviceConfig, Server};
+use firmware_protocol::server::{DeviceConfig, PhysicalLayer, Server};
 use firmware_protocol::shape::LayerShape;
 use pnn_sim::device::{DeviceConv, DeviceDense, DeviceLayer};
 use pnn_sim::noise::layer_seed;
 
 use crate::config::{EmulatorConfig, layer_name};
+use crate::timing::PacedLayer;
 
 /// The server type the emulator runs.
 pub type EmulatedServer<'n> = Server<'n, DeviceLayer, Vec<DeviceLayer>, Vec<f32>>;
+
+/// The server over layers paced to a device's arithmetic ([`PacedLayer`]).
+pub type PacedServer<'n> =
+    Server<'n, PacedLayer<DeviceLayer>, Vec<PacedLayer<DeviceLayer>>, Vec<f32>>;
 
 /// The simulated layers of `config`, or why the device cannot be built.
 pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
@@ -64,8 +69,27 @@ pub fn layers(config: &EmulatorConfig) -> Result<Vec<DeviceLayer>, String> {
 
 /// The protocol server over the configured simulated layers, or why it cannot be built.
 pub fn server(config: &EmulatorConfig) -> Result<EmulatedServer<'_>, String> {
+    Ok(server_over(config, layers(config)?))
+}
+
+/// The server over the configured layers, each taking the time a device of `macs_per_second`
+/// needs for its evaluations (`None`: the host's own speed); see [`crate::timing`].
+pub fn paced_server(
+    config: &EmulatorConfig,
+    macs_per_second: Option<f64>,
+) -> Result<PacedServer<'_>, String> {
     let layers = layers(config)?;
-    Ok(Server::new(
+    let paced = (layers.into_iter())
+        .map(|l| PacedLayer::new(l, macs_per_second))
+        .collect();
+    Ok(server_over(config, paced))
+}
+
+fn server_over<L: PhysicalLayer>(
+    config: &EmulatorConfig,
+    layers: Vec<L>,
+) -> Server<'_, L, Vec<L>, Vec<f32>> {
+    Server::new(
         layers,
         DeviceConfig {
             name: &config.name,
@@ -81,7 +105,7 @@ pub fn server(config: &EmulatorConfig) -> Result<EmulatedServer<'_>, String> {
         },
         Vec::new(),
         Vec::new(),
-    ))
+    )
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! - `device`: its simulated layers and the protocol server over them ([`server()`]);
 //! - `serve`: the one serve loop ([`serve()`]), power-cycling the device when its line says so;
 //! - `pty`: the pseudo-terminal a host opens ([`open_pty`]);
-//! - `faults`: fault injection on a line ([`FaultyTransport`], [`FaultConfig`]).
+//! - `faults`: fault injection on a line ([`FaultyTransport`], [`FaultConfig`]);
+//! - `timing`: real link speeds and device compute time ([`Timing`], [`PacedLine`], [`PacedLayer`]).
 //!
 //! A physical device's layers are fixed by its hardware; the emulator's are given by a layer
 //! list, in order: `784x50` is a dense layer (inputs x outputs), `conv1x28x28:32` a CNN block
@@ -28,9 +29,11 @@ pub mod device;
 pub mod faults;
 pub mod pty;
 pub mod serve;
+pub mod timing;
 
 pub use config::{EmulatorConfig, fresh_boot_id, layer_name, parse_encoding, parse_layers};
-pub use device::{EmulatedServer, layers, server};
+pub use device::{EmulatedServer, layers, paced_server, server};
 pub use faults::{FaultConfig, FaultCounters, FaultyTransport};
 pub use pty::{Pty, open_pty};
-pub use serve::{DeviceLine, MIN_FRAME, serve};
+pub use serve::{DeviceLine, MIN_FRAME, serve, serve_paced};
+pub use timing::{PacedLayer, PacedLine, Timing};

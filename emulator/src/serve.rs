@@ -6,11 +6,11 @@ use std::io::ErrorKind;
 use std::time::Duration;
 
 use firmware_protocol::frame::{FrameDecoder, MAX_PAYLOAD, wire_len};
-use firmware_protocol::link::{PipeEnd, SerialPortTransport, Transport};
+use firmware_protocol::link::{PipeEnd, SerialPortTransport, TcpListenerLine, Transport};
 use firmware_protocol::server::ServerIo;
 
 use crate::config::EmulatorConfig;
-use crate::device::server;
+use crate::device::paced_server;
 
 /// Smallest frame payload a device may be given: the handshake's replies must fit, and the host
 /// needs room for data in every request.
@@ -27,6 +27,7 @@ pub trait DeviceLine: Transport {
 
 impl DeviceLine for SerialPortTransport {}
 impl DeviceLine for PipeEnd {}
+impl DeviceLine for TcpListenerLine {}
 
 impl<T: DeviceLine + ?Sized> DeviceLine for &mut T {
     fn take_reset(&mut self) -> bool {
@@ -48,6 +49,18 @@ pub fn serve<L: DeviceLine + ?Sized>(
     max_frame: usize,
     verbose: bool,
 ) -> std::io::Result<()> {
+    serve_paced(line, config, max_frame, verbose, None)
+}
+
+/// [`serve()`], the device's evaluations taking the time a device of `macs_per_second` needs
+/// (pace the line itself with a [`crate::timing::PacedLine`]).
+pub fn serve_paced<L: DeviceLine + ?Sized>(
+    line: &mut L,
+    config: &EmulatorConfig,
+    max_frame: usize,
+    verbose: bool,
+    macs_per_second: Option<f64>,
+) -> std::io::Result<()> {
     let max_frame = max_frame.clamp(MIN_FRAME, MAX_PAYLOAD);
     let mut buf = vec![0u8; 64 * 1024];
     let mut boot_id = config.boot_id;
@@ -56,8 +69,8 @@ pub fn serve<L: DeviceLine + ?Sized>(
             boot_id,
             ..config.clone()
         };
-        let mut server =
-            server(&booted).map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
+        let mut server = paced_server(&booted, macs_per_second)
+            .map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))?;
         server.set_max_request(max_frame as u32);
         let mut io = ServerIo {
             decoder: FrameDecoder::new(vec![0u8; wire_len(max_frame)]),

@@ -24,5 +24,8 @@ pub mod server;
 pub mod shape;
 #[cfg(feature = "std")]
 pub mod simd;
+#[cfg(feature = "std")]
+#[doc(hidden)]
+pub mod skipped;
 
 pub use direction::{DirectionKey, DirectionSeed, ParamGroup, UpdateTerm};

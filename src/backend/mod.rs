@@ -1,6 +1,8 @@
 //! Backends: where layers execute. Each provides one [`ForwardOracle`] per layer; [`AnyOracle`]
 //! is the one enum at the command-line boundary (the trainer itself is generic).
 
+pub mod gpu;
+pub mod rig;
 pub mod serial;
 pub mod sim;
 
@@ -13,6 +15,8 @@ use crate::oracle::{
     Activations, DeviceLink, DirectionSeed, ForwardMode, ForwardOracle, ForwardOutput, InProcess,
     LayerShape, OracleError, PerturbedPair, UpdateTerm,
 };
+use gpu::{GpuOracle, GpuSpec};
+pub use rig::Rig;
 use serial::{SerialOracle, SerialSpec};
 use sim::SimOracle;
 
@@ -25,22 +29,92 @@ pub enum BackendSpec {
     SimProfile(PathBuf),
     /// A device (or the emulator) on a serial port: `serial:PATH?baud=N&timeout_ms=N&retries=N`.
     Serial(SerialSpec),
+    /// A device (or `pnn-emulate --listen`) behind a TCP socket, e.g. a board exported by
+    /// ser2net's raw mode: `tcp:HOST:PORT?timeout_ms=N&retries=N`.
+    Tcp(SerialSpec),
+    /// Several devices, each holding some of the layers (`--backend a,b` with one backend per
+    /// layer, or `--rig FILE`); see [`rig`].
+    Rig(Rig),
+    /// The simulated PNN on a GPU: `gpu`, `gpu:<adapter name>` or `gpu:<profile.ron>`.
+    Gpu(GpuSpec),
 }
 
 impl FromStr for BackendSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if s.contains(',') {
+            let layers = s
+                .split(',')
+                .enumerate()
+                .map(|(l, one)| {
+                    Self::one(one.trim()).map_err(|e| format!("layer {l}'s backend: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Rig::per_layer(layers).map(Self::Rig);
+        }
+        Self::one(s)
+    }
+}
+
+impl BackendSpec {
+    /// One backend (no commas).
+    fn one(s: &str) -> Result<Self, String> {
         match s {
             "sim" => Ok(Self::Sim),
+            "gpu" => Ok(Self::Gpu(GpuSpec::default())),
+            _ if s.starts_with("gpu:") => GpuSpec::parse(&s[4..]).map(Self::Gpu),
             _ if s.starts_with("sim:") && s.len() > 4 => {
                 Ok(Self::SimProfile(PathBuf::from(&s[4..])))
             }
-            other => match other.strip_prefix("serial:") {
-                Some(rest) => SerialSpec::parse(rest).map(Self::Serial),
-                None => Err(format!(
-                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, or serial:PATH)"
-                )),
-            },
+            other => {
+                if let Some(rest) = other.strip_prefix("serial:") {
+                    return SerialSpec::parse(rest).map(Self::Serial);
+                }
+                if let Some(rest) = other.strip_prefix("tcp:") {
+                    return SerialSpec::parse_tcp(rest).map(Self::Tcp);
+                }
+                Err(format!(
+                    "unknown backend '{other}' (expected: sim, sim:<profile.ron> such as sim:devices/pcm.ron, serial:PATH, tcp:HOST:PORT, gpu, gpu:<adapter name> or gpu:<profile.ron>, or one of these per layer, comma-separated)"
+                ))
+            }
+        }
+    }
+
+    /// The backend as `--backend` takes it, every link option written out (what checkpoints
+    /// store, so a resumed run reopens the same devices the same way).
+    pub fn spelled_out(&self) -> String {
+        let options = |s: &SerialSpec| {
+            format!(
+                "{}?baud={}&timeout_ms={}&retries={}",
+                s.path,
+                s.baud,
+                s.timeout.as_millis(),
+                s.retries
+            )
+        };
+        match self {
+            Self::Serial(s) => format!("serial:{}", options(s)),
+            Self::Tcp(s) => format!("tcp:{}", options(s)),
+            Self::Rig(r) => r.spelled_out(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Whether every layer runs on the simulator, in process.
+    pub fn is_simulated(&self) -> bool {
+        match self {
+            Self::Sim | Self::SimProfile(_) | Self::Gpu(_) => true,
+            Self::Serial(_) | Self::Tcp(_) => false,
+            Self::Rig(r) => r.is_simulated(),
+        }
+    }
+
+    /// The port a device backend is on (`serial:PATH`, `tcp:HOST:PORT`), which one device owns.
+    pub fn port(&self) -> Option<String> {
+        match self {
+            Self::Serial(s) => Some(format!("serial:{}", s.path)),
+            Self::Tcp(s) => Some(format!("tcp:{}", s.path)),
+            _ => None,
         }
     }
 }
@@ -51,6 +125,9 @@ impl fmt::Display for BackendSpec {
             Self::Sim => f.write_str("sim"),
             Self::SimProfile(path) => write!(f, "sim:{}", path.display()),
             Self::Serial(s) => write!(f, "serial:{}", s.path),
+            Self::Tcp(s) => write!(f, "tcp:{}", s.path),
+            Self::Rig(r) => r.fmt(f),
+            Self::Gpu(g) => write!(f, "{g}"),
         }
     }
 }
@@ -74,6 +151,15 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
             .into_iter()
             .map(AnyOracle::Serial)
             .collect()),
+        BackendSpec::Tcp(s) => Ok(serial::open_tcp(s, layers)?
+            .into_iter()
+            .map(AnyOracle::Serial)
+            .collect()),
+        BackendSpec::Rig(rig) => rig.open(layers),
+        BackendSpec::Gpu(g) => Ok(gpu::open(g, layers)?
+            .into_iter()
+            .map(AnyOracle::Gpu)
+            .collect()),
     }
 }
 
@@ -83,6 +169,7 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
 pub enum AnyOracle {
     Sim(SimOracle),
     Serial(SerialOracle),
+    Gpu(GpuOracle),
 }
 
 macro_rules! dispatch {
@@ -90,6 +177,7 @@ macro_rules! dispatch {
         match $self {
             AnyOracle::Sim($o) => $e,
             AnyOracle::Serial($o) => $e,
+            AnyOracle::Gpu($o) => $e,
         }
     };
 }

@@ -92,6 +92,12 @@ impl SimOracle {
         self.layer.as_conv()
     }
 
+    /// The simulated CNN block, mutable: to program its fixed projection `A` from a recording
+    /// (`tests/cnn_golden.rs` replays one through the trainer).
+    pub fn conv_block_mut(&mut self) -> Option<&mut ConvBlock> {
+        self.layer.as_conv_mut()
+    }
+
     fn batch(&self) -> usize {
         self.layer.batch()
     }

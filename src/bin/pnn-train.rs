@@ -4,13 +4,17 @@
 //! paper's defaults. Progress goes to stderr; stdout carries the summary alone.
 //!
 //! With `--checkpoint DIR` the run is saved as it goes; `--resume DIR` continues it, with the
-//! settings saved in the checkpoint (any given on the command line or in `--config` override
-//! them), bit-identical to an uninterrupted run. A device that fails for good mid-run ends the
+//! settings saved in the checkpoint, bit-identical to an uninterrupted run (those that do not
+//! change the training's numbers may be given anew: `ExperimentConfig::RESUMABLE`). A device that fails for good mid-run ends the
 //! run with a checkpoint and the command that continues it.
 //!
 //! Exit codes: 0 success, 2 invalid arguments or config, 3 data error, 4 backend or device error
 //! (the message says how to resume where the run was saved), 5 the model could not be saved,
-//! 6 a checkpoint could not be read (missing, damaged, of another run) or written.
+//! 6 a checkpoint could not be read (missing, damaged, of another run) or written, or the
+//! --checkpoint directory holds a run that this one would overwrite (`--resume` it, or `--fresh`),
+//! 7 training diverged (a loss or weight became NaN or infinite; the last good checkpoint is
+//! kept), 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (into --checkpoint DIR, else
+//! a `pnn-rescue-*` directory in the temporary directory) and printing the command to continue.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -60,6 +64,9 @@ fn main() -> ExitCode {
         args.progress.resolve()
     };
     let multi = init_tracing(mode);
+    if let Err(e) = pnn::run::interrupt::install() {
+        tracing::warn!("Ctrl-C and SIGTERM will end the run without saving it: {e}");
+    }
     let mut settings = match &args.config {
         Some(path) => match ExperimentConfig::load(path) {
             Ok(file) => file.overlay(args.settings),
@@ -67,6 +74,11 @@ fn main() -> ExitCode {
         },
         None => args.settings,
     };
+    // A rig file is read now: the rig itself is what a checkpoint stores (and what a resume's
+    // own --backend or --rig replaces).
+    if let Err(e) = settings.resolve_rig() {
+        return fail(2, e);
+    }
     if let Some(dir) = settings.resume.clone() {
         // The saved settings, under those given now.
         let saved = match Checkpoint::load(&dir) {
@@ -76,7 +88,10 @@ fn main() -> ExitCode {
         if let Some(text) = saved {
             let origin = format!("saved in {}", Checkpoint::path_in(&dir).display());
             match ExperimentConfig::parse(&text, &origin) {
-                Ok(saved) => settings = saved.overlay(settings),
+                Ok(saved) => match saved.check_resume_changes(&settings) {
+                    Ok(()) => settings = saved.overlay(settings),
+                    Err(e) => return fail(6, e),
+                },
                 Err(e) => return fail(6, e),
             }
         }
@@ -102,7 +117,9 @@ fn main() -> ExitCode {
             }
         }
     };
-    if let Some(Err(e)) = settings.save.as_deref().map(create_parent) {
+    if let Some(Err(e)) =
+        (settings.save.as_deref()).map(pnn::report::export::SavedModel::check_destination)
+    {
         return fail(2, e);
     }
     if let (Some(_), Err(e)) = (

@@ -98,6 +98,14 @@ pub enum DataError {
     },
     #[error("{path}: {what}")]
     Format { path: PathBuf, what: String },
+    #[error(
+        "{dataset} in {dir}: the {split} files hold no samples; each split needs at least one (check that the files are complete)"
+    )]
+    Empty {
+        dataset: DatasetKind,
+        dir: PathBuf,
+        split: &'static str,
+    },
     #[error("{images} and {labels} disagree: {image_count} images but {label_count} labels")]
     CountMismatch {
         images: PathBuf,
@@ -156,6 +164,16 @@ impl Dataset {
                 cifar::load_cifar_dataset(kind, data_dir)?
             }
         };
+        // An empty split would train on nothing and normalise by a mean of no samples (NaN).
+        for (split, data) in [("training", &train), ("test", &test)] {
+            if data.is_empty() {
+                return Err(DataError::Empty {
+                    dataset: kind,
+                    dir: data_dir.to_path_buf(),
+                    split,
+                });
+            }
+        }
         let (channels, _, _) = kind.image_shape();
         let normalizer = Normalizer::from_training_set(&train, channels);
         Ok(Self {

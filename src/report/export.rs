@@ -304,15 +304,46 @@ impl SavedModel {
         safetensors::serialize(views, Some(metadata)).expect("tensors serialise")
     }
 
+    /// Checks, before a run, that [`SavedModel::save`] will be able to write `path`: it names a
+    /// file, not a directory, and its directory exists or can be created and takes a file. A run
+    /// should not learn only at its end that its model cannot be kept. Errors name the path.
+    pub fn check_destination(path: &Path) -> Result<(), String> {
+        let shown = path.display();
+        if path.as_os_str().is_empty() || path.is_dir() {
+            return Err(format!(
+                "--save {shown} is a directory; name the model file, e.g. {}",
+                path.join("model.safetensors").display()
+            ));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!(
+                    "--save {shown}: cannot create its directory {}: {e}",
+                    dir.display()
+                )
+            })?;
+        }
+        // The same temporary file the save writes, left empty and removed again.
+        let tmp = Self::temporary(path);
+        std::fs::write(&tmp, b"")
+            .map_err(|e| format!("--save {shown}: cannot write a file there: {e}"))?;
+        let _ = std::fs::remove_file(&tmp);
+        Ok(())
+    }
+
+    fn temporary(path: &Path) -> PathBuf {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        PathBuf::from(tmp)
+    }
+
     /// Writes the model atomically (a temporary file beside it, then a rename).
     pub fn save(&self, path: &Path) -> Result<(), ExportError> {
         let io = |source| ExportError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = Self::temporary(path);
         std::fs::write(&tmp, self.to_bytes()).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }

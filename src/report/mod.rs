@@ -9,3 +9,4 @@ pub mod observe;
 pub mod plots;
 pub mod progress;
 pub mod sweep;
+pub mod sweep_gather;

@@ -99,7 +99,9 @@ pub fn to_markdown(param: &str, eps: f32, points: &[SweepPoint]) -> String {
     out
 }
 
-/// An SVG plot of test accuracy against the parameter's value.
+/// An SVG plot of test accuracy against the parameter's value and, where the finite-difference
+/// signal was measured, a second panel of its signal-to-noise ratio (log scale, with SNR = 1,
+/// where the signal drowns, marked).
 pub fn plot_svg(
     path: &Path,
     title: &str,
@@ -108,8 +110,20 @@ pub fn plot_svg(
 ) -> Result<(), String> {
     use plotters::prelude::*;
     let err = |e: &dyn fmt::Display| format!("cannot plot {}: {e}", path.display());
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
+    let snr: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| p.fd.map(|f| (p.value, f.snr)))
+        .filter(|(_, s)| s.is_finite() && *s > 0.0)
+        .collect();
+    let height = if snr.is_empty() { 480 } else { 860 };
+    let root = SVGBackend::new(path, (720, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = if snr.is_empty() {
+        (root.clone(), None)
+    } else {
+        let (t, b) = root.split_vertically(480);
+        (t, Some(b))
+    };
     let (lo, hi) = points
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
@@ -120,7 +134,7 @@ pub fn plot_svg(
     } else {
         (lo - 1.0, hi + 1.0)
     };
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(&top)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
@@ -161,6 +175,49 @@ pub fn plot_svg(
         .border_style(BLACK)
         .draw()
         .map_err(|e| err(&e))?;
+    if let Some(bottom) = bottom {
+        let (smin, smax) = snr
+            .iter()
+            .fold((1.0f64, 1.0f64), |(a, b), &(_, s)| (a.min(s), b.max(s)));
+        let mut chart = ChartBuilder::on(&bottom)
+            .caption(
+                format!("finite-difference signal-to-noise ratio of L+ - L- vs {param}"),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(lo..hi, (smin / 2.0..smax * 2.0).log_scale())
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(param)
+            .y_desc("SNR (log)")
+            .draw()
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(LineSeries::new(snr.clone(), GREEN.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label("SNR of L+ - L-")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+        chart
+            .draw_series(
+                snr.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 3, GREEN.filled())),
+            )
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(LineSeries::new(vec![(lo, 1.0), (hi, 1.0)], BLACK.mix(0.5)))
+            .map_err(|e| err(&e))?
+            .label("SNR = 1: the signal drowns")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5)));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 
 pub mod baseline;
 pub mod checkpoint;
+pub mod interrupt;
 pub mod noise_sweep;
 pub mod recovery;
 pub mod settings;
@@ -24,6 +25,7 @@ use crate::report::metrics::{EpochMetrics, RunSummary};
 use crate::report::observe::{BatchProgress, RunObserver};
 use crate::train::{EvalSums, Evaluation, Hyper, Trainer, epoch_order};
 use checkpoint::{Checkpoint, CheckpointError, LinkTotals, Position, RunIdentity};
+use interrupt::StopSignal;
 use recovery::{Recovery, Snapshot};
 
 #[derive(Clone, Debug)]
@@ -51,6 +53,9 @@ pub struct RunConfig {
     pub checkpoint_every: Option<usize>,
     /// Continue the run whose checkpoint is here.
     pub resume: Option<PathBuf>,
+    /// Start afresh even though `checkpoint` holds a saved run (which is then overwritten);
+    /// without it such a run is refused ([`CheckpointError::HoldsRun`]).
+    pub fresh: bool,
     /// The settings as a config file, stored in checkpoints (`ExperimentConfig::to_ron`).
     pub settings: Option<String>,
     /// Simulated layers evaluate by the reference choreography, not the fast paths.
@@ -80,6 +85,7 @@ impl RunConfig {
             checkpoint: None,
             checkpoint_every: None,
             resume: None,
+            fresh: false,
             settings: None,
             exact_reference: false,
             method: crate::train::exact::Method::Dd,
@@ -108,17 +114,50 @@ pub enum RunError {
         dir: PathBuf,
         position: Position,
     },
+    /// SIGINT or SIGTERM asked the run to stop ([`interrupt`]); it was saved at `position`.
+    #[error(
+        "stopped by {}: the run is saved in {} at epoch {}, batch {} (all earlier batches done). Continue it with:\n    pnn-train --resume {}",
+        signal.name(), dir.display(), position.epoch + 1, position.batch, shell_word(dir)
+    )]
+    Stopped {
+        signal: StopSignal,
+        dir: PathBuf,
+        position: Position,
+    },
+    /// A local loss, an evaluation loss or a weight became NaN or infinite: the run stopped
+    /// without saving that state.
+    #[error(
+        "training diverged at epoch {}, batch {}: {what}. Nothing after it was saved; {}. Try a smaller --lr, or check the device's outputs (a profile's noise levels, a device returning NaN)",
+        position.epoch + 1, position.batch,
+        match kept {
+            Some((dir, at)) => format!(
+                "the last good checkpoint, in {} at epoch {}, batch {}, is kept", dir.display(), at.epoch + 1, at.batch
+            ),
+            None => "no checkpoint of the run was saved (--checkpoint DIR keeps one)".into(),
+        }
+    )]
+    Diverged {
+        /// What became non-finite, and where.
+        what: String,
+        /// The step that diverged (its batch, 1-based; or the epoch's batches, in its evaluation).
+        position: Position,
+        /// The last checkpoint saved, if any.
+        kept: Option<(PathBuf, Position)>,
+    },
 }
 
 impl RunError {
     /// The exit status the command-line tools give this error: 2 invalid configuration, 3 data
-    /// error, 4 backend or device error (an interrupted run too), 6 checkpoint error.
+    /// error, 4 backend or device error (an interrupted run too), 6 checkpoint error, 7 training
+    /// diverged, 130/143 stopped by SIGINT/SIGTERM (128 + the signal's number).
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Config(_) => 2,
             RunError::Data(_) => 3,
             RunError::Oracle(_) | RunError::Interrupted { .. } => 4,
             RunError::Checkpoint(_) => 6,
+            RunError::Diverged { .. } => 7,
+            RunError::Stopped { signal, .. } => signal.exit_code(),
         }
     }
 }
@@ -199,7 +238,7 @@ pub fn load(config: &RunConfig) -> Result<(Dataset, ModelSpec), RunError> {
 }
 
 /// A path as one shell word.
-fn shell_word(path: &Path) -> String {
+pub(crate) fn shell_word(path: &Path) -> String {
     let s = path.display().to_string();
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._-+:@%,=".contains(c))
@@ -330,27 +369,89 @@ fn save_or_warn(checkpoint: &Checkpoint, dir: &Path) -> bool {
     }
 }
 
-/// The test-set evaluation, one batch per step, each repeated after a device reset.
+/// The test-set evaluation, one batch per step, each repeated after a device reset; `None` when
+/// a signal asked the run to stop ([`interrupt`]) before it was done.
 fn evaluate<O: ForwardOracle>(
     trainer: &mut Trainer<O>,
     recovery: &mut Recovery,
     snapshot: Option<&Snapshot>,
     data: &Dataset,
-) -> Result<Evaluation, OracleError> {
+) -> Result<Option<Evaluation>, OracleError> {
     let mut sums = EvalSums::new(trainer.layers().len());
     let indices: Vec<usize> = (0..data.test.len()).collect();
     for batch in indices.chunks(trainer.hyper().batch_size) {
+        if interrupt::requested().is_some() {
+            return Ok(None);
+        }
         sums = recovery.run(trainer, snapshot, |t| {
             let mut sums = sums.clone();
             t.evaluate_batch(&data.test, &data.normalizer, batch, &mut sums)
                 .map(|()| sums)
         })?;
     }
-    Ok(sums.finish())
+    Ok(Some(sums.finish()))
 }
 
-/// Where a run that has no checkpoint directory is saved when its device fails.
-fn rescue_dir() -> PathBuf {
+/// What became NaN or infinite in a training step, if anything: a local loss or a weight.
+fn non_finite<O: ForwardOracle>(losses: &[f64], trainer: &Trainer<O>) -> Option<String> {
+    if let Some((l, x)) = losses.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Some(format!("the local loss of layer {} is {x}", l + 1));
+    }
+    for (l, layer) in trainer.layers().iter().enumerate() {
+        let weights = layer.shadow.iter().chain(&layer.projection.data);
+        if let Some(x) = weights.into_iter().find(|x| !x.is_finite()) {
+            return Some(format!("a weight of layer {} is {x}", l + 1));
+        }
+    }
+    None
+}
+
+/// What is NaN or infinite in an evaluation's losses, if anything.
+fn eval_non_finite(eval: &Evaluation) -> Option<String> {
+    [eval.loss_cumulative, eval.loss_final_layer]
+        .into_iter()
+        .chain(eval.loss_per_layer.iter().copied())
+        .find(|x| !x.is_finite())
+        .map(|x| format!("a test-set loss is {x}"))
+}
+
+/// The same directory, however spelled.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// The checkpoint-safety rule: a directory that holds a saved run is written only by that run's
+/// continuation (`--resume` of the same directory), or when told to start afresh (`--fresh`).
+fn check_overwrite(dir: &Path, config: &RunConfig) -> Result<(), CheckpointError> {
+    let continues = config.resume.as_deref().is_some_and(|r| same_dir(r, dir));
+    let path = Checkpoint::path_in(dir);
+    if config.fresh || continues || !path.exists() {
+        return Ok(());
+    }
+    let what = match Checkpoint::load(dir) {
+        Ok(c) if c.position.epoch >= c.epochs => format!("a finished run of {} epochs", c.epochs),
+        Ok(c) => format!(
+            "a run at epoch {} of {}, batch {}",
+            c.position.epoch + 1,
+            c.epochs,
+            c.position.batch
+        ),
+        Err(e) => format!("a checkpoint that does not read ({e})"),
+    };
+    Err(CheckpointError::HoldsRun {
+        path,
+        what,
+        dir: shell_word(dir),
+    })
+}
+
+/// Where a run that has no checkpoint directory is saved when it is stopped by a signal or its
+/// device fails: `pnn-rescue-<unix time>-<pid>` in the temporary directory (`$TMPDIR`, else
+/// `/tmp`).
+pub fn rescue_dir() -> PathBuf {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -369,12 +470,23 @@ pub fn run_with<O: ForwardOracle>(
     mut oracles: Vec<O>,
     mut observer: impl RunObserver,
 ) -> Result<RunSummary, RunError> {
+    if let Some(dir) = config.checkpoint.as_deref() {
+        check_overwrite(dir, config)?;
+    }
     let hyper = config.hyper.clone();
     let identity = RunIdentity::of(model, data, &hyper, config.max_batches);
     let resumed = match config.resume.as_deref() {
         Some(dir) => {
             let c = Checkpoint::load(dir)?;
             c.check_compatible(&identity, dir)?;
+            if config.epochs < c.epochs {
+                return Err(CheckpointError::FewerEpochs {
+                    path: Checkpoint::path_in(dir),
+                    saved: c.epochs,
+                    given: config.epochs,
+                }
+                .into());
+            }
             Some(c)
         }
         None => None,
@@ -456,6 +568,42 @@ pub fn run_with<O: ForwardOracle>(
         }
     };
 
+    // A signal asked the run to stop: save where it stands (the last completed batch) and say
+    // how to continue.
+    let stopped = |signal: StopSignal,
+                   state: &RunState,
+                   trainer: &mut Trainer<O>,
+                   recovery: &Recovery|
+     -> RunError {
+        let dir = saver.map_or_else(rescue_dir, Path::to_path_buf);
+        let saved = Snapshot::take(trainer)
+            .map_err(RunError::from)
+            .and_then(|snapshot| {
+                let link = link_totals(trainer, recovery, state.carried);
+                let at = state.checkpoint(&identity, config, snapshot, link);
+                at.save(&dir).map_err(RunError::from)
+            });
+        match saved {
+            Ok(()) => RunError::Stopped {
+                signal,
+                dir,
+                position: state.position,
+            },
+            Err(e) => {
+                tracing::error!(
+                    "stopped by {}, but the run could not be saved",
+                    signal.name()
+                );
+                e
+            }
+        }
+    };
+    let diverged = |what: String, position: Position, state: &RunState| RunError::Diverged {
+        what,
+        position,
+        kept: saver.map(Path::to_path_buf).zip(state.saved),
+    };
+
     let mut last_eval: Option<Evaluation> = None;
     let mut input = Activations::default();
     for epoch in state.position.epoch..config.epochs {
@@ -498,6 +646,13 @@ pub fn run_with<O: ForwardOracle>(
                 Ok(losses) => losses,
                 Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
             };
+            if let Some(what) = non_finite(&losses, &trainer) {
+                let at = Position {
+                    epoch,
+                    batch: b as u32 + 1,
+                };
+                return Err(diverged(what, at, &state));
+            }
             state
                 .loss_sums
                 .iter_mut()
@@ -524,15 +679,25 @@ pub fn run_with<O: ForwardOracle>(
                     state.saved = Some(state.position);
                 }
             }
+            if let Some(signal) = interrupt::requested() {
+                return Err(stopped(signal, &state, &mut trainer, &recovery));
+            }
         }
         state.epoch_train_seconds = epoch_base + start.elapsed().as_secs_f64();
         if config.evaluate_each_epoch {
             let eval_start = Instant::now();
             let snapshot = recovery.snapshot(&mut trainer)?;
             let eval = match evaluate(&mut trainer, &mut recovery, snapshot.as_ref(), data) {
-                Ok(eval) => eval,
+                Ok(Some(eval)) => eval,
+                Ok(None) => {
+                    let signal = interrupt::requested().expect("a stop was requested");
+                    return Err(stopped(signal, &state, &mut trainer, &recovery));
+                }
                 Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
             };
+            if let Some(what) = eval_non_finite(&eval) {
+                return Err(diverged(what, state.position, &state));
+            }
             let mut metrics = EpochMetrics::new(
                 epoch + 1,
                 state.epoch_train_seconds,
@@ -571,11 +736,18 @@ pub fn run_with<O: ForwardOracle>(
         None => {
             let snapshot = recovery.snapshot(&mut trainer)?;
             match evaluate(&mut trainer, &mut recovery, snapshot.as_ref(), data) {
-                Ok(eval) => eval,
+                Ok(Some(eval)) => eval,
+                Ok(None) => {
+                    let signal = interrupt::requested().expect("a stop was requested");
+                    return Err(stopped(signal, &state, &mut trainer, &recovery));
+                }
                 Err(e) => return Err(interrupted(e, snapshot, &state, &trainer, &recovery)),
             }
         }
     };
+    if let Some(what) = eval_non_finite(&eval) {
+        return Err(diverged(what, state.position, &state));
+    }
     let link = link_totals(&trainer, &recovery, state.carried);
     if observer.wants_model() {
         observer.model_trained(&SavedModel::from_trainer(
@@ -598,7 +770,10 @@ pub fn run_with<O: ForwardOracle>(
         directions: hyper.directions,
         chunk_max: hyper.chunk_max,
         seed: hyper.seed,
-        train_samples: data.train.len(),
+        // The samples each epoch trains on (--max-batches stops an epoch early).
+        train_samples: config.max_batches.map_or(data.train.len(), |m| {
+            data.train.len().min(m.saturating_mul(hyper.batch_size))
+        }),
         test_samples: data.test.len(),
         mf_parameters: model.mf_parameter_count(),
         test_accuracy_cumulative: eval.accuracy_cumulative,

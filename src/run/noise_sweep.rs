@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use firmware_protocol::{DirectionKey, ParamGroup};
-use pnn_sim::noise::{Drift, NoiseModel, StuckFaults};
+use pnn_sim::noise::NoiseModel;
 use pnn_sim::profile::DeviceProfile;
 
 use super::{RunConfig, RunError, run_with};
@@ -230,144 +230,165 @@ pub fn fd_signal(
     })
 }
 
-/// A noise parameter that a sweep varies, named as its key in the profile's `noise`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NoiseParam {
-    InputNoise,
-    OutputNoise,
-    ReadNoise,
-    ProgrammingError,
-    GainMismatch,
-    Nonlinearity,
-    StuckFraction,
-    DriftNu,
-    DacBits,
-    AdcBits,
-    WeightBits,
-    WeightClip,
-}
+/// A noise parameter that a sweep varies, named by its path under the profile's `noise`
+/// (`output_noise`, `adc.bound`, `drift.t0`, `stuck.fraction`, `seed`, …): any field of
+/// [`NoiseModel`], found from its serialised form, so a new effect is sweepable with no code here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoiseParam(String);
 
 impl NoiseParam {
-    pub const ALL: [NoiseParam; 12] = [
-        Self::InputNoise,
-        Self::OutputNoise,
-        Self::ReadNoise,
-        Self::ProgrammingError,
-        Self::GainMismatch,
-        Self::Nonlinearity,
-        Self::StuckFraction,
-        Self::DriftNu,
-        Self::DacBits,
-        Self::AdcBits,
-        Self::WeightBits,
-        Self::WeightClip,
-    ];
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Self::InputNoise => "input_noise",
-            Self::OutputNoise => "output_noise",
-            Self::ReadNoise => "read_noise",
-            Self::ProgrammingError => "programming_error",
-            Self::GainMismatch => "gain_mismatch",
-            Self::Nonlinearity => "nonlinearity",
-            Self::StuckFraction => "stuck.fraction",
-            Self::DriftNu => "drift.nu",
-            Self::DacBits => "dac.bits",
-            Self::AdcBits => "adc.bits",
-            Self::WeightBits => "weight_bits",
-            Self::WeightClip => "weight_clip",
-        }
+    pub fn key(&self) -> &str {
+        &self.0
     }
 
-    /// Sets the parameter in `model`. A stuck or drift block is created where absent (stuck at
-    /// 0; drift with t0 = 20 s, 1 s per batch); converter bits need the converter's bound.
-    pub fn set(self, model: &mut NoiseModel, value: f64) -> Result<(), String> {
-        let bits = || {
-            if value.fract() == 0.0 && (1.0..=24.0).contains(&value) {
-                Ok(value as u32)
-            } else {
-                Err(format!(
-                    "{} must be a whole number of bits from 1 to 24, got {value}",
-                    self.key()
-                ))
+    /// Sets the parameter in `model` (a whole number for integer fields such as `adc.bits` or
+    /// `seed`). A stuck or drift block is created where absent (stuck at 0; drift with t0 = 20 s,
+    /// 1 s per batch); a converter needs its bound.
+    pub fn set(&self, model: &mut NoiseModel, value: f64) -> Result<(), String> {
+        set_noise_key(model, &self.0, &number(value))
+    }
+}
+
+/// `value` as JSON: an integer where it is whole (integer fields refuse `8.0`).
+fn number(value: f64) -> serde_json::Value {
+    if value.fract() == 0.0 && value.abs() < 9.0e15 {
+        serde_json::Value::from(value as i64)
+    } else {
+        serde_json::Value::from(value)
+    }
+}
+
+/// The field paths of a noise model: `seed`, `adc.bits`, `adc.bound`, `drift.nu`, …
+pub fn noise_keys() -> Vec<String> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        if let serde_json::Value::Object(map) = v {
+            for (k, v) in map {
+                let key = format!("{prefix}{k}");
+                match v {
+                    serde_json::Value::Object(_) => walk(&format!("{key}."), v, out),
+                    _ => out.push(key),
+                }
             }
+        }
+    }
+    let mut out = Vec::new();
+    let mut full = serde_json::to_value(NoiseModel::default()).expect("noise models serialise");
+    if let serde_json::Value::Object(map) = &mut full {
+        for (k, v) in map.iter_mut() {
+            if v.is_null() {
+                *v = default_block(k).unwrap_or(serde_json::Value::Null);
+            }
+        }
+    }
+    walk("", &full, &mut out);
+    out
+}
+
+/// What an absent optional block starts as when one of its fields is set: a drift clock of
+/// t0 = 20 s ticking 1 s per batch with no drift, no stuck devices (stuck at 0), a converter
+/// with no bits (its `bound` must be given).
+fn default_block(key: &str) -> Option<serde_json::Value> {
+    Some(match key {
+        "drift" => {
+            serde_json::json!({"nu": 0.0, "nu_std": 0.0, "t0": 20.0, "seconds_per_batch": 1.0})
+        }
+        "stuck" => serde_json::json!({"fraction": 0.0, "values": [0.0]}),
+        "dac" | "adc" => serde_json::json!({"bits": null, "bound": null}),
+        _ => return None,
+    })
+}
+
+/// Sets the noise field at `path` (`output_noise`, `adc.bound`, `drift.t0`, `seed`, or a whole
+/// block such as `drift`) to `value`, then checks the model as a profile's is checked.
+pub fn set_noise_key(
+    model: &mut NoiseModel,
+    path: &str,
+    value: &serde_json::Value,
+) -> Result<(), String> {
+    set_noise_keys(model, &[(path, value)])
+}
+
+/// Sets several noise fields at once (a converter's `bits` and `bound` together), then checks.
+pub fn set_noise_keys(
+    model: &mut NoiseModel,
+    settings: &[(&str, &serde_json::Value)],
+) -> Result<(), String> {
+    let mut root = serde_json::to_value(&*model).expect("noise models serialise");
+    let unknown = |path: &str| {
+        format!(
+            "unknown noise parameter '{path}' (expected one of: {})",
+            noise_keys().join(", ")
+        )
+    };
+    /// Sets `parts` under `at`; false if a part names no field.
+    fn put(at: &mut serde_json::Value, parts: &[&str], value: &serde_json::Value) -> bool {
+        let Some((first, rest)) = parts.split_first() else {
+            return false;
         };
-        let v = value as f32;
-        match self {
-            Self::InputNoise => model.input_noise = v,
-            Self::OutputNoise => model.output_noise = v,
-            Self::ReadNoise => model.read_noise = v,
-            Self::ProgrammingError => model.programming_error = v,
-            Self::GainMismatch => model.gain_mismatch = v,
-            Self::Nonlinearity => model.nonlinearity = v,
-            Self::StuckFraction => {
-                model
-                    .stuck
-                    .get_or_insert_with(|| StuckFaults {
-                        fraction: 0.0,
-                        values: vec![0.0],
-                    })
-                    .fraction = v
-            }
-            Self::DriftNu => {
-                model
-                    .drift
-                    .get_or_insert(Drift {
-                        nu: 0.0,
-                        nu_std: 0.0,
-                        t0: 20.0,
-                        seconds_per_batch: 1.0,
-                    })
-                    .nu = v
-            }
-            Self::DacBits | Self::AdcBits => {
-                let conv = if self == Self::DacBits {
-                    &mut model.dac
-                } else {
-                    &mut model.adc
-                };
-                let Some(c) = conv.as_mut() else {
-                    return Err(format!(
-                        "the base profile has no {} to set the bits of: give it `{}: (bound: ...)`",
-                        &self.key()[..3],
-                        &self.key()[..3]
-                    ));
-                };
-                c.bits = Some(bits()?);
-            }
-            Self::WeightBits => model.weight_bits = Some(bits()?),
-            Self::WeightClip => model.weight_clip = Some(v),
+        let Some(slot) = at.as_object_mut().and_then(|m| m.get_mut(*first)) else {
+            return false;
+        };
+        if rest.is_empty() {
+            *slot = value.clone();
+            return true;
         }
-        model
-            .validate("noise")
-            .map_err(|e| format!("{} = {value}: {e}", self.key()))
+        if slot.is_null() {
+            match default_block(first) {
+                Some(block) => *slot = block,
+                None => return false,
+            }
+        }
+        put(slot, rest, value)
     }
+    for &(path, value) in settings {
+        let parts: Vec<&str> = path.split('.').collect();
+        if !put(&mut root, &parts, value) {
+            return Err(unknown(path));
+        }
+    }
+    let what = settings
+        .iter()
+        .map(|(p, v)| format!("{p} = {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for conv in ["dac", "adc"] {
+        if root[conv].is_object() && root[conv]["bound"].is_null() {
+            return Err(format!(
+                "{what}: the base profile has no `{conv}` and a converter needs its bound: give the profile one (e.g. `{conv}: (bound: 1.0)`) or set noise.{conv}.bound too"
+            ));
+        }
+    }
+    let new: NoiseModel = serde_json::from_value(root).map_err(|e| format!("{what}: {e}"))?;
+    new.validate("noise").map_err(|e| format!("{what}: {e}"))?;
+    *model = new;
+    Ok(())
 }
 
 impl FromStr for NoiseParam {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|p| p.key() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|p| p.key()).collect();
-            format!(
+        let keys = noise_keys();
+        if keys.iter().any(|k| k == s) || default_block(s).is_some() {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(format!(
                 "unknown noise parameter '{s}' (expected one of: {})",
-                names.join(", ")
-            )
-        })
+                keys.join(", ")
+            ))
+        }
     }
 }
 
 impl fmt::Display for NoiseParam {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.key())
+        f.write_str(&self.0)
     }
 }
 
 /// The profile `base` with `param` set to `value`.
 pub fn profile_at(
     base: &DeviceProfile,
-    param: NoiseParam,
+    param: &NoiseParam,
     value: f64,
 ) -> Result<DeviceProfile, String> {
     let mut p = base.clone();
@@ -381,7 +402,7 @@ pub fn profile_at(
 pub fn sweep(
     s: &SetupRef,
     base: &DeviceProfile,
-    param: NoiseParam,
+    param: &NoiseParam,
     values: &[f64],
     fd_repeats: usize,
     mut on_point: impl FnMut(&SweepPoint),

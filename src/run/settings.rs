@@ -29,7 +29,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::RunConfig;
-use crate::backend::BackendSpec;
+use crate::backend::{BackendSpec, Rig};
 use crate::data::DatasetKind;
 use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
@@ -151,6 +151,12 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_backend", skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendSpec>,
+    /// A rig file (RON, e.g. rigs/two-boards.ron): the devices, their ports and link options and
+    /// the layers each holds, in place of --backend (which also takes one backend per layer,
+    /// comma-separated)
+    #[arg(long, conflicts_with = "backend")]
+    #[serde(default, serialize_with = "ser_path", skip_serializing_if = "Option::is_none")]
+    pub rig: Option<PathBuf>,
     /// Training epochs [default: 200, as the paper]
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,12 +242,18 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exact_reference: bool,
-    /// Continue the run whose checkpoint is in DIR, with its saved settings (settings given here
-    /// override them); ends bit-identical to an uninterrupted run. Checkpoints go on into DIR
-    /// unless --checkpoint says otherwise
+    /// Continue the run whose checkpoint is in DIR, with its saved settings; ends bit-identical
+    /// to an uninterrupted run. Only epochs (more), backend, data_dir, limit_test, metrics, save,
+    /// checkpoint and checkpoint_every may be given anew. Checkpoints go on into DIR unless
+    /// --checkpoint says otherwise
     #[arg(long, value_name = "DIR")]
     #[serde(default, skip_serializing)]
     pub resume: Option<PathBuf>,
+    /// Start a new run even though the --checkpoint directory holds a saved one, which is then
+    /// overwritten (without it, such a run is refused: continue it with --resume instead)
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(default, skip_serializing)]
+    pub fresh: bool,
 }
 }
 
@@ -254,16 +266,7 @@ fn ser_display<T: fmt::Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S:
 
 /// A backend as `--backend` takes it, every option spelled out.
 fn ser_backend<S: Serializer>(b: &Option<BackendSpec>, s: S) -> Result<S::Ok, S::Error> {
-    match b {
-        Some(BackendSpec::Serial(p)) => s.serialize_some(&format!(
-            "serial:{}?baud={}&timeout_ms={}&retries={}",
-            p.path,
-            p.baud,
-            p.timeout.as_millis(),
-            p.retries
-        )),
-        other => ser_display(other, s),
-    }
+    ser_display(&b.as_ref().map(BackendSpec::spelled_out), s)
 }
 
 /// A path as text (as it displays, where it is not Unicode).
@@ -445,8 +448,132 @@ impl ExperimentConfig {
         ron::ser::to_string_pretty(self, pretty).expect("settings serialise")
     }
 
+    /// The settings `--resume` may change: where the run executes and saves, how far it goes
+    /// (more epochs only, checked against the checkpoint), and what it reports. Every other
+    /// setting changes the training's numbers, so the continued run would be neither the saved
+    /// run nor a fresh one.
+    pub const RESUMABLE: &'static [&'static str] = &[
+        "epochs",
+        "backend",
+        "data_dir",
+        "limit_test",
+        "metrics",
+        "save",
+        "checkpoint",
+        "checkpoint_every",
+    ];
+
+    /// Refuses `given` (the command line over `--config`) as changes to `self`, the settings
+    /// saved in a checkpoint, where it changes a setting outside [`Self::RESUMABLE`], naming each
+    /// such setting with both values. Values equal to the saved ones (or to the defaults the
+    /// saved run used) are no change.
+    pub fn check_resume_changes(&self, given: &Self) -> Result<(), ConfigError> {
+        let saved = self.to_run_config()?;
+        let merged = self.clone().overlay(given.clone()).to_run_config()?;
+        let widths = |r: &RunConfig| {
+            r.hidden.clone().unwrap_or_else(|| match r.arch {
+                ArchKind::Mlp => crate::model::ModelSpec::default_hidden(r.dataset),
+                ArchKind::Cnn => crate::model::ModelSpec::default_channels(r.dataset),
+            })
+        };
+        let (a, b) = (&saved.hyper, &merged.hyper);
+        let mut changed = Vec::new();
+        let mut cmp = |key: &str, was: String, now: String| {
+            if was != now {
+                changed.push(format!("{key} is {was} in the checkpoint but {now} now"));
+            }
+        };
+        cmp(
+            "dataset",
+            saved.dataset.to_string(),
+            merged.dataset.to_string(),
+        );
+        cmp("arch", saved.arch.to_string(), merged.arch.to_string());
+        cmp(
+            "hidden",
+            format!("{:?}", widths(&saved)),
+            format!("{:?}", widths(&merged)),
+        );
+        cmp(
+            "proj_dim",
+            saved.proj_dim.to_string(),
+            merged.proj_dim.to_string(),
+        );
+        // Every hyperparameter, by its serialised name, so one added to `Hyper` is covered
+        // without a line here (a field left out of the JSON holds its default).
+        let fields = |h: &crate::train::Hyper| match serde_json::to_value(h) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => unreachable!("Hyper serialises to an object"),
+        };
+        let (fa, fb) = (fields(a), fields(b));
+        let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let show = |v: Option<&serde_json::Value>| {
+                v.map_or("the default".to_string(), |v| v.to_string())
+            };
+            cmp(key, show(fa.get(key)), show(fb.get(key)));
+        }
+        let all = |n: Option<usize>| n.map_or("all".to_string(), |n| n.to_string());
+        cmp(
+            "limit_train",
+            all(saved.limit_train),
+            all(merged.limit_train),
+        );
+        cmp(
+            "max_batches",
+            all(saved.max_batches),
+            all(merged.max_batches),
+        );
+        cmp(
+            "exact_reference",
+            saved.exact_reference.to_string(),
+            merged.exact_reference.to_string(),
+        );
+        if changed.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            key: "resume",
+            message: format!(
+                "a resumed run keeps the settings it was started with, and these would change: {}. \
+                 Resume may change only {} (epochs to more); to train with other settings, start a \
+                 new run (another --checkpoint directory, or --fresh)",
+                changed.join(", "),
+                Self::RESUMABLE.join(", ")
+            ),
+        })
+    }
+
+    /// Reads the rig file, if one is named, into the backend setting: what is stored (in
+    /// checkpoints) is then the rig itself, every device's port and options, not a path to a
+    /// file that may change. Naming both a rig and a backend is an error.
+    pub fn resolve_rig(&mut self) -> Result<(), ConfigError> {
+        let Some(path) = self.rig.take() else {
+            return Ok(());
+        };
+        if self.backend.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "rig",
+                message: "give a rig or a backend, not both".into(),
+            });
+        }
+        let rig = Rig::load(&path).map_err(|message| ConfigError::Invalid {
+            key: "rig",
+            message,
+        })?;
+        self.backend = Some(BackendSpec::Rig(rig));
+        Ok(())
+    }
+
     /// The run these settings describe, with the paper's defaults (section 4.5) for what is unset.
     pub fn to_run_config(&self) -> Result<RunConfig, ConfigError> {
+        if self.rig.is_some() {
+            let mut resolved = self.clone();
+            resolved.resolve_rig()?;
+            return resolved.to_run_config();
+        }
         let dataset = self.dataset.unwrap_or(DatasetKind::Mnist);
         let arch = self.arch.unwrap_or_default();
         if arch == ArchKind::Mlp && self.proj_dim.is_some() {
@@ -490,8 +617,15 @@ impl ExperimentConfig {
         run.checkpoint = self.checkpoint.clone().or_else(|| self.resume.clone());
         run.checkpoint_every = self.checkpoint_every;
         run.resume = self.resume.clone();
+        if self.fresh && self.resume.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "fresh",
+                message: "starts a new run, so it cannot go with resume".into(),
+            });
+        }
+        run.fresh = self.fresh;
         run.backend = self.backend.clone().unwrap_or(BackendSpec::Sim);
-        if self.exact_reference && matches!(run.backend, BackendSpec::Serial(_)) {
+        if self.exact_reference && !run.backend.is_simulated() {
             return Err(ConfigError::Invalid {
                 key: "exact_reference",
                 message: "chooses how the simulator evaluates, so it needs a simulated backend \
@@ -546,7 +680,20 @@ mod tests {
     #[test]
     fn an_empty_config_is_the_paper_defaults() {
         let run = parse("()").unwrap().to_run_config().unwrap();
-        assert_eq!(run.hyper, Hyper::default());
+        // Section 4.5's numbers, written out (not `Hyper::default()`, which would compare the
+        // defaults with themselves).
+        let paper = Hyper {
+            lr: 1e-3,
+            eps: 1e-3,
+            directions: 4,
+            chunk_max: 50_000,
+            batch_size: 256,
+            seed: 0,
+            difference: crate::train::estimator::Difference::Central,
+            optimizer: crate::train::update::Optimizer::Sgd,
+            eps_auto: false,
+        };
+        assert_eq!(run.hyper, paper);
         assert_eq!(run.epochs, 200);
         assert_eq!(run.dataset, DatasetKind::Mnist);
     }
@@ -596,7 +743,7 @@ mod tests {
             ("(\n\n  lr: -1.0,\n)", "lr", "positive"),
             ("(\n\n  hidden: [50, 0],\n)", "hidden", "at least 1"),
             ("(\n\n  batch_size: 0,\n)", "batch_size", "at least 1"),
-            ("(\n\n  backend: \"gpu\",\n)", "backend", "unknown backend"),
+            ("(\n\n  backend: \"tpu\",\n)", "backend", "unknown backend"),
             ("(\n\n  arch: \"rnn\",\n)", "arch", "unknown architecture"),
         ] {
             let msg = error(text);
@@ -649,6 +796,7 @@ mod tests {
                     .parse()
                     .unwrap(),
             ),
+            rig: Some(PathBuf::from("rigs/two boards.ron")),
             epochs: Some(3),
             batch_size: Some(32),
             lr: Some(1.7e-3),
@@ -669,8 +817,17 @@ mod tests {
             checkpoint_every: Some(10),
             resume: None,
             exact_reference: true,
+            fresh: false,
         };
-        for c in [full, ExperimentConfig::default()] {
+        let rig = ExperimentConfig {
+            backend: Some(
+                "sim,tcp:127.0.0.1:4000?baud=115200&timeout_ms=20&retries=7"
+                    .parse()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        for c in [full, ExperimentConfig::default(), rig] {
             let text = c.to_ron();
             assert_eq!(parse(&text).unwrap(), c, "{text}");
         }

@@ -13,6 +13,8 @@ pub fn shared_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
 
+pub mod replay;
+
 /// The real datasets: `$PNN_DATA_DIR`, else `shared/data`.
 pub fn data_dir() -> PathBuf {
     match std::env::var_os("PNN_DATA_DIR") {
@@ -58,9 +60,17 @@ pub fn npy<T: npyz::Deserialize>(arrays: &HashMap<String, Vec<u8>>, name: &str) 
     }
 }
 
+/// The `pnn-train` under test: this build's, or `$PNN_TRAIN_BIN` (to run a test against another
+/// build, e.g. to show that it fails on an older one).
+pub fn train_binary() -> PathBuf {
+    std::env::var_os("PNN_TRAIN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pnn-train")))
+}
+
 /// A `pnn-train` command with `args`, the data directory set and no standard input.
 pub fn train_command(args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pnn-train"));
+    let mut c = std::process::Command::new(train_binary());
     c.args(args)
         .env("PNN_DATA_DIR", data_dir())
         .stdin(std::process::Stdio::null());

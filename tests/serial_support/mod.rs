@@ -36,7 +36,10 @@ pub fn in_process(layers: &str, model: &[LayerShape]) -> (Vec<SerialOracle>, Joi
 /// `pnn-emulate` running as a child process; killed when dropped.
 pub struct Emulator {
     child: Child,
+    /// Where the (first) device is served: a pseudo-terminal's path, or `HOST:PORT`.
     pub path: String,
+    /// Where each device is served, in order (one per `--layers`).
+    pub paths: Vec<String>,
 }
 
 impl Emulator {
@@ -46,22 +49,47 @@ impl Emulator {
 
     /// An emulator of `devices/<profile>.ron`.
     pub fn spawn_profile(profile: &str, layers: &str, extra: &[&str]) -> Self {
-        let profile = profile_path(profile);
+        let emulator = Self::spawn_devices(&profile_path(profile), &[layers], extra);
+        assert!(
+            emulator.path.starts_with("/dev/"),
+            "a pty: {}",
+            emulator.path
+        );
+        emulator
+    }
+
+    /// One emulator process serving one device per entry of `devices` (each a `--layers`
+    /// list), with `extra` arguments (`--listen ADDR` per device for TCP).
+    pub fn spawn_devices(profile: &str, devices: &[&str], extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pnn-emulate"))
-            .args(["--profile", &profile, "--layers", layers])
+            .args(["--profile", profile])
+            .args(devices.iter().flat_map(|d| ["--layers", d]))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("pnn-emulate starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("pnn-emulate prints its path");
-        let path = line.trim().to_string();
-        assert!(path.starts_with("/dev/"), "first line is a path: {line:?}");
-        Self { child, path }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let paths: Vec<String> = (0..devices.len())
+            .map(|_| {
+                let mut line = String::new();
+                out.read_line(&mut line)
+                    .expect("pnn-emulate prints where each device is");
+                line.trim().to_string()
+            })
+            .collect();
+        for p in &paths {
+            assert!(
+                p.starts_with("/dev/") || p.parse::<std::net::SocketAddr>().is_ok(),
+                "a path or an address: {p:?}"
+            );
+        }
+        Self {
+            child,
+            path: paths[0].clone(),
+            paths,
+        }
     }
 
     /// Ends the emulator, as pulling the cable would.

@@ -598,7 +598,10 @@ mod tests {
     #[test]
     fn the_avx2_path_equals_the_portable_path_bit_for_bit() {
         let Some(token) = crate::simd::Avx2::detect() else {
-            std::eprintln!("no AVX2 on this CPU: nothing to compare");
+            crate::skipped::skipped(
+                "the_avx2_path_equals_the_portable_path_bit_for_bit",
+                "no AVX2 on this CPU: nothing to compare",
+            );
             return;
         };
         let lengths = [
@@ -651,7 +654,10 @@ mod tests {
     fn the_avx2_arithmetic_equals_the_portable_one_on_every_input() {
         use core::arch::x86_64::*;
         let Some(_) = crate::simd::Avx2::detect() else {
-            std::eprintln!("no AVX2 on this CPU: nothing to compare");
+            crate::skipped::skipped(
+                "the_avx2_arithmetic_equals_the_portable_one_on_every_input",
+                "no AVX2 on this CPU: nothing to compare",
+            );
             return;
         };
         /// Radius, cos and sin of the 8 lanes `k1 = k..k+8`, `k2 = k'..k'+8`.

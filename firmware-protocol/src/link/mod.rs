@@ -10,7 +10,9 @@
 //! - [`pipe`] (`pipe.rs`): an in-memory pair of transports, for in-process tests and emulators;
 //! - [`Loopback`] (`loopback.rs`): a device server in the same process as a transport;
 //! - [`SerialPortTransport`] (`serial_port.rs`, feature `serialport`): a serial port (USB CDC,
-//!   UART or a pseudo-terminal), on the host's side or the device's.
+//!   UART or a pseudo-terminal), on the host's side or the device's;
+//! - [`TcpTransport`], [`TcpListenerLine`] (`tcp.rs`): a TCP stream carrying the same frames
+//!   (a board exported by ser2net's raw mode, or `pnn-emulate --listen`), host and device side.
 //!
 //! A device speaks to any of these through `crate::server::Server`, whose retransmission cache
 //! makes every request safe to repeat.
@@ -22,6 +24,7 @@ mod pipe;
 mod retry;
 #[cfg(feature = "serialport")]
 mod serial_port;
+mod tcp;
 mod transport;
 
 pub use client::{Client, ClientError};
@@ -31,6 +34,7 @@ pub use pipe::{PipeEnd, pipe};
 pub use retry::{Link, LinkError, RetryPolicy, request_name};
 #[cfg(feature = "serialport")]
 pub use serial_port::{SerialPortTransport, Side};
+pub use tcp::{TcpListenerLine, TcpTransport};
 pub use transport::{Transport, is_hangup};
 
 /// A number that differs from one process start to the next (time and process id, mixed): a
