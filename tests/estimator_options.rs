@@ -109,3 +109,64 @@ fn a_cnn_trains_with_forward_differences_through_a_device_as_on_the_simulator() 
     // per block and batch.
     assert_eq!(s["oracle_evaluations"], 2 * 2 * (5 + 1));
 }
+
+/// `run` with `--eps auto`: its summary and the eps the metrics file logged at the end.
+fn eps_auto(backend: &str, run: &[&str]) -> (serde_json::Value, Vec<f64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.jsonl");
+    let s = summary(&pnn_train(
+        &[
+            &["--backend", backend, "--eps", "auto", "--metrics"][..],
+            &[metrics.to_str().unwrap()],
+            run,
+        ]
+        .concat(),
+    ));
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let eps = last["eps"].as_array().expect("the metrics log eps").iter();
+    (s, eps.map(|e| e.as_f64().unwrap()).collect())
+}
+
+#[test]
+fn eps_auto_leaves_the_ideal_device_alone_and_opens_up_on_quantised_and_noisy_ones() {
+    let profile = |name: &str| format!("sim:{}/devices/{name}.ron", env!("CARGO_MANIFEST_DIR"));
+    // The ideal device repeats its clean loss bit for bit and resolves 1e-3: the same training.
+    let (ideal, eps) = eps_auto(&profile("ideal"), &MLP);
+    assert_eq!(eps, [1e-3; 2]);
+    let fixed = summary(&pnn_train(
+        &[&["--backend", &profile("ideal")][..], &MLP].concat(),
+    ));
+    assert_eq!(ideal["weights_sha256"], fixed["weights_sha256"]);
+    // int8 weights: no spread, but 1e-3 is below the weights' step.
+    let (_, eps) = eps_auto(&profile("mcu-int8"), &MLP);
+    assert!(eps.iter().all(|&e| e > 0.05), "{eps:?}");
+    // Output noise: eps grows until the differences clear it.
+    let (_, eps) = eps_auto(&profile("aihwkit-io"), &MLP);
+    assert!(eps.iter().all(|&e| e > 0.5), "{eps:?}");
+}
+
+#[test]
+fn the_exact_gradient_baselines_are_refused_where_no_gradient_can_be_had() {
+    let pcm = format!("sim:{}/devices/pcm.ron", env!("CARGO_MANIFEST_DIR"));
+    for (args, what) in [
+        (
+            vec!["--method", "mf-exact", "--backend", "serial:/dev/null"],
+            "a device (or a simulated device profile) cannot give",
+        ),
+        (
+            vec!["--method", "bp", "--backend", pcm.as_str()],
+            "run it with --backend sim",
+        ),
+        (
+            vec!["--method", "mf-exact", "--arch", "cnn"],
+            "--arch mlp only",
+        ),
+        (vec!["--method", "backprop"], "expected dd, mf-exact or bp"),
+    ] {
+        let out = pnn_train(&[&args[..], &["--epochs", "1"]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(what), "{args:?}: {err}");
+    }
+}

@@ -436,6 +436,7 @@ fn metrics_file(name: &str, epochs: u32, layers: usize, offset: f64) -> PathBuf 
             oracle_evaluations: 100 * e as u64,
             layer_utilisation: None,
             layer_wire_bytes: None,
+            eps: None,
         };
         s.push_str(&serde_json::to_string(&m).unwrap());
         s.push('\n');
@@ -515,6 +516,76 @@ fn pnn_report_draws_one_curve_per_run_and_mode() {
         rows[1].starts_with("| run-b | 4 | 0.8000 | 0.7800 |"),
         "{table}"
     );
+}
+
+#[test]
+fn pnn_report_overlays_a_dd_run_with_its_mf_exact_ceiling() {
+    let epochs = 4;
+    let dd = metrics_file("dd-run", epochs, 2, 0.0);
+    let ceiling = metrics_file("mf-exact-run", epochs, 2, 0.15);
+    let out_dir = scratch().join("report-ceiling");
+    let out = run(Command::new(REPORT)
+        .arg("--metrics")
+        .arg(&dd)
+        .arg("--ceiling")
+        .arg(&ceiling)
+        .arg("--out")
+        .arg(&out_dir));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (curves, texts) = curves_and_texts(&out_dir.join("accuracy.svg"), epochs as usize);
+    assert_eq!(
+        curves,
+        2 * 2,
+        "the run and its ceiling, two prediction modes each"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t == "mf-exact-run (ceiling) (cumulative)"),
+        "{texts:?}"
+    );
+    let table = std::fs::read_to_string(out_dir.join("summary.md")).unwrap();
+    assert!(
+        table.contains("| dd-run | 4 | 0.7000 | 0.8500 | -0.1500 |"),
+        "{table}"
+    );
+}
+
+#[test]
+fn the_fast_configs_parse_and_run_one_batch_with_their_options() {
+    let dir = repo().join("examples/configs/fast");
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    configs.sort();
+    assert_eq!(
+        configs.len(),
+        4,
+        "one per MLP dataset of Table 1: {configs:?}"
+    );
+    for path in &configs {
+        let name = path.file_name().unwrap().to_string_lossy();
+        let run_config = ExperimentConfig::load(path)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .to_run_config()
+            .unwrap();
+        assert_eq!(
+            run_config.hyper.difference,
+            pnn::train::estimator::Difference::Forward,
+            "{name}"
+        );
+        let out = run(Command::new(TRAIN)
+            .args(["--config".as_ref(), path.as_os_str()])
+            .args(["--epochs", "1", "--max-batches", "1", "--quiet"])
+            .arg("--data-dir")
+            .arg(synthetic_data())
+            .arg("--metrics")
+            .arg(scratch().join(format!("{name}.jsonl"))));
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let summary: RunSummary = only_summary(&out);
+        assert_eq!(summary.directions, 7, "{name}");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pnn::report::plots::{FILES, ReportError, RunMetrics, write_report};
+use pnn::report::plots::{FILES, ReportError, RunMetrics, write_report, write_report_with_ceiling};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +22,11 @@ struct Args {
     /// A run's name in legends and the table, in the order of --metrics [default: file stem].
     #[arg(long)]
     label: Vec<String>,
+    /// The metrics of the same run trained with `pnn-train --method mf-exact` (exact local
+    /// gradients): overlaid on every plot as the DD runs' ceiling, with each run's gap to it in
+    /// the table.
+    #[arg(long, value_name = "FILE")]
+    ceiling: Option<PathBuf>,
     /// Directory to write accuracy.svg, loss.svg, layers.svg and summary.md into.
     #[arg(long, default_value = "report")]
     out: PathBuf,
@@ -50,7 +55,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match write_report(&runs, &args.out) {
+    let ceiling = args
+        .ceiling
+        .as_deref()
+        .map(|p| {
+            let stem = p
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+            RunMetrics::load(p, Some(format!("{stem} (ceiling)")))
+        })
+        .transpose();
+    let ceiling = match ceiling {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let written = match &ceiling {
+        Some(c) => write_report_with_ceiling(&runs, c, &args.out),
+        None => write_report(&runs, &args.out),
+    };
+    match written {
         Ok(table) => {
             print!("{table}");
             let files: Vec<String> = FILES

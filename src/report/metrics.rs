@@ -29,6 +29,11 @@ pub struct EpochMetrics {
     /// every layer is behind a link. In the metrics file only, as `layer_utilisation`.
     #[serde(skip)]
     pub layer_wire_bytes: Option<Vec<[u64; 2]>>,
+    /// `--eps auto`: each layer's eps at the epoch's end. Not part of this type's serde form
+    /// (a checkpoint's postcard layout of it is fixed): the metrics file adds it as the key `eps`
+    /// ([`EpochMetrics::to_json_line`]), a checkpoint carries it in its options' state.
+    #[serde(skip)]
+    pub eps: Option<Vec<f32>>,
 }
 
 impl EpochMetrics {
@@ -54,6 +59,7 @@ impl EpochMetrics {
             oracle_evaluations,
             layer_utilisation: None,
             layer_wire_bytes: None,
+            eps: None,
         }
     }
 
@@ -68,11 +74,14 @@ impl EpochMetrics {
             layer_utilisation: &'a Option<Vec<f64>>,
             #[serde(skip_serializing_if = "Option::is_none")]
             layer_wire_bytes: &'a Option<Vec<[u64; 2]>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            eps: &'a Option<Vec<f32>>,
         }
         serde_json::to_string(&Line {
             metrics: self,
             layer_utilisation: &self.layer_utilisation,
             layer_wire_bytes: &self.layer_wire_bytes,
+            eps: &self.eps,
         })
         .expect("metrics serialise")
     }

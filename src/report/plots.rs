@@ -318,3 +318,46 @@ pub fn summary_table(runs: &[RunMetrics]) -> String {
     }
     s
 }
+
+/// [`write_report`] with `ceiling` (a `--method mf-exact` run, the exact-gradient ceiling of the
+/// DD runs) overlaid on every plot as one more run, and a table of each run's gap to it
+/// appended to `summary.md`.
+pub fn write_report_with_ceiling(
+    runs: &[RunMetrics],
+    ceiling: &RunMetrics,
+    out_dir: &Path,
+) -> Result<String, ReportError> {
+    let mut all = runs.to_vec();
+    all.push(ceiling.clone());
+    let mut table = write_report(&all, out_dir)?;
+    table.push('\n');
+    table.push_str(&ceiling_table(runs, ceiling));
+    let path = out_dir.join(FILES[3]);
+    std::fs::write(&path, &table).map_err(|source| ReportError::Io { path, source })?;
+    Ok(table)
+}
+
+/// Each run's last cumulative test accuracy against the ceiling's at the same epoch (or its last,
+/// where the ceiling ran fewer epochs).
+pub fn ceiling_table(runs: &[RunMetrics], ceiling: &RunMetrics) -> String {
+    let mut s = format!(
+        "| run | epoch | test acc. cumulative | ceiling ({}) | gap |\n|---|---:|---:|---:|---:|\n",
+        ceiling.label.replace('|', "\\|")
+    );
+    for run in runs {
+        let last = run.last();
+        let reference = (ceiling.epochs.iter())
+            .find(|m| m.epoch == last.epoch)
+            .unwrap_or_else(|| ceiling.last());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.4} | {:.4} | {:+.4} |",
+            run.label.replace('|', "\\|"),
+            last.epoch,
+            last.test_accuracy_cumulative,
+            reference.test_accuracy_cumulative,
+            last.test_accuracy_cumulative - reference.test_accuracy_cumulative,
+        );
+    }
+    s
+}

@@ -55,6 +55,12 @@ struct Extras {
     /// [`OptionsState::rule_state`] as bit patterns, so JSON carries every value exactly.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     rule_state_bits: Vec<u32>,
+    /// [`OptionsState::chosen_eps`] as bit patterns (`--eps auto`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chosen_eps_bits: Vec<u32>,
+    /// [`OptionsState::eps_history`] as bit patterns (`--eps auto`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    eps_history_bits: Vec<Vec<u32>>,
 }
 
 /// A training split's fingerprint: its size and the SHA-256 of its labels and of its images.
@@ -117,6 +123,11 @@ pub struct Checkpoint {
 pub struct OptionsState {
     /// [`crate::train::update::UpdateRule::state`]: momentum's or Adam's moments.
     pub rule_state: Vec<f32>,
+    /// `--eps auto`: each layer's eps now.
+    pub chosen_eps: Vec<f32>,
+    /// `--eps auto`: each completed epoch's eps per layer, as its metrics reported them
+    /// ([`EpochMetrics::eps`], which the payload's metrics do not carry).
+    pub eps_history: Vec<Vec<f32>>,
 }
 
 /// A run's link counters ([`crate::oracle::LinkCounters`]: traffic and health), summed over the
@@ -210,6 +221,7 @@ impl Checkpoint {
             projections: self.projections.clone(),
             oracle_evaluations: self.oracle_evaluations,
             rule_state: self.options.rule_state.clone(),
+            chosen_eps: self.options.chosen_eps.clone(),
         }
     }
 
@@ -225,14 +237,12 @@ impl Checkpoint {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut payload = postcard::to_stdvec(self).expect("a checkpoint always serialises");
+        let bits = |values: &[f32]| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let extras = Extras {
             data: self.identity.data.clone(),
-            rule_state_bits: self
-                .options
-                .rule_state
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
+            rule_state_bits: bits(&self.options.rule_state),
+            chosen_eps_bits: bits(&self.options.chosen_eps),
+            eps_history_bits: self.options.eps_history.iter().map(|e| bits(e)).collect(),
         };
         serde_json::to_writer(&mut payload, &extras).expect("extras serialise");
         // Temporary files of writes that a crash cut short are of no use to anyone.
@@ -293,11 +303,18 @@ impl Checkpoint {
             let extras: Extras = serde_json::from_slice(rest)
                 .map_err(|e| format!("the payload's extras do not decode: {e}"))?;
             checkpoint.identity.data = extras.data;
-            checkpoint.options.rule_state = extras
-                .rule_state_bits
-                .into_iter()
-                .map(f32::from_bits)
-                .collect();
+            let values = |bits: Vec<u32>| bits.into_iter().map(f32::from_bits).collect::<Vec<_>>();
+            checkpoint.options.rule_state = values(extras.rule_state_bits);
+            checkpoint.options.chosen_eps = values(extras.chosen_eps_bits);
+            checkpoint.options.eps_history =
+                extras.eps_history_bits.into_iter().map(values).collect();
+            for (m, eps) in checkpoint
+                .metrics
+                .iter_mut()
+                .zip(&checkpoint.options.eps_history)
+            {
+                m.eps = Some(eps.clone());
+            }
         }
         Ok(checkpoint)
     }

@@ -6,6 +6,7 @@
 //! saved to disk), [`recovery`] (surviving device resets) and [`noise_sweep`] (runs across the
 //! levels of one hardware effect).
 
+pub mod baseline;
 pub mod checkpoint;
 pub mod interrupt;
 pub mod noise_sweep;
@@ -63,6 +64,8 @@ pub struct RunConfig {
     /// windows of this many batches (each window one step for checkpoints and reset
     /// recovery); `None`: the sequential schedule. The results are the same bits either way.
     pub pipeline: Option<usize>,
+    /// MF+DD (the default) or an exact-gradient baseline ([`baseline`]).
+    pub method: crate::train::exact::Method,
     /// Evaluate on the test set at every epoch's end (and report [`EpochMetrics`]); otherwise
     /// once, after the last epoch. The noise sweep evaluates once: on a noisy device an
     /// evaluation draws from the device's noise streams, so it would change the training after it.
@@ -90,6 +93,7 @@ impl RunConfig {
             settings: None,
             exact_reference: false,
             pipeline: None,
+            method: crate::train::exact::Method::Dd,
             evaluate_each_epoch: true,
         }
     }
@@ -167,6 +171,14 @@ impl RunError {
 /// Loads the data, builds the backend's oracles and trains, reporting to `observer` (a closure
 /// `FnMut(&EpochMetrics)` is one).
 pub fn run(config: &RunConfig, observer: impl RunObserver) -> Result<RunSummary, RunError> {
+    if config.method != crate::train::exact::Method::Dd {
+        // Refused before the data loads: the message is about the settings.
+        if let Some(why) = baseline::refusal(config) {
+            return Err(RunError::Config(why));
+        }
+        let (data, model) = load(config)?;
+        return baseline::run_baseline(config, &data, &model, observer);
+    }
     let (data, model) = load(config)?;
     let specs = model.layer_specs();
     let mut oracles = backend::open(&config.backend, &specs)?;
@@ -339,6 +351,10 @@ impl RunState {
             settings: config.settings.clone(),
             options: checkpoint::OptionsState {
                 rule_state: snapshot.host.rule_state,
+                chosen_eps: snapshot.host.chosen_eps,
+                eps_history: (self.metrics.iter())
+                    .filter_map(|m| m.eps.clone())
+                    .collect(),
             },
         }
     }
@@ -812,7 +828,7 @@ fn run_loop<O: ForwardOracle>(
             if let Some(what) = eval_non_finite(&eval) {
                 return Err(diverged(what, state.position, &state));
             }
-            let metrics = EpochMetrics::new(
+            let mut metrics = EpochMetrics::new(
                 epoch + 1,
                 state.epoch_train_seconds,
                 eval_start.elapsed().as_secs_f64(),
@@ -842,6 +858,7 @@ fn run_loop<O: ForwardOracle>(
                         .collect(),
                 );
             }
+            metrics.eps = trainer.chosen_eps();
             observer.epoch_done(&metrics);
             state.metrics.push(metrics);
             last_eval = Some(eval);

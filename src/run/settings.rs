@@ -35,6 +35,7 @@ use crate::model::ArchKind;
 pub use crate::model::ArchKind as Arch;
 use crate::train::Hyper;
 use crate::train::estimator::Difference;
+use crate::train::exact::Method;
 use crate::train::update::Optimizer;
 
 /// Hidden widths: comma-separated on the command line (`50,50`), a list in RON (`[50, 50]`).
@@ -168,10 +169,12 @@ pub struct ExperimentConfig {
     #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
     #[serde(default, deserialize_with = "de_positive_f32", skip_serializing_if = "Option::is_none")]
     pub lr: Option<f32>,
-    /// Perturbation magnitude of the central difference [default: 1e-3]
-    #[arg(long, value_parser = positive_f32, allow_hyphen_values = true)]
-    #[serde(default, deserialize_with = "de_positive_f32", skip_serializing_if = "Option::is_none")]
-    pub eps: Option<f32>,
+    /// Perturbation magnitude of the finite difference, or `auto`: chosen per layer from the
+    /// device's measured noise (the clean loss's spread over repeated evaluations), at least
+    /// 1e-3, re-chosen every 50 batches [default: 1e-3]
+    #[arg(long, allow_hyphen_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eps: Option<Eps>,
     /// Finite difference of the estimate: central (the paper's, 2P evaluations per chunk) or
     /// forward (one clean loss shared by the P directions: P+1) [default: central]
     #[arg(long)]
@@ -182,6 +185,12 @@ pub struct ExperimentConfig {
     #[arg(long)]
     #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<Optimizer>,
+    /// Training method: dd (MF+DD, the paper's, through the backend), or an exact-gradient
+    /// baseline on the host, ideal simulator and MLP only: mf-exact (Mono-Forward with analytic
+    /// local gradients, the thesis' MF+AD) or bp (backpropagation with a linear head) [default: dd]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "de_parsed", serialize_with = "ser_display", skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
     /// Perturbation directions P per chunk, 1 to 64 [default: 4]
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     #[serde(default, deserialize_with = "de_directions", skip_serializing_if = "Option::is_none")]
@@ -270,6 +279,70 @@ fn ser_backend<S: Serializer>(b: &Option<BackendSpec>, s: S) -> Result<S::Ok, S:
 /// A path as text (as it displays, where it is not Unicode).
 fn ser_path<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
     ser_display(&p.as_ref().map(|p| p.display()), s)
+}
+
+/// `eps`: a positive number, or `auto` (`crate::train::estimator::choose_eps`). A number in RON
+/// and a flag, or the string "auto".
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Eps {
+    Fixed(f32),
+    Auto,
+}
+
+impl FromStr for Eps {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Eps::Auto);
+        }
+        positive_f32(s)
+            .map(Eps::Fixed)
+            .map_err(|e| format!("{e}; expected a positive number or auto"))
+    }
+}
+
+impl Serialize for Eps {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Eps::Fixed(x) => s.serialize_f32(*x),
+            Eps::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Eps {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Eps;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a positive number or \"auto\"")
+            }
+            fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<Eps, E> {
+                let x = x as f32;
+                if x.is_finite() && x > 0.0 {
+                    Ok(Eps::Fixed(x))
+                } else {
+                    Err(E::custom(format!("must be a positive number, got {x}")))
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, x: u64) -> Result<Eps, E> {
+                self.visit_f64(x as f64)
+            }
+            fn visit_i64<E: serde::de::Error>(self, x: i64) -> Result<Eps, E> {
+                self.visit_f64(x as f64)
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Eps, E> {
+                match s {
+                    "auto" => Ok(Eps::Auto),
+                    other => Err(E::custom(format!(
+                        "'{other}' is not an eps: expected a positive number or \"auto\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 fn positive_usize(s: &str) -> Result<usize, String> {
@@ -527,14 +600,19 @@ impl ExperimentConfig {
         run.epochs = self.epochs.unwrap_or(run.epochs);
         run.hyper = Hyper {
             lr: self.lr.unwrap_or(defaults.lr),
-            eps: self.eps.unwrap_or(defaults.eps),
+            eps: match self.eps {
+                Some(Eps::Fixed(eps)) => eps,
+                Some(Eps::Auto) | None => defaults.eps,
+            },
             directions: self.directions.map_or(defaults.directions, usize::from),
             chunk_max: self.chunk_max.unwrap_or(defaults.chunk_max),
             batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             seed: self.seed.unwrap_or(defaults.seed),
             difference: self.difference.unwrap_or(defaults.difference),
             optimizer: self.optimizer.unwrap_or(defaults.optimizer),
+            eps_auto: self.eps == Some(Eps::Auto),
         };
+        run.method = self.method.unwrap_or_default();
         run.limit_train = self.limit_train;
         run.limit_test = self.limit_test;
         run.max_batches = self.max_batches;
@@ -623,6 +701,7 @@ mod tests {
             seed: 0,
             difference: crate::train::estimator::Difference::Central,
             optimizer: crate::train::update::Optimizer::Sgd,
+            eps_auto: false,
         };
         assert_eq!(run.hyper, paper);
         assert_eq!(run.epochs, 200);
@@ -709,6 +788,34 @@ mod tests {
     }
 
     #[test]
+    fn eps_is_a_number_or_auto_and_the_estimator_options_parse_by_name() {
+        let c = parse("(eps: \"auto\", difference: \"forward\", optimizer: \"momentum\")").unwrap();
+        assert_eq!(c.eps, Some(Eps::Auto));
+        let run = c.to_run_config().unwrap();
+        assert!(run.hyper.eps_auto);
+        assert_eq!(run.hyper.eps, Hyper::default().eps);
+        assert_eq!(run.hyper.difference, Difference::Forward);
+        assert_eq!(run.hyper.optimizer, Optimizer::Momentum);
+        assert_eq!(parse(&c.to_ron()).unwrap(), c);
+        assert_eq!(parse("(eps: 2)").unwrap().eps, Some(Eps::Fixed(2.0)));
+        for (text, what) in [
+            ("(eps: \"often\")", "expected a positive number or \"auto\""),
+            ("(eps: -1.0)", "must be a positive number"),
+            ("(optimizer: \"rmsprop\")", "expected sgd, momentum or adam"),
+            ("(difference: \"backward\")", "expected central or forward"),
+        ] {
+            let msg = parse(text).unwrap_err().to_string();
+            assert!(msg.contains(what), "{text}: {msg}");
+        }
+        assert_eq!("auto".parse::<Eps>(), Ok(Eps::Auto));
+        assert!(
+            "0".parse::<Eps>()
+                .unwrap_err()
+                .contains("positive number or auto")
+        );
+    }
+
+    #[test]
     fn settings_written_as_ron_read_back_the_same() {
         let full = ExperimentConfig {
             dataset: Some(DatasetKind::FashionMnist),
@@ -724,9 +831,10 @@ mod tests {
             epochs: Some(3),
             batch_size: Some(32),
             lr: Some(1.7e-3),
-            eps: Some(0.1),
+            eps: Some(Eps::Fixed(0.1)),
             difference: Some(Difference::Forward),
             optimizer: Some(Optimizer::Adam),
+            method: Some(Method::Bp),
             directions: Some(8),
             chunk_max: Some(1000),
             seed: Some(u64::MAX),

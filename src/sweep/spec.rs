@@ -495,7 +495,10 @@ mod tests {
                 "directions=2 lr=0.01 eps=1.0 seed=0",
             ]
         );
-        assert_eq!(config(&p, 3).eps, Some(1.0));
+        assert_eq!(
+            config(&p, 3).eps,
+            Some(crate::run::settings::Eps::Fixed(1.0))
+        );
     }
 
     #[test]

@@ -115,27 +115,7 @@ pub fn directional_derivatives<O: ForwardOracle + ?Sized>(
         Difference::Forward => {
             let l_zero = match s.clean_loss.take() {
                 Some(l) => l,
-                None => {
-                    // The same split product as the perturbed losses, so that L0 and L+ round
-                    // alike (and the simulator's free L0 is this one bit for bit).
-                    let clean = clean_features(oracle, chunk, seeds)?;
-                    let spec: LayerShape = *oracle.spec();
-                    let touched = spec.touched_features(chunk);
-                    if touched.len() < spec.feature_width() {
-                        projection.goodness_outside(&clean, &touched, &mut s.goodness);
-                        let ld = clean.width;
-                        projection.add_goodness_of(
-                            &clean.data[touched.start..],
-                            clean.rows,
-                            ld,
-                            &touched,
-                            &mut s.goodness,
-                        );
-                    } else {
-                        projection.goodness(&clean, &mut s.goodness);
-                    }
-                    cross_entropy(&s.goodness, projection.classes, labels)
-                }
+                None => clean_loss(oracle, projection, chunk, seeds, labels, s)?,
             };
             out.extend(
                 (losses.into_iter()).map(|(l_plus, _)| forward_difference(l_plus, l_zero, eps)),
@@ -143,6 +123,151 @@ pub fn directional_derivatives<O: ForwardOracle + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// `L0`: the local loss of [`clean_features`], by the same split product as the perturbed losses,
+/// so that `L0` and `L+` round alike (and the simulator's free `L0` is this one bit for bit).
+pub fn clean_loss<O: ForwardOracle + ?Sized>(
+    oracle: &mut O,
+    projection: &Projection,
+    chunk: &Range<usize>,
+    seeds: &[DirectionSeed],
+    labels: &[u8],
+    s: &mut Scratch,
+) -> Result<f64, OracleError> {
+    let clean = clean_features(oracle, chunk, seeds)?;
+    let spec: LayerShape = *oracle.spec();
+    let touched = spec.touched_features(chunk);
+    if touched.len() < spec.feature_width() {
+        projection.goodness_outside(&clean, &touched, &mut s.goodness);
+        let ld = clean.width;
+        projection.add_goodness_of(
+            &clean.data[touched.start..],
+            clean.rows,
+            ld,
+            &touched,
+            &mut s.goodness,
+        );
+    } else {
+        projection.goodness(&clean, &mut s.goodness);
+    }
+    Ok(cross_entropy(&s.goodness, projection.classes, labels))
+}
+
+/// `--eps auto`: clean evaluations of the same batch repeated to measure the device's noise.
+pub const EPS_AUTO_REPEATS: usize = 5;
+/// `--eps auto`: the mean `|L+ - L-|` must clear the noise of a difference (`sqrt 2` times the
+/// clean loss's standard deviation) by this factor, so the noise is at most a tenth of a
+/// directional derivative.
+pub const EPS_AUTO_FACTOR: f64 = 10.0;
+/// `--eps auto`: the choice is made again at every this many batches of an epoch (from batch 0),
+/// as a device's noise drifts.
+pub const EPS_AUTO_RECHECK_BATCHES: u32 = 50;
+/// `--eps auto`: how far apart (relative) the `dd_p` at an eps and at the next one tried may be
+/// for the derivative to count as resolved at the first.
+pub const EPS_AUTO_CONSISTENCY: f64 = 0.25;
+/// `--eps auto`: the largest eps it chooses (the perturbation's norm over a chunk).
+pub const EPS_AUTO_MAX: f32 = 64.0;
+
+/// What [`choose_eps`] found, for the log and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EpsChoice {
+    pub eps: f32,
+    /// Standard deviation of the clean loss over the repeats.
+    pub noise: f64,
+    /// Mean `|L+ - L-|` at the chosen eps.
+    pub signal: f64,
+    /// Evaluations spent choosing.
+    pub evaluations: u64,
+}
+
+/// `--eps auto` on one layer's chunk: measures the spread of the clean loss over
+/// [`EPS_AUTO_REPEATS`] evaluations of the loaded batch, then, from `floor` up, multiplies eps
+/// until the mean `|L+ - L-|` along `seeds` clears `sqrt 2 * spread` by [`EPS_AUTO_FACTOR`]
+/// (the signal grows about linearly with eps, the noise not at all); on a device without spread,
+/// until the `dd_p` agree with those at the next eps tried within [`EPS_AUTO_CONSISTENCY`] (a
+/// quantised device is deterministic but blind below its step). A device whose repeats agree bit for bit and which
+/// resolves `floor` (the ideal simulator) keeps `floor`, the configured eps.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_eps<O: ForwardOracle + ?Sized>(
+    oracle: &mut O,
+    projection: &Projection,
+    chunk: &Range<usize>,
+    seeds: &[DirectionSeed],
+    floor: f32,
+    labels: &[u8],
+    s: &mut Scratch,
+) -> Result<EpsChoice, OracleError> {
+    let mut evaluations = 0u64;
+    let mut repeats = Vec::with_capacity(EPS_AUTO_REPEATS);
+    for _ in 0..EPS_AUTO_REPEATS {
+        repeats.push(clean_loss(oracle, projection, chunk, seeds, labels, s)?);
+        evaluations += 1;
+    }
+    let mean = repeats.iter().sum::<f64>() / repeats.len() as f64;
+    let noise = (repeats.iter().map(|l| (l - mean).powi(2)).sum::<f64>()
+        / (repeats.len() - 1) as f64)
+        .sqrt();
+    let wanted = EPS_AUTO_FACTOR * std::f64::consts::SQRT_2 * noise;
+    // (eps, dd_p at it, whether its mean |L+ - L-| cleared the noise)
+    let mut previous: Option<(f32, Vec<f64>, bool, f64)> = None;
+    let mut eps = floor;
+    loop {
+        let losses = perturbed_losses(oracle, projection, chunk, seeds, eps, labels, s)?;
+        evaluations += 2 * seeds.len() as u64;
+        let signal =
+            losses.iter().map(|(p, m)| (p - m).abs()).sum::<f64>() / losses.len().max(1) as f64;
+        let dd: Vec<f64> = (losses.iter())
+            .map(|(p, m)| (p - m) / (2.0 * eps as f64))
+            .collect();
+        let clears = signal >= wanted;
+        if clears && noise > 0.0 {
+            return Ok(EpsChoice {
+                eps,
+                noise,
+                signal,
+                evaluations,
+            });
+        }
+        // A deterministic device: the derivative is resolved where a larger eps gives the same
+        // dd_p (up to the O(eps²) of a smooth loss). A quantised device (int8 weights) has no
+        // spread, but below its step dd_p is the rounding's, not the loss's. (On a noisy device
+        // the noise, not the loss, would decide this test: there the spread's criterion alone
+        // holds.)
+        if let Some((at, before, cleared, before_signal)) = previous.take()
+            && cleared
+        {
+            let gap: f64 = before.iter().zip(&dd).map(|(a, b)| (a - b).abs()).sum();
+            let size: f64 = before.iter().zip(&dd).map(|(a, b)| a.abs() + b.abs()).sum();
+            if gap <= EPS_AUTO_CONSISTENCY * size / 2.0 {
+                return Ok(EpsChoice {
+                    eps: at,
+                    noise,
+                    signal: before_signal,
+                    evaluations,
+                });
+            }
+        }
+        if eps >= EPS_AUTO_MAX {
+            return Ok(EpsChoice {
+                eps,
+                noise,
+                signal,
+                evaluations,
+            });
+        }
+        // Linear growth would need wanted / signal; step at least 2x and at most 16x, as the
+        // measured signal is itself noisy at small eps.
+        let step = if clears {
+            2.0
+        } else if signal == 0.0 {
+            16.0
+        } else {
+            (wanted / signal).clamp(2.0, 16.0) as f32
+        };
+        previous = Some((eps, dd, clears, signal));
+        eps = (eps * step).min(EPS_AUTO_MAX);
+    }
 }
 
 /// The clean features `L0` is computed from: the current parameters evaluated as a perturbed

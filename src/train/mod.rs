@@ -7,11 +7,14 @@
 //! - [`projection`]: `M_l` and its host-only training.
 //! - [`chunking`]: how `W_l` and `M_l` are cut into chunks.
 //! - [`evaluation`]: the one evaluation loop (both prediction modes, every layer).
+//! - [`exact`]: the exact-gradient baselines (`--method mf-exact`, `bp`) on the host, for the
+//!   ideal simulator only.
 //! - [`loss`]: the local loss, bit-identical on every machine.
 
 pub mod chunking;
 pub mod estimator;
 pub mod evaluation;
+pub mod exact;
 pub mod loss;
 pub mod projection;
 pub mod trainer;

@@ -47,6 +47,10 @@ pub struct Hyper {
     /// The update rule stepping the estimate ([`Optimizer`]; SGD, the paper's, by default).
     #[serde(default, skip_serializing_if = "Optimizer::is_sgd")]
     pub optimizer: Optimizer,
+    /// `--eps auto`: each layer's eps is chosen from the device's measured noise
+    /// ([`estimator::choose_eps`]), `eps` being the least it takes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eps_auto: bool,
 }
 
 impl Default for Hyper {
@@ -60,6 +64,7 @@ impl Default for Hyper {
             seed: 0,
             difference: Difference::Central,
             optimizer: Optimizer::Sgd,
+            eps_auto: false,
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct HostState {
     /// The update rule's state ([`UpdateRule::state`]: momentum's or Adam's moments; empty for
     /// SGD).
     pub rule_state: Vec<f32>,
+    /// `--eps auto`: the eps each layer's weights are perturbed by now (empty otherwise).
+    pub chosen_eps: Vec<f32>,
 }
 
 const SHUFFLE_DOMAIN: u64 = 0x706E_6E2D_7368_7566; // "pnn-shuf"
@@ -132,6 +139,8 @@ pub struct Trainer<O> {
     hyper: Hyper,
     evaluations: u64,
     rule: Box<dyn UpdateRule + Send + Sync>,
+    /// Each layer's eps for its weights: `hyper.eps`, or `--eps auto`'s choice.
+    eps: Vec<f32>,
     scratch: Scratch,
     /// Time each layer has spent training ([`Trainer::layer_busy_seconds`]).
     busy: Vec<Duration>,
@@ -167,6 +176,7 @@ impl LayerStep<'_> {
         &self,
         oracle: &mut O,
         state: &mut LayerState,
+        eps: &mut f32,
         rule: &SharedRule<'_>,
         s: &mut Scratch,
         input: &Activations,
@@ -186,6 +196,36 @@ impl LayerStep<'_> {
         let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
         let mut evaluations = 0;
         oracle.load_input(input)?;
+        if hyper.eps_auto
+            && batch.is_multiple_of(estimator::EPS_AUTO_RECHECK_BATCHES)
+            && let Some(first) = state.weight_chunks.first()
+        {
+            // Directions of their own (indices past any P), so the training's are untouched.
+            let seeds: Vec<_> = (0..hyper.directions)
+                .map(|p| key(ParamGroup::Weights, 0, 64 + p))
+                .collect();
+            let choice = estimator::choose_eps(
+                oracle,
+                &state.projection,
+                first,
+                &seeds,
+                hyper.eps,
+                labels,
+                &mut s.estimator,
+            )?;
+            evaluations += choice.evaluations;
+            if choice.eps != *eps {
+                tracing::info!(
+                    "eps auto, layer {}: eps {} (clean-loss spread {:.3e}, mean |L+ - L-| {:.3e})",
+                    l + 1,
+                    choice.eps,
+                    choice.noise,
+                    choice.signal
+                );
+            }
+            *eps = choice.eps;
+        }
+        let eps = *eps;
         // Lines 3-13: the chunks of W_l, each updated before the next is perturbed.
         for (k, chunk) in state.weight_chunks.iter().enumerate() {
             let seeds: Vec<_> = (0..hyper.directions)
@@ -197,7 +237,7 @@ impl LayerStep<'_> {
                 &state.projection,
                 chunk,
                 &seeds,
-                hyper.eps,
+                eps,
                 hyper.difference,
                 labels,
                 &mut s.estimator,
@@ -318,9 +358,10 @@ impl<O: ForwardOracle> Trainer<O> {
         let depth = layers.len();
         Ok(Self {
             oracles,
-            layers,
             evaluations: 0,
             rule: hyper.optimizer.rule(),
+            eps: vec![hyper.eps; layers.len()],
+            layers,
             hyper,
             scratch: Scratch::default(),
             busy: vec![Duration::ZERO; depth],
@@ -355,6 +396,7 @@ impl<O: ForwardOracle> Trainer<O> {
             .rule
             .restore_state(&state.rule_state)
             .map_err(OracleError::Shape)?;
+        trainer.restore_eps(&state.chosen_eps)?;
         Ok(trainer)
     }
 
@@ -364,7 +406,29 @@ impl<O: ForwardOracle> Trainer<O> {
             projections: self.layers.iter().map(|l| l.projection.clone()).collect(),
             oracle_evaluations: self.evaluations,
             rule_state: self.rule.state(),
+            chosen_eps: self.chosen_eps().unwrap_or_default(),
         }
+    }
+
+    /// `--eps auto`: each layer's eps now; `None` without it.
+    pub fn chosen_eps(&self) -> Option<Vec<f32>> {
+        self.hyper.eps_auto.then(|| self.eps.clone())
+    }
+
+    fn restore_eps(&mut self, chosen: &[f32]) -> Result<(), OracleError> {
+        if chosen.is_empty() {
+            self.eps.iter_mut().for_each(|e| *e = self.hyper.eps);
+        } else if chosen.len() == self.eps.len() && self.hyper.eps_auto {
+            self.eps.copy_from_slice(chosen);
+        } else {
+            return Err(OracleError::Shape(format!(
+                "{} chosen eps values for {} layers (eps auto: {})",
+                chosen.len(),
+                self.eps.len(),
+                self.hyper.eps_auto
+            )));
+        }
+        Ok(())
     }
 
     /// Puts back a state from [`Trainer::host_state`] and programs every layer from it (a device
@@ -395,7 +459,8 @@ impl<O: ForwardOracle> Trainer<O> {
         self.evaluations = state.oracle_evaluations;
         self.rule
             .restore_state(&state.rule_state)
-            .map_err(OracleError::Shape)
+            .map_err(OracleError::Shape)?;
+        self.restore_eps(&state.chosen_eps)
     }
 
     pub fn hyper(&self) -> &Hyper {
@@ -434,8 +499,8 @@ impl<O: ForwardOracle> Trainer<O> {
         // Layer l > 0 reads the features layer l - 1 produced.
         let mut produced: Option<Activations> = None;
         let mut losses = Vec::with_capacity(self.layers.len());
-        let layers = self.oracles.iter_mut().zip(&mut self.layers);
-        for (l, ((oracle, state), busy)) in layers.zip(&mut self.busy).enumerate() {
+        let layers = self.oracles.iter_mut().zip(&mut self.layers).zip(&mut self.eps);
+        for (l, (((oracle, state), eps), busy)) in layers.zip(&mut self.busy).enumerate() {
             let step = LayerStep {
                 layer: l,
                 epoch,
@@ -444,7 +509,7 @@ impl<O: ForwardOracle> Trainer<O> {
             };
             let start = Instant::now();
             let input = produced.as_ref().unwrap_or(input);
-            let done = step.train(oracle, state, &rule, &mut self.scratch, input, labels)?;
+            let done = step.train(oracle, state, eps, &rule, &mut self.scratch, input, labels)?;
             *busy += start.elapsed();
             self.evaluations += done.evaluations;
             losses.push(done.loss);
@@ -474,10 +539,10 @@ impl<O: ForwardOracle> Trainer<O> {
         type Done = Result<(Vec<f64>, u64, Duration), Option<OracleError>>;
         let results: Vec<Done> = std::thread::scope(|scope| {
             let mut upstream: Option<mpsc::Receiver<Activations>> = None;
-            let layers = self.oracles.iter_mut().zip(&mut self.layers);
+            let layers = self.oracles.iter_mut().zip(&mut self.layers).zip(&mut self.eps);
             let workers: Vec<_> = layers
                 .enumerate()
-                .map(|(l, (oracle, state))| {
+                .map(|(l, ((oracle, state), eps))| {
                     let (to_next, from_this) = mpsc::channel::<Activations>();
                     let from_previous = upstream.replace(from_this);
                     let (rule, hyper) = (&rule, &hyper);
@@ -506,7 +571,7 @@ impl<O: ForwardOracle> Trainer<O> {
                             };
                             let start = Instant::now();
                             let done = step
-                                .train(oracle, state, rule, &mut scratch, input, b.labels)
+                                .train(oracle, state, eps, rule, &mut scratch, input, b.labels)
                                 .map_err(Some)?;
                             busy += start.elapsed();
                             evaluations += done.evaluations;

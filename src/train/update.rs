@@ -1,5 +1,6 @@
 //! The update rule: how the directional derivatives of one chunk become a change of its
-//! parameters. One seam ([`UpdateRule`]); [`Sgd`], the paper's rule, is the default.
+//! parameters. One seam ([`UpdateRule`]); [`Sgd`], the paper's rule, is the default; [`Moments`]
+//! is momentum and Adam (`--optimizer`, [`Optimizer`]).
 //!
 //! # Adding a rule (momentum, Adam, ...)
 //!
