@@ -828,7 +828,7 @@ fn run_loop<O: ForwardOracle>(
             if let Some(what) = eval_non_finite(&eval) {
                 return Err(diverged(what, state.position, &state));
             }
-            let mut metrics = EpochMetrics::new(
+            let metrics = EpochMetrics::new(
                 epoch + 1,
                 state.epoch_train_seconds,
                 eval_start.elapsed().as_secs_f64(),
