@@ -499,7 +499,11 @@ impl<O: ForwardOracle> Trainer<O> {
         // Layer l > 0 reads the features layer l - 1 produced.
         let mut produced: Option<Activations> = None;
         let mut losses = Vec::with_capacity(self.layers.len());
-        let layers = self.oracles.iter_mut().zip(&mut self.layers).zip(&mut self.eps);
+        let layers = self
+            .oracles
+            .iter_mut()
+            .zip(&mut self.layers)
+            .zip(&mut self.eps);
         for (l, (((oracle, state), eps), busy)) in layers.zip(&mut self.busy).enumerate() {
             let step = LayerStep {
                 layer: l,
@@ -539,7 +543,11 @@ impl<O: ForwardOracle> Trainer<O> {
         type Done = Result<(Vec<f64>, u64, Duration), Option<OracleError>>;
         let results: Vec<Done> = std::thread::scope(|scope| {
             let mut upstream: Option<mpsc::Receiver<Activations>> = None;
-            let layers = self.oracles.iter_mut().zip(&mut self.layers).zip(&mut self.eps);
+            let layers = self
+                .oracles
+                .iter_mut()
+                .zip(&mut self.layers)
+                .zip(&mut self.eps);
             let workers: Vec<_> = layers
                 .enumerate()
                 .map(|(l, ((oracle, state), eps))| {
