@@ -167,16 +167,17 @@ struct LayerStep<'a> {
     epoch: u32,
     batch: u32,
     hyper: &'a Hyper,
+    /// The layer's eps for `W_l`: `hyper.eps`, or `--eps auto`'s current choice (re-chosen here).
+    eps: &'a mut f32,
 }
 
 type SharedRule<'a> = Mutex<&'a mut (dyn UpdateRule + Send + Sync + 'static)>;
 
 impl LayerStep<'_> {
     fn train<O: ForwardOracle>(
-        &self,
+        self,
         oracle: &mut O,
         state: &mut LayerState,
-        eps: &mut f32,
         rule: &SharedRule<'_>,
         s: &mut Scratch,
         input: &Activations,
@@ -194,7 +195,7 @@ impl LayerStep<'_> {
             index: index as u32,
         };
         let key = |group, chunk: usize, index: usize| key_of(group, chunk, index).seed();
-        let mut evaluations = 0;
+        let (mut evaluations, eps) = (0, self.eps);
         oracle.load_input(input)?;
         if hyper.eps_auto
             && batch.is_multiple_of(estimator::EPS_AUTO_RECHECK_BATCHES)
@@ -510,10 +511,11 @@ impl<O: ForwardOracle> Trainer<O> {
                 epoch,
                 batch,
                 hyper: &hyper,
+                eps,
             };
             let start = Instant::now();
             let input = produced.as_ref().unwrap_or(input);
-            let done = step.train(oracle, state, eps, &rule, &mut self.scratch, input, labels)?;
+            let done = step.train(oracle, state, &rule, &mut self.scratch, input, labels)?;
             *busy += start.elapsed();
             self.evaluations += done.evaluations;
             losses.push(done.loss);
@@ -576,10 +578,11 @@ impl<O: ForwardOracle> Trainer<O> {
                                 epoch: b.epoch,
                                 batch: b.batch,
                                 hyper,
+                                eps: &mut *eps,
                             };
                             let start = Instant::now();
                             let done = step
-                                .train(oracle, state, eps, rule, &mut scratch, input, b.labels)
+                                .train(oracle, state, rule, &mut scratch, input, b.labels)
                                 .map_err(Some)?;
                             busy += start.elapsed();
                             evaluations += done.evaluations;
