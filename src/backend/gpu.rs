@@ -181,13 +181,7 @@ impl ForwardOracle for GpuOracle {
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
-        if input.width != self.spec.input_width() {
-            return Err(OracleError::Shape(format!(
-                "input is {} wide, the layer takes {}",
-                input.width,
-                self.spec.input_width()
-            )));
-        }
+        input.check_width(&self.spec)?;
         self.layer.load_input(&input.data).map_err(gpu_err)
     }
 

@@ -131,13 +131,7 @@ impl ForwardOracle for SimOracle {
     }
 
     fn load_input(&mut self, input: &Activations) -> Result<(), OracleError> {
-        if input.width != self.spec.input_width() {
-            return Err(OracleError::Shape(format!(
-                "input is {} wide, the layer takes {}",
-                input.width,
-                self.spec.input_width()
-            )));
-        }
+        input.check_width(&self.spec)?;
         self.layer.load_input(&input.data).map_err(sim_err)
     }
 

@@ -63,6 +63,19 @@ impl Activations {
             pixels: None,
         }
     }
+
+    /// Refuses input of another width than `shape` takes (every in-process backend checks this
+    /// before handing the values to its layer).
+    pub fn check_width(&self, shape: &LayerShape) -> Result<(), OracleError> {
+        if self.width != shape.input_width() {
+            return Err(OracleError::Shape(format!(
+                "input is {} wide, the layer takes {}",
+                self.width,
+                shape.input_width()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The result of a clean forward pass.

@@ -102,38 +102,7 @@ pub fn run_baseline(
         None => trainer.evaluate(&data.test, &data.normalizer, hyper.batch_size),
     };
     Ok(RunSummary {
-        dataset: config.dataset.name().into(),
-        backend: format!("{} ({})", config.backend, config.method),
-        arch: model.arch_name().into(),
-        hidden: model.hidden.clone(),
-        epochs: config.epochs,
-        batch_size: hyper.batch_size,
-        lr: hyper.lr,
-        eps: hyper.eps,
-        directions: hyper.directions,
-        chunk_max: hyper.chunk_max,
-        seed: hyper.seed,
-        train_samples: data.train.len(),
-        test_samples: data.test.len(),
-        mf_parameters: model.mf_parameter_count(),
-        test_accuracy_cumulative: eval.accuracy_cumulative,
-        test_accuracy_final_layer: eval.accuracy_final_layer,
-        test_loss_cumulative: eval.loss_cumulative,
-        test_loss_final_layer: eval.loss_final_layer,
-        test_accuracy_per_layer: eval.accuracy_per_layer,
-        train_seconds,
-        seconds_per_epoch: if config.epochs > 0 {
-            train_seconds / config.epochs as f64
-        } else {
-            0.0
-        },
-        oracle_evaluations: 0,
         weights_sha256: trainer.weights_sha256(),
-        wire_bytes_up: None,
-        wire_bytes_down: None,
-        round_trips: None,
-        retries: None,
-        resyncs: None,
-        reprograms: None,
+        ..super::summary(config, model, data, eval, train_seconds)
     })
 }

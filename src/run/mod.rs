@@ -907,10 +907,35 @@ fn run_loop<O: ForwardOracle>(
             config.epochs,
         ));
     }
-    let train_seconds = state.train_seconds;
     Ok(RunSummary {
+        oracle_evaluations: trainer.oracle_evaluations(),
+        weights_sha256: trainer.weights_sha256(),
+        wire_bytes_up: link.map(|w| w.bytes_up),
+        wire_bytes_down: link.map(|w| w.bytes_down),
+        round_trips: link.map(|w| w.round_trips),
+        retries: link.map(|w| w.retries),
+        resyncs: link.map(|w| w.resyncs),
+        reprograms: link.map(|w| w.reprograms),
+        ..summary(config, model, data, eval, state.train_seconds)
+    })
+}
+
+/// The summary's fields that every method (MF+DD and the exact-gradient baselines) fills the
+/// same way; the caller adds what it counts (evaluations, the weights' hash, link traffic).
+fn summary(
+    config: &RunConfig,
+    model: &ModelSpec,
+    data: &Dataset,
+    eval: Evaluation,
+    train_seconds: f64,
+) -> RunSummary {
+    let hyper = &config.hyper;
+    RunSummary {
         dataset: config.dataset.name().into(),
-        backend: config.backend.to_string(),
+        backend: match &config.method {
+            crate::train::exact::Method::Dd => config.backend.to_string(),
+            method => format!("{} ({method})", config.backend),
+        },
         arch: model.arch_name().into(),
         hidden: model.hidden.clone(),
         epochs: config.epochs,
@@ -937,13 +962,13 @@ fn run_loop<O: ForwardOracle>(
         } else {
             0.0
         },
-        oracle_evaluations: trainer.oracle_evaluations(),
-        weights_sha256: trainer.weights_sha256(),
-        wire_bytes_up: link.map(|w| w.bytes_up),
-        wire_bytes_down: link.map(|w| w.bytes_down),
-        round_trips: link.map(|w| w.round_trips),
-        retries: link.map(|w| w.retries),
-        resyncs: link.map(|w| w.resyncs),
-        reprograms: link.map(|w| w.reprograms),
-    })
+        oracle_evaluations: 0,
+        weights_sha256: String::new(),
+        wire_bytes_up: None,
+        wire_bytes_down: None,
+        round_trips: None,
+        retries: None,
+        resyncs: None,
+        reprograms: None,
+    }
 }
