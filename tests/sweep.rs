@@ -327,21 +327,27 @@ fn every_flag_has_help_text() {
 
 #[test]
 fn a_summary_counts_the_samples_max_batches_trains_on() {
-    let out = Command::new(TRAIN)
-        .args([
-            "--epochs",
-            "1",
-            "--max-batches",
-            "2",
-            "--batch-size",
-            "50",
-            "--limit-test",
-            "100",
-            "--quiet",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let s: RunSummary = serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
-    assert_eq!(s.train_samples, 100);
+    // Every method reports the same way: MF+DD and the exact-gradient baselines.
+    for method in ["dd", "mf-exact", "bp"] {
+        let out = Command::new(TRAIN)
+            .args([
+                "--method",
+                method,
+                "--epochs",
+                "1",
+                "--max-batches",
+                "2",
+                "--batch-size",
+                "50",
+                "--limit-test",
+                "100",
+                "--quiet",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{method}: {}", text(&out.stderr));
+        let s: RunSummary =
+            serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+        assert_eq!(s.train_samples, 100, "{method}");
+    }
 }
