@@ -135,6 +135,17 @@ impl fmt::Display for BackendSpec {
 
 /// Opens the backend and returns one oracle per layer of the model.
 pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>, OracleError> {
+    let indices: Vec<usize> = (0..layers.len()).collect();
+    open_at(spec, layers, &indices)
+}
+
+/// [`open`] for some of a model's layers: `layers[k]` is layer `indices[k]` of the model (a rig
+/// device holds some of them), which a noisy profile keys each layer's noise streams by.
+pub(crate) fn open_at(
+    spec: &BackendSpec,
+    layers: &[LayerShape],
+    indices: &[usize],
+) -> Result<Vec<AnyOracle>, OracleError> {
     match spec {
         BackendSpec::Sim => Ok(SimOracle::for_layers(layers)
             .into_iter()
@@ -143,10 +154,9 @@ pub fn open(spec: &BackendSpec, layers: &[LayerShape]) -> Result<Vec<AnyOracle>,
         BackendSpec::SimProfile(path) => {
             let profile = pnn_sim::profile::DeviceProfile::load(path)
                 .map_err(|e| OracleError::Profile(e.to_string()))?;
-            Ok(SimOracle::for_profile(layers, &profile)?
-                .into_iter()
-                .map(AnyOracle::Sim)
-                .collect())
+            (layers.iter().zip(indices))
+                .map(|(s, &l)| SimOracle::with_noise(*s, &profile.noise, l).map(AnyOracle::Sim))
+                .collect()
         }
         BackendSpec::Serial(s) => Ok(serial::open(s, layers)?
             .into_iter()

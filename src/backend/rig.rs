@@ -31,8 +31,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::serial::{self, SerialSpec};
-use super::sim::SimOracle;
+use super::serial::SerialSpec;
 use super::{AnyOracle, BackendSpec};
 use crate::oracle::{LayerShape, OracleError};
 
@@ -205,37 +204,9 @@ impl Rig {
                     other => other,
                 }
             };
-            let oracles: Vec<AnyOracle> = match &device.backend {
-                BackendSpec::Sim => shapes
-                    .iter()
-                    .map(|s| AnyOracle::Sim(SimOracle::new(*s)))
-                    .collect(),
-                // Each layer keyed by its index in the model, as a whole-model `sim:` keys it.
-                BackendSpec::SimProfile(path) => {
-                    let profile = pnn_sim::profile::DeviceProfile::load(path)
-                        .map_err(|e| context(OracleError::Backend(e.to_string())))?;
-                    (device.layers.iter().zip(&shapes))
-                        .map(|(&l, s)| SimOracle::with_noise(*s, &profile.noise, l))
-                        .map(|o| o.map(AnyOracle::Sim).map_err(context))
-                        .collect::<Result<_, _>>()?
-                }
-                BackendSpec::Serial(s) => (serial::connect(s).and_then(|d| d.oracles(&shapes)))
-                    .map_err(context)?
-                    .into_iter()
-                    .map(AnyOracle::Serial)
-                    .collect(),
-                BackendSpec::Tcp(s) => (serial::connect_tcp(s).and_then(|d| d.oracles(&shapes)))
-                    .map_err(context)?
-                    .into_iter()
-                    .map(AnyOracle::Serial)
-                    .collect(),
-                BackendSpec::Gpu(g) => super::gpu::open(g, &shapes)
-                    .map_err(context)?
-                    .into_iter()
-                    .map(AnyOracle::Gpu)
-                    .collect(),
-                BackendSpec::Rig(_) => unreachable!("Rig::new refuses nested rigs"),
-            };
+            // Each layer keyed by its index in the model, as a whole-model backend keys it.
+            let oracles =
+                super::open_at(&device.backend, &shapes, &device.layers).map_err(context)?;
             for (&l, oracle) in device.layers.iter().zip(oracles) {
                 out[l] = Some(oracle);
             }

@@ -142,6 +142,10 @@ pub fn connect(spec: &SerialSpec) -> Result<SerialDevice, OracleError> {
         .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
     SerialDevice::connect(Link::new(Box::new(transport), spec.policy(), first_seq()))
         .map(|d| d.send_pixels(spec.pixels))
+        .map_err(|e| match e {
+            OracleError::Link(m) => OracleError::Link(format!("{}: {m}", spec.path)),
+            other => other,
+        })
 }
 
 /// Connects to `HOST:PORT` and handshakes, without checking the layers against a model.
@@ -166,16 +170,7 @@ pub fn open_tcp(
 
 /// Opens the port and returns one oracle per model layer.
 pub fn open(spec: &SerialSpec, layers: &[LayerShape]) -> Result<Vec<SerialOracle>, OracleError> {
-    let transport = SerialPortTransport::open(&spec.path, spec.baud, spec.timeout)
-        .map_err(|e| OracleError::Link(format!("cannot open serial port {}: {e}", spec.path)))?;
-    let transport: Box<dyn Transport> = Box::new(transport);
-    let link = Link::new(transport, spec.policy(), first_seq());
-    (SerialDevice::connect(link).and_then(|d| d.send_pixels(spec.pixels).oracles(layers))).map_err(
-        |e| match e {
-            OracleError::Link(m) => OracleError::Link(format!("{}: {m}", spec.path)),
-            other => other,
-        },
-    )
+    connect(spec)?.oracles(layers)
 }
 
 #[cfg(test)]
